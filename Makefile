@@ -1,0 +1,33 @@
+# Two commands do everything on a fresh machine: `make demo` and `make test`.
+# Every install goes through constraints.txt, which pins torch==2.13.0 (CPU wheel): an unpinned
+# torch would pull a multi-GB CUDA build.
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip
+STAMP  := $(VENV)/.installed-stamp
+
+.PHONY: demo test lint bench clean
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+	$(PIP) install -q -c constraints.txt torch==2.13.0
+	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/raymask run configs/aerial-vegetation.yaml --overwrite
+	$(VENV)/bin/raymask info out/aber-vegetation.zarr
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check pipeline workers tests bench
+	$(VENV)/bin/mypy
+
+test: $(STAMP) lint
+	$(VENV)/bin/pytest -q
+
+bench: $(STAMP)
+	$(PY) bench/throughput.py
+
+clean:
+	rm -rf out .pytest_cache .mypy_cache .ruff_cache .hypothesis

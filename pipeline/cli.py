@@ -1,0 +1,143 @@
+"""The ``raymask`` command line.
+
+Errors that raymask raises on purpose are printed on one line (``raymask: error: FILE: problem``)
+and exit with status 1; usage errors exit with 2, as argparse does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.errors import RaymaskError
+
+EPILOG_RUN = """\
+examples:
+  raymask run configs/aerial-vegetation.yaml
+  raymask run job.yaml --set tiling.chunk=1024 --set output.path=out/x.zarr --overwrite
+  raymask run job.yaml --set source.bands=[4,8] --json > summary.json
+
+A run into an existing incomplete store of the same job resumes: chunks already written are
+skipped (the summary counts them). A complete store is never touched without --overwrite.
+Every config key is listed by `raymask config-schema`.
+"""
+
+EPILOG_INFO = """\
+examples:
+  raymask info out/aber.zarr
+  raymask info out/aber.zarr --json | jq .stats.classes.vegetation.area_ha
+"""
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except RaymaskError as exc:
+        print(f"raymask: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("raymask: interrupted; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="raymask",
+        description="Segment large GeoTIFFs with Ray actors into georeferenced zarr mask stores, "
+        "with exact tiling and per-class areas.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Start with `raymask run configs/aerial-vegetation.yaml`, then `raymask info` on the store it prints.",
+    )
+    parser.add_argument("--version", action="version", version=f"raymask {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser(
+        "run",
+        help="run a job config: tile, predict on Ray actors, write a mask store",
+        epilog=EPILOG_RUN,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument("config", help="job YAML (source, model, tiling, output, runtime)")
+    run.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key by its dotted path, e.g. tiling.halo=32 (repeatable)",
+    )
+    run.add_argument("--overwrite", action="store_true", help="replace an existing store at output.path")
+    run.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    run.set_defaults(func=_cmd_run)
+
+    info = sub.add_parser(
+        "info",
+        help="show a store's status, georeference, classes and statistics",
+        epilog=EPILOG_INFO,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    info.add_argument("store", help="a .zarr store written by raymask")
+    info.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    info.set_defaults(func=_cmd_info)
+
+    export = sub.add_parser("export", help="write a store's mask as a Cloud-Optimized GeoTIFF (GDAL, QGIS)")
+    export.add_argument("store")
+    export.add_argument("out", help="output .tif path")
+    export.set_defaults(func=_cmd_export)
+
+    schema = sub.add_parser("config-schema", help="print the JSON schema of job configs")
+    schema.set_defaults(func=_cmd_schema)
+    return parser
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.execute import run_job
+    from pipeline.report import render_summary, summary_json
+
+    config = load_config(args.config, args.overrides)
+    summary = run_job(config, overwrite=args.overwrite, progress=not (args.no_progress or args.json))
+    if args.json:
+        print(json.dumps(summary_json(summary), indent=2))
+    else:
+        print(render_summary(summary))
+    return 0
+
+
+def _cmd_info(args: argparse.Namespace) -> int:
+    from pipeline.report import render_info, store_info
+    from pipeline.store import MaskStore
+
+    info = store_info(MaskStore.open(args.store))
+    print(json.dumps(info, indent=2) if args.json else render_info(info))
+    return 0
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.export import export_geotiff
+    from pipeline.store import COMPLETE, MaskStore
+
+    store = MaskStore.open(args.store)
+    if store.status != COMPLETE:
+        print(f"raymask: warning: {args.store} is {store.status}; unwritten chunks export as nodata", file=sys.stderr)
+    out = export_geotiff(store, Path(args.out))
+    print(out)
+    return 0
+
+
+def _cmd_schema(args: argparse.Namespace) -> int:
+    from pipeline.config import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,280 @@
+"""Job configuration: YAML and ``--set`` overrides parsed once, here, into frozen typed models.
+
+Below this module nothing reads dicts: the driver, the tiling maths and the workers take
+``JobConfig`` (or its parts). Every model forbids unknown keys, so a typo is an error that
+names the key and lists the allowed ones, never a silently ignored setting.
+
+Relative paths are resolved against the current directory, which is also what
+``ray job submit --working-dir .`` gives a job on a cluster. GDAL-style paths (``/vsis3/...``,
+``s3://...``, ``https://...``) pass through untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.errors import ConfigError
+
+Color = Annotated[str, Field(pattern=r"^#[0-9a-fA-F]{6}$")]
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ClassSpec(_Frozen):
+    """One output class: its name and display colour (``#rrggbb``)."""
+
+    name: str = Field(min_length=1)
+    color: Color | None = None
+
+
+class SourceConfig(_Frozen):
+    """The input: one raster (any band count) or a list of single-band rasters on one grid."""
+
+    path: str | list[str] = Field(
+        description="A raster path (GeoTIFF or anything GDAL opens, /vsis3/... included), "
+        "or a list of single-band rasters stacked in order as bands 1..N."
+    )
+    bands: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None, description="1-based band numbers, in the order the model takes them."
+    )
+
+    @field_validator("path")
+    @classmethod
+    def _non_empty(cls, value: str | list[str]) -> str | list[str]:
+        if isinstance(value, list) and not value:
+            raise ValueError("the list of band files is empty")
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("the path is empty")
+        return value
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(self.path) if isinstance(self.path, list) else (self.path,)
+
+
+class NdviModelConfig(_Frozen):
+    """NDVI thresholds: water below ``water_below``, vegetation at or above ``vegetation_above``."""
+
+    kind: Literal["ndvi"]
+    red: int = Field(default=1, ge=1, description="Position of the red band among the selected bands.")
+    nir: int = Field(default=2, ge=1, description="Position of the NIR band among the selected bands.")
+    water_below: float = Field(default=0.0, ge=-1.0, le=1.0)
+    vegetation_above: float = Field(default=0.3, ge=-1.0, le=1.0)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> NdviModelConfig:
+        if self.water_below > self.vegetation_above:
+            raise ValueError(
+                f"water_below ({self.water_below}) must not exceed vegetation_above ({self.vegetation_above})"
+            )
+        return self
+
+
+class RgbVegetationModelConfig(_Frozen):
+    """An RGB vegetation index with a threshold (ExG on chromatic coordinates, or VARI)."""
+
+    kind: Literal["rgb-vegetation"]
+    index: Literal["exg", "vari"] = "exg"
+    red: int = Field(default=1, ge=1)
+    green: int = Field(default=2, ge=1)
+    blue: int = Field(default=3, ge=1)
+    threshold: float = Field(default=0.05, description="Vegetation where the index exceeds this value.")
+
+
+class Normalize(_Frozen):
+    """Per-band ``(x - mean) / std``, applied before the model; one value per selected band."""
+
+    mean: list[float]
+    std: list[Annotated[float, Field(gt=0)]]
+
+    @model_validator(mode="after")
+    def _same_length(self) -> Normalize:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} values but std has {len(self.std)}")
+        return self
+
+
+class TorchScriptModelConfig(_Frozen):
+    """A TorchScript file whose module maps N x bands x H x W to N x classes x H x W logits."""
+
+    kind: Literal["torchscript"]
+    path: str = Field(description="Local path of a file saved with torch.jit.save.")
+    classes: list[str | ClassSpec] = Field(min_length=1)
+    stride: int = Field(default=1, ge=1, description="Total downsampling factor; tile origins align to it.")
+    receptive_radius: int | None = Field(
+        default=None, ge=0, description="Pixels of context each output depends on; halo >= this makes tiling exact."
+    )
+    normalize: Normalize | None = None
+    scale: float = Field(default=1.0, gt=0, description="Multiply raw values by this before normalize.")
+
+
+ModelConfig = Annotated[
+    Union[NdviModelConfig, RgbVegetationModelConfig, TorchScriptModelConfig],
+    Field(discriminator="kind"),
+]
+
+
+class TilingConfig(_Frozen):
+    """The output chunk grid and the context read around each chunk."""
+
+    chunk: int = Field(default=512, gt=0, description="Output chunk edge in pixels (a multiple of the model stride).")
+    halo: int = Field(default=64, ge=0, description="Context read on each side; rounded up to the model stride.")
+    chunks_per_unit: int = Field(default=1, ge=1, description="Chunks per work unit along each axis.")
+    edge: Literal["replicate", "zero"] = Field(
+        default="replicate",
+        description="How the image is padded, once, to a multiple of the stride: repeat the last row/column, or zeros.",
+    )
+
+
+class OutputConfig(_Frozen):
+    path: str = Field(description="The zarr store to write (a directory ending in .zarr).")
+    preview: bool = Field(default=True, description="Write STORE.png: the image with the mask overlaid.")
+
+
+class RuntimeConfig(_Frozen):
+    """Where and how the job runs. Nothing here changes the output bytes."""
+
+    address: str | None = Field(
+        default=None,
+        description='null: embedded local Ray (or RAY_ADDRESS); "auto" or ray://HOST:10001 joins a cluster.',
+    )
+    actors: int | None = Field(default=None, ge=1, description="Predict actors; default one per GPU, else cores // 2.")
+    batch_size: int = Field(default=4, ge=1, description="Tiles per model call.")
+    actor_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved by each predict actor.")
+    gpus_per_actor: float | Literal["auto"] = Field(
+        default="auto", description='"auto": 1 when the cluster has GPUs, else 0.'
+    )
+    io_cpus: float = Field(default=0.25, gt=0, le=1, description="CPUs reserved by each read or write task.")
+
+
+class JobConfig(_Frozen):
+    source: SourceConfig
+    model: ModelConfig
+    tiling: TilingConfig = TilingConfig()
+    output: OutputConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    @model_validator(mode="after")
+    def _stride_divides_chunk(self) -> JobConfig:
+        stride = getattr(self.model, "stride", 1)
+        if self.tiling.chunk % stride:
+            raise ValueError(f"tiling.chunk ({self.tiling.chunk}) must be a multiple of the model stride ({stride})")
+        return self
+
+    def identity(self) -> str:
+        """A hash of everything that determines the output bytes (not where or how it runs)."""
+        payload = self.model_dump(mode="json", include={"source", "model", "tiling"})
+        return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``'tiling.halo=32'`` -> (['tiling', 'halo'], 32); the value is read as a YAML scalar or list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. tiling.halo=32")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {text!r}: the value is not valid YAML ({exc.__class__.__name__})") from exc
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Return a copy of ``raw`` with each ``KEY=VALUE`` applied at its dotted path."""
+    result = json.loads(json.dumps(raw))
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = result
+        for key in keys[:-1]:
+            child = node.get(key)
+            if not isinstance(child, dict):
+                child = {}
+                node[key] = child
+            node = child
+        node[keys[-1]] = value
+    return result
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
+    """Read a YAML job config, apply ``--set`` overrides, validate; errors name the file and field."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (source, model, tiling, output, runtime)")
+    return config_from_dict(apply_overrides(raw, overrides or []), origin=str(path))
+
+
+def config_from_dict(raw: dict[str, Any], *, origin: str = "config") -> JobConfig:
+    try:
+        return JobConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from exc
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """All problems on one line: ``field.path: what is wrong (got VALUE)``."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
+        where = ".".join(loc) or "config"
+        if err["type"] == "extra_forbidden":
+            allowed = _allowed_keys(loc[:-1])
+            hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+            parts.append(f"unknown key '{where}'{hint}")
+            continue
+        if err["type"] == "missing":
+            parts.append(f"{where}: required key is missing")
+            continue
+        message = err["msg"].removeprefix("Value error, ")
+        got = err.get("input")
+        shown = "" if isinstance(got, dict) else f" (got {got!r})"
+        parts.append(f"{where}: {message}{shown}")
+    return "; ".join(parts)
+
+
+_MODEL_KINDS: dict[str, type[BaseModel]] = {
+    "ndvi": NdviModelConfig,
+    "rgb-vegetation": RgbVegetationModelConfig,
+    "torchscript": TorchScriptModelConfig,
+}
+
+
+def _is_union_tag(part: object) -> bool:
+    return isinstance(part, str) and part in _MODEL_KINDS
+
+
+def _allowed_keys(loc: list[str]) -> list[str]:
+    model: type[BaseModel] = JobConfig
+    for part in loc:
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            model = annotation
+        else:
+            return []
+    return list(model.model_fields)
+
+
+def model_kinds() -> list[str]:
+    return list(_MODEL_KINDS)
+
+
+def json_schema() -> dict[str, Any]:
+    return JobConfig.model_json_schema()

@@ -1,0 +1,60 @@
+"""One exception hierarchy for raymask.
+
+::
+
+    RaymaskError                         base; ``str(exc)`` is a one-line message for a person
+    ├── PermanentError                   retrying cannot help: fix the input or the config
+    │   ├── ConfigError(ValueError)      a job config key, value or combination is invalid
+    │   ├── SourceError                  an input image cannot be used
+    │   │   └── SourceNotFound(FileNotFoundError)
+    │   ├── ModelError                   a model cannot be built or returned something unusable
+    │   └── StoreError                   an output store is missing, foreign, complete, or of another job
+    │       └── StoreExists(FileExistsError)
+    └── TransientError                   I/O that a retry may fix (network paths, a busy cluster)
+        └── ClusterError(ConnectionError) a Ray cluster could not be reached
+
+The CLI prints ``str(exc)`` on one line and exits non-zero; retry policy decides by type.
+Third-party exceptions are translated at the boundary with ``raise ... from exc``.
+"""
+
+from __future__ import annotations
+
+
+class RaymaskError(Exception):
+    """Base of every error raymask raises on purpose."""
+
+
+class PermanentError(RaymaskError):
+    """Retrying cannot help: the input or the configuration must change."""
+
+
+class TransientError(RaymaskError):
+    """An operation that may succeed if retried."""
+
+
+class ConfigError(PermanentError, ValueError):
+    """A job configuration is invalid."""
+
+
+class SourceError(PermanentError):
+    """An input image cannot be opened or read as requested."""
+
+
+class SourceNotFound(SourceError, FileNotFoundError):
+    """An input path does not exist."""
+
+
+class ModelError(PermanentError):
+    """A model cannot be built, or its output does not fit the contract."""
+
+
+class StoreError(PermanentError):
+    """An output store cannot be used for this job."""
+
+
+class StoreExists(StoreError, FileExistsError):
+    """A complete store exists where a job wants to write."""
+
+
+class ClusterError(TransientError, ConnectionError):
+    """A Ray cluster could not be reached."""

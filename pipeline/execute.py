@@ -1,0 +1,300 @@
+"""Run a job: check everything on the driver, then stream read -> predict -> write through Ray Data.
+
+The driver sends only unit indices into the dataset and receives only per-unit counts back;
+pixels are read by CPU tasks, labelled by an actor pool (one model per actor, a GPU each when
+the cluster has GPUs) and written by CPU tasks straight into the store.
+
+Resources: every stage reserves a fraction of a CPU except the actors, which reserve
+``runtime.actor_cpus``. With 2 CPUs, two 1-CPU actors would starve the read stage and Ray Data
+would deadlock, so the default pool is ``cores // 2`` actors (at least 1) on CPU clusters.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from functools import partial
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.config import JobConfig
+from pipeline.errors import ClusterError, RaymaskError, StoreError, StoreExists
+from pipeline.geometry import TileGrid, inside_image, pad_to_window
+from pipeline.georef import row_pixel_areas
+from pipeline.plan import pending_units
+from pipeline.sources.geotiff import RasterInfo, RasterSource, open_source
+from pipeline.stats import class_table
+from pipeline.store import COMPLETE, MaskStore, StoreLayout
+from workers.models.registry import ModelSpec, describe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Job:
+    """A validated job: the config plus what was learnt by opening the source and the model."""
+
+    config: JobConfig
+    source: RasterSource
+    info: RasterInfo
+    model: ModelSpec
+    grid: TileGrid
+    fingerprint: str
+
+    @property
+    def exact(self) -> bool:
+        return self.model.exact_with(self.grid.halo[0])
+
+
+@dataclass
+class RunSummary:
+    store: str
+    status: str
+    units_total: int
+    units_run: int
+    units_skipped: int
+    chunks: int
+    seconds: float
+    exact: bool
+    classes: dict[str, dict[str, Any]]
+    has_area: bool
+    preview: str | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def units_per_s(self) -> float:
+        return self.units_run / self.seconds if self.seconds > 0 else 0.0
+
+
+def prepare(config: JobConfig) -> Job:
+    """Open the source and describe the model: every input error surfaces here, before Ray starts."""
+    source, info = open_source(config.source)
+    model = describe(config.model, info.bands)
+    t = config.tiling
+    halo = 0 if model.pixelwise else t.halo  # a per-pixel model needs no context
+    grid = TileGrid.create(
+        info.shape,
+        chunk=(t.chunk, t.chunk),
+        halo=(halo, halo),
+        stride=(model.stride, model.stride),
+        chunks_per_unit=(t.chunks_per_unit, t.chunks_per_unit),
+    )
+    return Job(config=config, source=source, info=info, model=model, grid=grid, fingerprint=source.fingerprint())
+
+
+def open_output(job: Job, *, overwrite: bool) -> tuple[MaskStore, int]:
+    """Create the store, or resume an incomplete one of the same job; returns (store, units already done)."""
+    path = Path(job.config.output.path)
+    if path.exists():
+        existing = MaskStore.open(path)  # raises on anything that is not a raymask store
+        if overwrite:
+            MaskStore.remove(path)
+        elif existing.status == COMPLETE:
+            raise StoreExists(f"{path}: a complete store is already there; pass --overwrite to replace it")
+        elif existing.meta.get("identity") != _identity(job):
+            raise StoreError(
+                f"{path}: an incomplete store of a different job (config, model or source changed); "
+                "pass --overwrite to start again"
+            )
+        else:
+            store = MaskStore.open(path, mode="r+")
+            return store, int(store.units_done().sum())
+    _check_writable(path)
+    layout = StoreLayout(grid=job.grid, classes=job.model.classes, georef=job.info.georef, provenance=_provenance(job))
+    return MaskStore.create(path, layout), 0
+
+
+def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True) -> RunSummary:
+    started = time.perf_counter()
+    job = prepare(config)
+    store, skipped = open_output(job, overwrite=overwrite)
+    todo = pending_units(job.grid, store.units_done())
+    row_area = _row_areas(job)
+    if todo:
+        owns_ray = connect(config.runtime.address)
+        try:
+            for _ in _stream(job, store, [u.index for u in todo], row_area, progress=progress):
+                pass
+        finally:
+            if owns_ray:
+                import ray
+
+                ray.shutdown()
+    names = [n for n, _ in job.model.classes]
+    table = class_table(store.totals(), names)
+    statistics = {"classes": table, "area_units": "m2" if row_area is not None else None}
+    store.mark_complete(statistics)
+    summary = RunSummary(
+        store=str(store.path),
+        status=store.status,
+        units_total=job.grid.n_units,
+        units_run=len(todo),
+        units_skipped=skipped,
+        chunks=int(np.prod(job.grid.grid_shape)),
+        seconds=time.perf_counter() - started,
+        exact=job.exact,
+        classes=table,
+        has_area=row_area is not None,
+    )
+    if row_area is None:
+        summary.notes.append("the source has no CRS: statistics are in pixels only")
+    if not job.exact:
+        summary.notes.append(
+            f"tiling is not exact: halo {job.grid.halo[0]} < receptive radius {job.model.receptive_radius}"
+            if job.model.receptive_radius is not None
+            else "tiling exactness unknown: the model declares no receptive_radius"
+        )
+    if config.output.preview:
+        from pipeline.preview import write_preview
+
+        summary.preview = str(write_preview(store, job.source, job.info))
+    return summary
+
+
+def connect(address: str | None) -> bool:
+    """Join ``address`` (or RAY_ADDRESS), or start an embedded Ray; True if this call started it."""
+    import ray
+    from ray.data import DataContext
+
+    ctx = DataContext.get_current()
+    ctx.enable_progress_bars = False  # raymask draws its own bar: tiles, tiles/s, ETA
+    ctx.print_on_execution_start = False
+    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    if ray.is_initialized():
+        return False
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    try:
+        ray.init(address=target, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+        raise ClusterError(f"cannot reach a Ray cluster at {target!r}: {' '.join(str(exc).split())[:200]}") from exc
+    return True
+
+
+def _stream(
+    job: Job, store: MaskStore, units: list[tuple[int, ...]], row_area: np.ndarray | None, *, progress: bool
+) -> Iterator[dict[str, Any]]:
+    import ray
+    import ray.data
+    from ray.data import ActorPoolStrategy, Dataset
+    from tqdm import tqdm
+
+    from workers.predictor import Predictor
+
+    rt = job.config.runtime
+    gpus = ray.cluster_resources().get("GPU", 0.0)
+    gpus_per_actor = (1.0 if gpus >= 1 else 0.0) if rt.gpus_per_actor == "auto" else float(rt.gpus_per_actor)
+    cpus = ray.cluster_resources().get("CPU", 1.0)
+    actors = rt.actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else max(1, int(cpus // 2)))
+    # Fault tolerance is Ray Data's: a read or write task whose worker dies is retried (Ray's
+    # default, 3 times), and a dead predict actor is restarted and its batches re-run, without
+    # limit. Every stage is idempotent (chunks are rewritten whole), so a retry is harmless.
+    read = partial(_read_stage, source=job.source, grid=job.grid, edge=job.config.tiling.edge)
+    write = partial(
+        _write_stage, store=str(store.path), grid=job.grid, row_area=row_area, n_classes=len(job.model.classes)
+    )
+    ds: Dataset = ray.data.from_items(
+        [{"unit": np.asarray(u, dtype=np.int64)} for u in units], override_num_blocks=len(units)
+    )
+    ds = ds.map(read, num_cpus=rt.io_cpus)
+    ds = ds.map_batches(
+        Predictor,
+        fn_constructor_kwargs={"model": job.config.model, "threads": max(1, int(rt.actor_cpus))},
+        batch_size=rt.batch_size,
+        compute=ActorPoolStrategy(size=actors),
+        num_cpus=rt.actor_cpus,
+        num_gpus=gpus_per_actor,
+    )
+    ds = ds.map(write, num_cpus=rt.io_cpus)
+    bar = tqdm(total=len(units), unit="tile", desc="raymask", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    try:
+        for row in ds.iter_rows():
+            bar.update(1)
+            yield row
+    except Exception as exc:
+        raise _unwrap(exc) from exc
+    finally:
+        bar.close()
+
+
+def _read_stage(row: dict[str, Any], *, source: RasterSource, grid: TileGrid, edge: str) -> dict[str, Any]:
+    unit = grid.unit(tuple(int(i) for i in row["unit"]))
+    data, valid = source.read(inside_image(unit.read, grid.shape))
+    return {
+        "unit": row["unit"],
+        "image": pad_to_window(data, unit.read, grid.shape, edge=edge),
+        "valid": pad_to_window(valid, unit.read, grid.shape, edge=edge),
+        "core_start": np.subtract(unit.core.start, unit.read.start),
+        "core_stop": np.subtract(unit.core.stop, unit.read.start),
+    }
+
+
+def _write_stage(
+    row: dict[str, Any], *, store: str, grid: TileGrid, row_area: np.ndarray | None, n_classes: int
+) -> dict[str, Any]:
+    unit = grid.unit(tuple(int(i) for i in row["unit"]))
+    stats = MaskStore.open(store, mode="r+").write_unit(unit, row["labels"], row_area=row_area, n_classes=n_classes)
+    return {"unit": row["unit"], "pixels": stats.pixels}
+
+
+def _unwrap(exc: BaseException) -> Exception:
+    """Find the raymask error inside Ray's wrappers, so the user sees the real one-line message."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, RaymaskError):
+            return current
+        current = getattr(current, "cause", None) or current.__cause__
+    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+
+def _row_areas(job: Job) -> np.ndarray | None:
+    return row_pixel_areas(job.info.georef, job.info.shape[0])
+
+
+def _identity(job: Job) -> dict[str, str]:
+    return {"job": job.config.identity(), "model": job.model.identity, "source": job.fingerprint}
+
+
+def _provenance(job: Job) -> dict[str, Any]:
+    return {
+        "raymask_version": __version__,
+        "identity": _identity(job),
+        "job": job.config.model_dump(mode="json"),
+        "model": {
+            "kind": job.model.kind,
+            "identity": job.model.identity,
+            "stride": job.model.stride,
+            "receptive_radius": job.model.receptive_radius,
+            "exact_tiling": job.exact,
+        },
+        "source": {
+            "paths": list(job.source.paths),
+            "bands": list(job.source.bands),
+            "dtypes": list(job.info.dtypes),
+            "fingerprint": job.fingerprint,
+        },
+        "grid": {
+            "chunk": list(job.grid.chunk),
+            "halo": list(job.grid.halo),
+            "stride": list(job.grid.stride),
+            "chunks_per_unit": list(job.grid.chunks_per_unit),
+            "edge": job.config.tiling.edge,
+        },
+    }
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StoreError(f"{path}: cannot create the output folder {parent} ({exc.strerror})") from exc
+    if not os.access(parent, os.W_OK):
+        raise StoreError(f"{path}: the output folder {parent} is not writable")

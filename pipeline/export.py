@@ -1,0 +1,67 @@
+"""Export a mask store to a Cloud-Optimized GeoTIFF that GDAL and QGIS open directly.
+
+GDAL 3.10 cannot read zarr v3, so the store's mask goes out chunk by chunk (memory stays at one
+chunk) into a tiled GeoTIFF with the store's CRS, transform, nodata and class colours, which
+GDAL's COG driver then copies with overviews (mode resampling: class ids must not be averaged).
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import rasterio
+import rasterio.shutil
+from affine import Affine
+from rasterio.crs import CRS
+from rasterio.windows import Window
+
+from pipeline.errors import StoreError
+from pipeline.stats import NODATA
+from pipeline.store import MaskStore
+
+
+def export_geotiff(store: MaskStore, out: Path) -> Path:
+    meta = store.meta
+    mask = store.mask
+    height, width = mask.shape
+    profile: dict[str, object] = {
+        "driver": "GTiff",
+        "height": height,
+        "width": width,
+        "count": 1,
+        "dtype": "uint8",
+        "nodata": NODATA,
+        "tiled": True,
+        "blockxsize": 256,
+        "blockysize": 256,
+        "compress": "deflate",
+    }
+    if meta.get("crs"):
+        profile["crs"] = CRS.from_wkt(meta["crs"])
+    if meta.get("transform"):
+        profile["transform"] = Affine.from_gdal(*meta["transform"])
+    if out.exists() and out.is_dir():
+        raise StoreError(f"{out}: is a directory, expected a .tif path")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    chunk_rows, chunk_cols = mask.chunks
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        staging = Path(tmp) / "mask.tif"
+        with rasterio.open(staging, "w", **profile) as dst:
+            for row in range(0, height, chunk_rows):
+                for col in range(0, width, chunk_cols):
+                    block = np.asarray(mask[row : row + chunk_rows, col : col + chunk_cols])
+                    dst.write(block, 1, window=Window(col, row, block.shape[1], block.shape[0]))  # type: ignore[call-arg]
+            dst.write_colormap(1, _colormap(meta["classes"]))
+            dst.update_tags(1, **{f"class_{c['id']}": c["name"] for c in meta["classes"]})
+        rasterio.shutil.copy(
+            staging, out, driver="COG", compress="deflate", resampling="mode", overview_resampling="mode"
+        )
+    return out
+
+
+def _colormap(classes: list[dict]) -> dict[int, tuple[int, int, int, int]]:
+    cmap = {c["id"]: (*tuple(int(c["color"][i : i + 2], 16) for i in (1, 3, 5)), 255) for c in classes}
+    cmap[NODATA] = (0, 0, 0, 0)
+    return cmap  # type: ignore[return-value]

@@ -1,0 +1,81 @@
+"""A preview PNG beside the store: the source (decimated, stretched) with the mask overlaid and a legend."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from PIL import Image, ImageDraw, ImageFont
+
+from pipeline.sources.geotiff import RasterInfo, RasterSource
+from pipeline.stats import NODATA
+from pipeline.store import MaskStore
+
+MAX_EDGE = 1024
+ALPHA = 0.45
+
+
+def preview_path(store_path: Path) -> Path:
+    return store_path.with_name(store_path.name.removesuffix(".zarr") + ".preview.png")
+
+
+def write_preview(store: MaskStore, source: RasterSource, info: RasterInfo) -> Path:
+    step = max(1, -(-max(info.shape) // MAX_EDGE))
+    mask = np.asarray(store.mask[::step, ::step])
+    base = _base_image(source, mask.shape)
+    classes = store.meta["classes"]
+    colours = np.zeros((256, 3), dtype=np.float32)
+    for cls in classes:
+        colours[cls["id"]] = [int(cls["color"][i : i + 2], 16) for i in (1, 3, 5)]
+    overlay = colours[mask]
+    blend = np.where((mask != NODATA)[..., None], (1 - ALPHA) * base + ALPHA * overlay, base * 0.5)
+    image = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
+    out = _with_legend(image, classes, store.meta.get("stats", {}).get("classes", {}))
+    path = preview_path(store.path)
+    out.save(path)
+    return path
+
+
+def _base_image(source: RasterSource, shape: tuple[int, ...]) -> np.ndarray:
+    bands = list(source.bands[:3]) if len(source.bands) >= 3 else [source.bands[0]]
+    layers = []
+    for band in bands:
+        path, index = (source.paths[0], band) if len(source.paths) == 1 else (source.paths[band - 1], 1)
+        with rasterio.open(path) as src:
+            layers.append(src.read(index, out_shape=shape, masked=True).astype(np.float64))
+    stretched = [_stretch(layer) for layer in layers]
+    rgb = np.stack(stretched * 3 if len(stretched) == 1 else stretched, axis=-1)
+    return rgb
+
+
+def _stretch(layer: np.ma.MaskedArray) -> np.ndarray:
+    values = layer.compressed()
+    if values.size == 0:
+        return np.zeros(layer.shape)
+    lo, hi = np.percentile(values, [2, 98])
+    scaled = (layer.filled(lo) - lo) / max(hi - lo, 1e-12) * 255.0
+    return np.asarray(scaled.clip(0, 255))
+
+
+def _with_legend(image: Image.Image, classes: list[dict], table: dict) -> Image.Image:
+    font = ImageFont.load_default(size=14)
+    rows = [(c["color"], _legend_text(c["name"], table.get(c["name"], {}))) for c in classes]
+    rows.append(("#000000", "nodata"))
+    width = 20 + max(int(font.getlength(text)) for _, text in rows) + 40
+    canvas = Image.new("RGB", (image.width + width, max(image.height, 24 * len(rows) + 20)), "white")
+    canvas.paste(image, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for i, (colour, text) in enumerate(rows):
+        y = 10 + 24 * i
+        draw.rectangle([image.width + 10, y, image.width + 26, y + 16], fill=colour, outline="black")
+        draw.text((image.width + 34, y), text, fill="black", font=font)
+    return canvas
+
+
+def _legend_text(name: str, row: dict) -> str:
+    if row.get("area_ha") is not None:
+        return f"{name}: {row['area_ha']:,.1f} ha"
+    if row.get("pixels") is not None:
+        return f"{name}: {row['pixels']:,} px"
+    return name

@@ -1,0 +1,1 @@
+"""Inputs: open a source, read a region, say which pixels are valid."""

@@ -1,0 +1,148 @@
+"""Rasters through rasterio/GDAL: one file of any band count, or single-band files stacked as bands.
+
+A ``RasterSource`` is a small picklable description (paths and band numbers). Ray read tasks
+receive it and open the files themselves, so pixels are read where they are used and never
+pass through the driver. Validity comes from GDAL's per-band masks, which already merge nodata
+values, internal masks and alpha bands; a pixel is valid only if every band the model takes is.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import rasterio
+from rasterio.errors import RasterioError
+from rasterio.windows import Window
+
+from pipeline.config import SourceConfig
+from pipeline.errors import SourceError, SourceNotFound
+from pipeline.geometry import Box
+from pipeline.georef import Georef
+
+# GDAL's block cache defaults to 5 % of RAM per process; a long tiled read then grows to
+# gigabytes. Each worker reads one window at a time, so a small cache keeps memory flat.
+GDAL_CACHEMAX_MB = 64
+_REMOTE_PREFIXES = ("/vsi", "s3://", "gs://", "http://", "https://", "az://")
+
+
+def is_remote(path: str) -> bool:
+    return path.startswith(_REMOTE_PREFIXES)
+
+
+@dataclass(frozen=True)
+class RasterInfo:
+    shape: tuple[int, int]
+    bands: int
+    dtypes: tuple[str, ...]
+    georef: Georef
+    nodata: tuple[float | None, ...]
+
+
+@dataclass(frozen=True)
+class RasterSource:
+    """Selected bands of one raster, or of a stack of single-band rasters on one grid."""
+
+    paths: tuple[str, ...]
+    bands: tuple[int, ...]  # 1-based numbers in the file (or positions in the stack)
+
+    @property
+    def label(self) -> str:
+        return self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (+{len(self.paths) - 1} band files)"
+
+    def read(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels of ``box`` (inside the image) as float32 ``(bands, h, w)`` and validity ``(h, w)``."""
+        (row0, col0), (rows, cols) = box.start, box.shape
+        window = Window(col0, row0, cols, rows)  # type: ignore[call-arg]
+        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX_MB):
+            if len(self.paths) == 1:
+                data, masks = _read(self.paths[0], list(self.bands), window)
+            else:
+                parts = [_read(self.paths[b - 1], [1], window) for b in self.bands]
+                data = np.concatenate([p[0] for p in parts])
+                masks = np.concatenate([p[1] for p in parts])
+        return data, np.all(masks > 0, axis=0)
+
+    def fingerprint(self) -> str:
+        """Content hash of local files (path-independent); grid description for remote ones."""
+        digest = hashlib.sha256()
+        for path in self.paths:
+            if is_remote(path):
+                digest.update(path.encode())
+                continue
+            with open(path, "rb") as fh:
+                for block in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(block)
+        digest.update(repr(self.bands).encode())
+        return digest.hexdigest()[:16]
+
+
+def _read(path: str, bands: list[int], window: Window) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        with rasterio.open(path) as src:
+            return src.read(bands, window=window, out_dtype="float32"), src.read_masks(bands, window=window)
+    except RasterioError as exc:
+        raise SourceError(f"{path}: read failed at {window} ({_short(exc)})") from exc
+
+
+def open_source(config: SourceConfig) -> tuple[RasterSource, RasterInfo]:
+    """Check the input and describe it; errors name the file and what is wrong."""
+    paths = config.paths
+    infos = [_describe(p) for p in paths]
+    first = infos[0]
+    if len(paths) > 1:
+        for path, info in zip(paths, infos):
+            if info.bands != 1:
+                raise SourceError(f"{path}: a band file must have 1 band, it has {info.bands}")
+            if (info.shape, info.georef) != (first.shape, first.georef):
+                raise SourceError(
+                    f"{path}: not on the grid of {paths[0]} "
+                    f"(shape {info.shape} vs {first.shape}, transform {info.georef.transform} vs "
+                    f"{first.georef.transform}, same CRS: {info.georef.crs_wkt == first.georef.crs_wkt})"
+                )
+    available = len(paths) if len(paths) > 1 else first.bands
+    bands = tuple(config.bands) if config.bands else tuple(range(1, available + 1))
+    for band in bands:
+        if band > available:
+            raise SourceError(
+                f"{paths[0]}: band {band} requested, but the {'stack' if len(paths) > 1 else 'file'} has {available}"
+            )
+    if len(paths) > 1:
+        dtypes = tuple(infos[b - 1].dtypes[0] for b in bands)
+        nodata = tuple(infos[b - 1].nodata[0] for b in bands)
+    else:
+        dtypes = tuple(first.dtypes[b - 1] for b in bands)
+        nodata = tuple(first.nodata[b - 1] for b in bands)
+    info = RasterInfo(shape=first.shape, bands=len(bands), dtypes=dtypes, georef=first.georef, nodata=nodata)
+    return RasterSource(paths=tuple(paths), bands=bands), info
+
+
+def _describe(path: str) -> RasterInfo:
+    if not is_remote(path):
+        if not Path(path).exists():
+            raise SourceNotFound(f"{path}: file not found")
+        if Path(path).is_dir():
+            raise SourceError(f"{path}: is a directory, expected a raster file")
+        if not os.access(path, os.R_OK):
+            raise SourceError(f"{path}: not readable (permission denied)")
+    try:
+        with rasterio.open(path) as src:
+            gt = src.transform.to_gdal() if not src.transform.is_identity else None
+            crs = src.crs.to_wkt() if src.crs else None
+            return RasterInfo(
+                shape=(src.height, src.width),
+                bands=src.count,
+                dtypes=tuple(src.dtypes),
+                georef=Georef(crs_wkt=crs, transform=gt),
+                nodata=tuple(src.nodatavals),
+            )
+    except RasterioError as exc:
+        raise SourceError(f"{path}: not a raster GDAL can read ({_short(exc)})") from exc
+
+
+def _short(exc: Exception) -> str:
+    text = " ".join(str(exc).split())
+    return text if len(text) < 160 else text[:157] + "..."

@@ -1,0 +1,218 @@
+"""The mask store: one zarr v3 group per input.
+
+Layout::
+
+    STORE.zarr/
+      zarr.json             group; attrs["raymask"] holds provenance, status and statistics
+      mask                  (y, x) uint8 class ids, 255 = nodata, chunked as the work grid
+      y, x                  pixel-centre coordinates (georeferenced, unrotated grids)
+      spatial_ref           0-d; CF grid mapping: crs_wkt, spatial_ref, GeoTransform
+      units/pixels          (uy, ux, class) int64 per work unit; -1 until the unit landed
+      units/area_m2         (uy, ux, class) float64 per work unit
+
+Each output chunk is written by exactly one task, whole, so there is no read-modify-write and
+a retried task rewrites the same bytes. A unit's ``units/pixels`` row is written after its mask
+chunks: its presence is the unit's "done" mark, so a resumed job skips exactly those units and
+the final statistics are summed from the store, not from what one run happened to see.
+``status`` becomes ``complete`` only after every unit is done.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+import zarr.errors
+
+from pipeline.errors import StoreError
+from pipeline.geometry import TileGrid, WorkUnit
+from pipeline.georef import Georef, cf_grid_mapping, pixel_centres
+from pipeline.stats import NODATA, ChunkStats, count_classes
+
+FORMAT = "raymask-mask-store/1"
+INCOMPLETE, COMPLETE = "incomplete", "complete"
+
+
+@dataclass(frozen=True)
+class StoreLayout:
+    """What a store is created with; everything else is filled in as the job runs."""
+
+    grid: TileGrid
+    classes: tuple[tuple[str, str], ...]
+    georef: Georef
+    provenance: dict[str, Any]
+
+
+class MaskStore:
+    def __init__(self, path: Path, group: zarr.Group) -> None:
+        self.path = path
+        self.group = group
+
+    # -- opening -----------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, path: str | Path, *, mode: str = "r") -> MaskStore:
+        path = Path(path)
+        if not path.exists():
+            raise StoreError(f"{path}: no such store")
+        try:
+            group = zarr.open_group(str(path), mode=mode)  # type: ignore[arg-type]
+        except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError) as exc:
+            raise StoreError(f"{path}: not a zarr store") from exc
+        meta = group.attrs.get("raymask")
+        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+            raise StoreError(f"{path}: a zarr group but not a raymask store (no raymask attrs)")
+        return cls(path, group)
+
+    @classmethod
+    def create(cls, path: str | Path, layout: StoreLayout) -> MaskStore:
+        path = Path(path)
+        grid = layout.grid
+        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        meta = dict(layout.provenance)
+        meta.update(
+            format=FORMAT,
+            status=INCOMPLETE,
+            created=_now(),
+            shape=list(grid.shape),
+            classes=[{"id": i, "name": n, "color": c} for i, (n, c) in enumerate(layout.classes)],
+            nodata=NODATA,
+            crs=layout.georef.crs_wkt,
+            transform=list(layout.georef.transform) if layout.georef.transform else None,
+        )
+        group.attrs["raymask"] = meta
+        names = [n for n, _ in layout.classes]
+        mask_attrs: dict[str, Any] = {
+            "long_name": "class id",
+            "flag_values": list(range(len(names))),
+            "flag_meanings": " ".join(n.replace(" ", "_") for n in names),
+            "_FillValue": NODATA,
+        }
+        georeferenced = layout.georef.crs_wkt is not None or layout.georef.transform is not None
+        if georeferenced:
+            mask_attrs["grid_mapping"] = "spatial_ref"
+            ref = group.create_array("spatial_ref", shape=(), dtype="int64", fill_value=0, dimension_names=[])
+            ref.attrs.update(cf_grid_mapping(layout.georef))
+            ref[...] = 0
+        if layout.georef.transform is not None and not layout.georef.is_rotated:
+            y, x = pixel_centres(layout.georef.transform, (grid.shape[0], grid.shape[1]))
+            for name, values, standard in (("y", y, "projection_y_coordinate"), ("x", x, "projection_x_coordinate")):
+                coord = group.create_array(
+                    name, shape=values.shape, dtype="float64", chunks=values.shape, dimension_names=[name]
+                )
+                coord[:] = values
+                coord.attrs.update({"standard_name": standard, "axis": name.upper()})
+        group.create_array(
+            "mask",
+            shape=grid.shape,
+            dtype="uint8",
+            chunks=grid.chunk,
+            fill_value=NODATA,
+            dimension_names=["y", "x"],
+            attributes=mask_attrs,
+        )
+        n = len(names)
+        units = group.create_group("units")
+        chunks = (1,) * len(grid.unit_grid_shape) + (n,)
+        dims = ["unit_y", "unit_x", "class"]
+        units.create_array(
+            "pixels",
+            shape=(*grid.unit_grid_shape, n),
+            dtype="int64",
+            chunks=chunks,
+            fill_value=-1,
+            dimension_names=dims,
+        )
+        units.create_array(
+            "area_m2",
+            shape=(*grid.unit_grid_shape, n),
+            dtype="float64",
+            chunks=chunks,
+            fill_value=np.nan,
+            dimension_names=dims,
+        )
+        _consolidate(path)
+        return cls.open(path, mode="r+")
+
+    @staticmethod
+    def remove(path: str | Path) -> None:
+        """Delete a raymask store (and only that: a foreign directory is refused)."""
+        MaskStore.open(path)
+        shutil.rmtree(path)
+
+    # -- reading -----------------------------------------------------------------------------
+
+    @property
+    def meta(self) -> dict[str, Any]:
+        meta = self.group.attrs["raymask"]
+        assert isinstance(meta, dict)
+        return meta
+
+    @property
+    def status(self) -> str:
+        return str(self.meta.get("status"))
+
+    @property
+    def mask(self) -> zarr.Array:
+        array = self.group["mask"]
+        assert isinstance(array, zarr.Array)
+        return array
+
+    def _units(self, name: str) -> zarr.Array:
+        array = self.group[f"units/{name}"]
+        assert isinstance(array, zarr.Array)
+        return array
+
+    def units_done(self) -> np.ndarray:
+        """Boolean array over the unit grid: True where the unit's chunks and statistics landed."""
+        return np.asarray(self._units("pixels")[..., 0]) >= 0
+
+    def totals(self) -> ChunkStats:
+        """Per-class sums over the units that landed."""
+        pixels = np.asarray(self._units("pixels")[:])
+        area = np.asarray(self._units("area_m2")[:])
+        done = pixels[..., 0] >= 0
+        return ChunkStats(pixels[done].sum(axis=0).astype(np.int64), area[done].sum(axis=0))
+
+    # -- writing -----------------------------------------------------------------------------
+
+    def write_unit(
+        self, unit: WorkUnit, labels: np.ndarray, *, row_area: np.ndarray | None, n_classes: int
+    ) -> ChunkStats:
+        """Write a unit's chunks (``labels`` covers ``unit.core``), then its statistics row."""
+        mask = self.mask
+        for chunk in unit.chunks:
+            mask[chunk.slices()] = labels[chunk.within(unit.core)]
+        rows = None if row_area is None else row_area[unit.core.start[0] : unit.core.stop[0]]
+        stats = count_classes(labels, n_classes, rows)
+        self._units("area_m2")[unit.index] = stats.area_m2
+        self._units("pixels")[unit.index] = stats.pixels
+        return stats
+
+    def update_meta(self, **changes: Any) -> None:
+        meta = dict(self.meta)
+        meta.update(changes)
+        self.group.attrs["raymask"] = meta
+        _consolidate(self.path)
+
+    def mark_complete(self, statistics: dict[str, Any]) -> None:
+        if not self.units_done().all():
+            raise StoreError(f"{self.path}: {int((~self.units_done()).sum())} work units missing; not marking complete")
+        self.update_meta(status=COMPLETE, completed=_now(), stats=statistics)
+
+
+def _consolidate(path: Path) -> None:
+    """Consolidated metadata lets xarray open the store in one read; zarr warns it is not in the v3 spec yet."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=UserWarning)
+        zarr.consolidate_metadata(str(path))
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")

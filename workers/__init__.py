@@ -1,0 +1,1 @@
+"""What runs inside Ray actors: models, preprocessing, batched prediction."""

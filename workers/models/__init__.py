@@ -1,0 +1,1 @@
+"""Segmentation models: built-in indices that need no weights, and loaders for model files."""

@@ -1,0 +1,114 @@
+"""The model registry: what each ``model.kind`` is, checked on the driver, built in the actors.
+
+``describe`` runs on the driver and loads no weights: it checks band positions and files and
+hashes the model's identity. ``build`` runs once per actor.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.config import ModelConfig, NdviModelConfig, RgbVegetationModelConfig, TorchScriptModelConfig
+from pipeline.errors import ConfigError, ModelError
+
+DEFAULT_COLORS = (
+    "#1f77b4",
+    "#ff7f0e",
+    "#2ca02c",
+    "#d62728",
+    "#9467bd",
+    "#8c564b",
+    "#e377c2",
+    "#7f7f7f",
+    "#bcbd22",
+    "#17becf",
+)
+
+
+class Segmenter(Protocol):
+    def predict(self, images: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        """``(N, bands, H, W)`` float32 and ``(N, H, W)`` validity -> ``(N, H, W)`` uint8 class ids."""
+        ...
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the driver needs to know about a model without loading it."""
+
+    kind: str
+    classes: tuple[tuple[str, str], ...]  # (name, #rrggbb)
+    stride: int
+    receptive_radius: int | None  # None: unknown, so no tiling can be promised exact
+    identity: str
+
+    @property
+    def pixelwise(self) -> bool:
+        return self.receptive_radius == 0
+
+    def exact_with(self, halo: int) -> bool:
+        return self.receptive_radius is not None and halo >= self.receptive_radius
+
+
+def describe(config: ModelConfig, n_bands: int) -> ModelSpec:
+    from workers.models.indices import NDVI_CLASSES, RGB_CLASSES
+
+    if isinstance(config, NdviModelConfig):
+        _check_positions(config, n_bands, red=config.red, nir=config.nir)
+        return ModelSpec("ndvi", NDVI_CLASSES, 1, 0, _config_hash(config))
+    if isinstance(config, RgbVegetationModelConfig):
+        _check_positions(config, n_bands, red=config.red, green=config.green, blue=config.blue)
+        return ModelSpec("rgb-vegetation", RGB_CLASSES, 1, 0, _config_hash(config))
+    return _describe_torchscript(config, n_bands)
+
+
+def build(config: ModelConfig, *, device: str = "cpu") -> Segmenter:
+    if isinstance(config, NdviModelConfig):
+        from workers.models.indices import NdviModel
+
+        return NdviModel(config)
+    if isinstance(config, RgbVegetationModelConfig):
+        from workers.models.indices import RgbVegetationModel
+
+        return RgbVegetationModel(config)
+    from workers.models.torchscript import TorchScriptModel
+
+    return TorchScriptModel(config, device=device)
+
+
+def _describe_torchscript(config: TorchScriptModelConfig, n_bands: int) -> ModelSpec:
+    path = Path(config.path)
+    if not path.is_file():
+        raise ModelError(f"{config.path}: model file not found")
+    if config.normalize is not None and len(config.normalize.mean) != n_bands:
+        raise ConfigError(
+            f"model.normalize: {len(config.normalize.mean)} values given but the source has {n_bands} selected bands"
+        )
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    classes = tuple(
+        (c, DEFAULT_COLORS[i % len(DEFAULT_COLORS)])
+        if isinstance(c, str)
+        else (c.name, c.color or DEFAULT_COLORS[i % len(DEFAULT_COLORS)])
+        for i, c in enumerate(config.classes)
+    )
+    if len(classes) > 255:
+        raise ConfigError(f"model.classes: {len(classes)} classes, at most 255 fit a uint8 mask with 255 as nodata")
+    settings = _config_hash(config.model_copy(update={"path": ""}))
+    return ModelSpec("torchscript", classes, config.stride, config.receptive_radius, f"{digest[:16]}-{settings}")
+
+
+def _check_positions(config: ModelConfig, n_bands: int, **positions: int) -> None:
+    for name, pos in positions.items():
+        if pos > n_bands:
+            raise ConfigError(
+                f"model.{name}: band position {pos}, but only {n_bands} bands are selected from the source"
+            )
+
+
+def _config_hash(config: ModelConfig) -> str:
+    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

@@ -1,0 +1,131 @@
+"""Shared fixtures: one local Ray per test session, tiny GeoTIFF and model factories, sample data."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from affine import Affine
+from rasterio.crs import CRS
+
+ROOT = Path(__file__).resolve().parent.parent
+DATA = ROOT / "data"
+S2 = DATA / "sentinel2" / "sen2_20210527_aber_subset.tif"
+S2_TINY = DATA / "sentinel2" / "S2A2A_20190723_022_Barbellino_BOA_10.tif"
+RGB_BYTE = DATA / "rgb" / "RGB.byte.tif"
+LANDSAT = [DATA / "landsat" / "lsat7_2000_30.tif", DATA / "landsat" / "lsat7_2000_40.tif"]
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[None]:
+    """One local Ray for the whole session; pipeline runs see it initialised and reuse it."""
+    import ray
+
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tests run in their own folder, so relative output paths never touch the checkout."""
+    monkeypatch.chdir(tmp_path)
+
+
+GeoTiffFactory = Callable[..., Path]
+
+
+@pytest.fixture
+def make_geotiff(tmp_path: Path) -> GeoTiffFactory:
+    """Write a GeoTIFF from an array ``(bands, rows, cols)``; returns its path."""
+
+    def make(
+        data: np.ndarray,
+        *,
+        name: str = "image.tif",
+        crs: str | None = "EPSG:32631",
+        transform: Affine | None = None,
+        nodata: float | None = None,
+    ) -> Path:
+        path = tmp_path / name
+        bands, rows, cols = data.shape
+        profile = {
+            "driver": "GTiff",
+            "height": rows,
+            "width": cols,
+            "count": bands,
+            "dtype": data.dtype.name,
+            "transform": transform or Affine(10.0, 0.0, 500000.0, 0.0, -10.0, 5700000.0),
+            "tiled": True,
+            "blockxsize": 16,
+            "blockysize": 16,
+        }
+        if crs:
+            profile["crs"] = CRS.from_string(crs)
+        if nodata is not None:
+            profile["nodata"] = nodata
+        with rasterio.open(path, "w", **profile) as dst:
+            dst.write(data)
+        return path
+
+    return make
+
+
+def tiny_unet(bands: int, classes: int, *, seed: int = 0):  # type: ignore[no-untyped-def]
+    """A random-weight U-Net-like CNN: total stride 4, BatchNorm in eval mode, skip connection.
+
+    Receptive radius: 3x3 convs at full (1 px each), half (2 px) and quarter (4 px) resolution
+    plus the downsampling convs and nearest upsampling add up to well under 24 px, the halo
+    the exactness tests use; halo 0 must show seams.
+    """
+    import torch
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    class TinyUNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Sequential(nn.Conv2d(bands, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU())
+            self.down = nn.Sequential(
+                nn.Conv2d(8, 16, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(16, 16, 3, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                nn.ReLU(),
+                nn.Conv2d(16, 16, 3, padding=1),
+                nn.ReLU(),
+            )
+            self.up = nn.Sequential(nn.Upsample(scale_factor=4, mode="nearest"), nn.Conv2d(16, 8, 3, padding=1))
+            self.head = nn.Conv2d(16, classes, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            skip = self.enc(x)
+            return self.head(torch.cat([skip, self.up(self.down(skip))], dim=1))
+
+    model = TinyUNet().eval()
+    with torch.no_grad():
+        bn = model.enc[1]
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 2.0)
+    return model
+
+
+@pytest.fixture
+def scripted_unet(tmp_path: Path) -> Callable[..., Path]:
+    """Save ``tiny_unet`` as TorchScript and return the file's path."""
+
+    def make(bands: int = 3, classes: int = 3, *, seed: int = 0) -> Path:
+        import torch
+
+        path = tmp_path / f"unet-{bands}-{classes}-{seed}.pt"
+        torch.jit.save(torch.jit.script(tiny_unet(bands, classes, seed=seed)), str(path))
+        return path
+
+    return make

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from functools import partial
 from collections.abc import Iterator
@@ -22,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import __version__
+from pipeline import __version__, errors
 from pipeline.config import JobConfig
 from pipeline.errors import ClusterError, RaymaskError, StoreError, StoreExists
 from pipeline.geometry import TileGrid, inside_image, pad_to_window
@@ -89,17 +90,21 @@ def prepare(config: JobConfig) -> Job:
 
 
 def open_output(job: Job, *, overwrite: bool) -> tuple[MaskStore, int]:
-    """Create the store, or resume an incomplete one of the same job; returns (store, units already done)."""
-    path = Path(job.config.output.path)
+    """Create the store, or resume an incomplete one of the same job; returns (store, units already done).
+
+    The path is made absolute here: Ray workers do not share the driver's current directory.
+    """
+    given = job.config.output.path
+    path = Path(given).absolute()
     if path.exists():
         existing = MaskStore.open(path)  # raises on anything that is not a raymask store
         if overwrite:
             MaskStore.remove(path)
         elif existing.status == COMPLETE:
-            raise StoreExists(f"{path}: a complete store is already there; pass --overwrite to replace it")
+            raise StoreExists(f"{given}: a complete store is already there; pass --overwrite to replace it")
         elif existing.meta.get("identity") != _identity(job):
             raise StoreError(
-                f"{path}: an incomplete store of a different job (config, model or source changed); "
+                f"{given}: an incomplete store of a different job (config, model or source changed); "
                 "pass --overwrite to start again"
             )
         else:
@@ -131,7 +136,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     statistics = {"classes": table, "area_units": "m2" if row_area is not None else None}
     store.mark_complete(statistics)
     summary = RunSummary(
-        store=str(store.path),
+        store=config.output.path,
         status=store.status,
         units_total=job.grid.n_units,
         units_run=len(todo),
@@ -165,7 +170,7 @@ def connect(address: str | None) -> bool:
     ctx = DataContext.get_current()
     ctx.enable_progress_bars = False  # raymask draws its own bar: tiles, tiles/s, ETA
     ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.ERROR)
+    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # raymask reports failures itself
     if ray.is_initialized():
         return False
     target = address or os.environ.get("RAY_ADDRESS") or None
@@ -243,7 +248,12 @@ def _write_stage(
 
 
 def _unwrap(exc: BaseException) -> Exception:
-    """Find the raymask error inside Ray's wrappers, so the user sees the real one-line message."""
+    """Find the raymask error inside Ray's wrappers, so the user sees the real one-line message.
+
+    Ray Data re-raises a failed task as ``RayTaskError(UserCodeException)`` that keeps the
+    original only as text in its message, so the error's class and message are read back from
+    the traceback's last ``pipeline.errors.Name: message`` line.
+    """
     seen: set[int] = set()
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
@@ -251,7 +261,16 @@ def _unwrap(exc: BaseException) -> Exception:
         if isinstance(current, RaymaskError):
             return current
         current = getattr(current, "cause", None) or current.__cause__
+    found = _RAISED.findall(str(exc))
+    if found:
+        name, message = found[-1]
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, RaymaskError):
+            return cls(message.strip())
     return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
+
+
+_RAISED = re.compile(r"pipeline\.errors\.(\w+): ([^\n]+)")
 
 
 def _row_areas(job: Job) -> np.ndarray | None:

@@ -92,7 +92,6 @@ class MaskStore:
             "long_name": "class id",
             "flag_values": list(range(len(names))),
             "flag_meanings": " ".join(n.replace(" ", "_") for n in names),
-            "_FillValue": NODATA,
         }
         georeferenced = layout.georef.crs_wkt is not None or layout.georef.transform is not None
         if georeferenced:

@@ -117,7 +117,9 @@ def open_source(config: SourceConfig) -> tuple[RasterSource, RasterInfo]:
         dtypes = tuple(first.dtypes[b - 1] for b in bands)
         nodata = tuple(first.nodata[b - 1] for b in bands)
     info = RasterInfo(shape=first.shape, bands=len(bands), dtypes=dtypes, georef=first.georef, nodata=nodata)
-    return RasterSource(paths=tuple(paths), bands=bands), info
+    # Absolute, because Ray workers do not share the driver's current directory.
+    absolute = tuple(p if is_remote(p) else str(Path(p).absolute()) for p in paths)
+    return RasterSource(paths=absolute, bands=bands), info
 
 
 def _describe(path: str) -> RasterInfo:

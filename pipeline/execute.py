@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import os
 import re
+import socket
 import time
-from functools import partial
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -174,11 +175,27 @@ def connect(address: str | None) -> bool:
     if ray.is_initialized():
         return False
     target = address or os.environ.get("RAY_ADDRESS") or None
+    if target and target not in ("auto", "local"):
+        _probe(target)
     try:
         ray.init(address=target, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
         raise ClusterError(f"cannot reach a Ray cluster at {target!r}: {' '.join(str(exc).split())[:200]}") from exc
     return True
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Fail within seconds when nothing listens at ``address``; ray.init would retry for minutes."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"cluster address {address!r}: expected HOST:PORT, ray://HOST:PORT or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc} (is the head running?)"
+        ) from exc
 
 
 def _stream(

@@ -20,6 +20,7 @@ the final statistics are summed from the store, not from what one run happened t
 from __future__ import annotations
 
 import datetime as dt
+import os
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -72,7 +73,17 @@ class MaskStore:
 
     @classmethod
     def create(cls, path: str | Path, layout: StoreLayout) -> MaskStore:
+        """Build the empty store beside ``path`` and rename it into place, so that a crash
+        during creation never leaves a half-made store where a job will look for one."""
         path = Path(path)
+        staging = path.with_name(f".{path.name}.creating-{os.getpid()}")
+        shutil.rmtree(staging, ignore_errors=True)
+        cls._build(staging, layout)
+        os.rename(staging, path)
+        return cls.open(path, mode="r+")
+
+    @classmethod
+    def _build(cls, path: Path, layout: StoreLayout) -> None:
         grid = layout.grid
         group = zarr.open_group(str(path), mode="w", zarr_format=3)
         meta = dict(layout.provenance)
@@ -137,7 +148,6 @@ class MaskStore:
             dimension_names=dims,
         )
         _consolidate(path)
-        return cls.open(path, mode="r+")
 
     @staticmethod
     def remove(path: str | Path) -> None:

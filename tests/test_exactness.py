@@ -31,7 +31,9 @@ ROWS, COLS, STRIDE = 203, 157, 4
 def scene(make_geotiff: GeoTiffFactory) -> tuple[Path, np.ndarray]:
     rng = np.random.default_rng(7)
     smooth = rng.normal(size=(3, ROWS, COLS)).cumsum(axis=1).cumsum(axis=2)
-    image = ((smooth - smooth.mean(axis=(1, 2), keepdims=True)) / smooth.std(axis=(1, 2), keepdims=True)).astype(np.float32)
+    image = ((smooth - smooth.mean(axis=(1, 2), keepdims=True)) / smooth.std(axis=(1, 2), keepdims=True)).astype(
+        np.float32
+    )
     return make_geotiff(image), image
 
 

@@ -49,7 +49,9 @@ def expected_ndvi_classes(red: np.ndarray, nir: np.ndarray) -> np.ndarray:
     return np.select([ndvi < 0.0, ndvi >= 0.3], [2, 1], 0).astype(np.uint8)
 
 
-def test_sentinel2_ndvi_job_matches_an_independent_computation(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_sentinel2_ndvi_job_matches_an_independent_computation(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     summary = run(capsys, *ndvi_job(tmp_path, S2, "s2.zarr"))
     with rasterio.open(S2) as src:
         red, nir = src.read(3), src.read(8)
@@ -81,11 +83,20 @@ def test_geographic_crs_areas_are_geodesic(tmp_path: Path, capsys: pytest.Captur
     wgs84 = tmp_path / "s2_4326.tif"
     with rasterio.open(S2) as src:
         transform, width, height = calculate_default_transform(src.crs, "EPSG:4326", src.width, src.height, *src.bounds)
-        profile = src.profile | {"crs": "EPSG:4326", "transform": transform, "width": width, "height": height, "nodata": 0}
+        profile = src.profile | {
+            "crs": "EPSG:4326",
+            "transform": transform,
+            "width": width,
+            "height": height,
+            "nodata": 0,
+        }
         with rasterio.open(wgs84, "w", **profile) as dst:
             for band in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10):
                 reproject(
-                    rasterio.band(src, band), rasterio.band(dst, band), dst_crs="EPSG:4326", resampling=Resampling.nearest
+                    rasterio.band(src, band),
+                    rasterio.band(dst, band),
+                    dst_crs="EPSG:4326",
+                    resampling=Resampling.nearest,
                 )
     summary = run(capsys, *ndvi_job(tmp_path, wgs84, "wgs.zarr"))
     ds = xr.open_zarr("wgs.zarr", decode_coords="all", mask_and_scale=False)
@@ -111,7 +122,9 @@ def test_geographic_crs_areas_are_geodesic(tmp_path: Path, capsys: pytest.Captur
     assert total == pytest.approx(109_836 * 100.0, rel=0.02)
 
 
-def test_nodata_collar_is_written_as_255_and_excluded_from_areas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_nodata_collar_is_written_as_255_and_excluded_from_areas(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     config = tmp_path / "rgb.yaml"
     config.write_text(
         f"source: {{path: '{RGB_BYTE}'}}\nmodel: {{kind: rgb-vegetation, index: exg, threshold: 0.05}}\n"
@@ -146,11 +159,15 @@ def test_band_files_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert summary["classes"]["vegetation"]["area_m2"] == pytest.approx((ndvi >= 0.2).sum() * 28.5 * 28.5)
 
 
-def test_exported_cog_reads_in_gdal_with_the_source_georeference(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_exported_cog_reads_in_gdal_with_the_source_georeference(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     run(capsys, *ndvi_job(tmp_path, S2, "s2.zarr"))
     assert main(["export", "s2.zarr", "s2_mask.tif"]) == 0
     rio = Path(sys.executable).with_name("rio")
-    info = json.loads(subprocess.run([str(rio), "info", "s2_mask.tif"], check=True, capture_output=True, text=True).stdout)
+    info = json.loads(
+        subprocess.run([str(rio), "info", "s2_mask.tif"], check=True, capture_output=True, text=True).stdout
+    )
     with rasterio.open(S2) as src:
         assert info["transform"][:6] == list(src.transform)[:6]
         assert rasterio.crs.CRS.from_user_input(info["crs"]) == src.crs

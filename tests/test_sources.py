@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pickle
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -55,7 +54,7 @@ def test_nodata_collar_is_invalid_and_any_invalid_band_invalidates_a_pixel() -> 
 
 def test_nodata_value_of_a_tiny_real_scene() -> None:
     source, info = open_source(SourceConfig(path=str(S2_TINY), bands=[4, 8]))
-    data, valid = source.read(Box((0, 0), info.shape))
+    _, valid = source.read(Box((0, 0), info.shape))
     with rasterio.open(S2_TINY) as src:
         raw = src.read([4, 8])
     np.testing.assert_array_equal(valid, (raw != 65535).all(axis=0))

@@ -1,0 +1,110 @@
+"""Resume after an interrupted run: the driver is killed for real, mid-run, then the job is run again."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+from pipeline.cli import main
+from tests.conftest import GeoTiffFactory
+
+
+def chunk_bytes(store: Path) -> dict[str, bytes]:
+    root = store / "mask" / "c"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def kill_all(pids_of: Callable[[], list[int]], timeout: float = 30.0) -> None:
+    """SIGKILL every process ``pids_of`` names until none is left (workers can outlive a killed driver)."""
+    deadline = time.monotonic() + timeout
+    while (pids := pids_of()) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    assert not pids_of(), "Ray processes of the killed driver survived"
+
+
+def units_done(store: Path) -> int:
+    try:
+        return int((zarr.open_array(str(store / "units" / "pixels"), mode="r")[..., 0] >= 0).sum())
+    except Exception:  # the store may not exist yet, or be mid-creation
+        return 0
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_killed_driver_resumes_and_ends_byte_identical(
+    tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rng = np.random.default_rng(3)
+    image = make_geotiff(rng.normal(size=(3, 512, 448)).astype(np.float32))
+    model = scripted_unet(3, 3)
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"source: {{path: '{image}'}}\n"
+        f"model: {{kind: torchscript, path: '{model}', classes: [a, b, c], stride: 4, receptive_radius: 20}}\n"
+        "tiling: {chunk: 64, halo: 24}\n"
+        f"output: {{path: '{tmp_path}/killed.zarr', preview: false}}\n"
+        "runtime: {batch_size: 1}\n"
+    )
+    killed = tmp_path / "killed.zarr"
+    total = (512 // 64) * (448 // 64)
+
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress", "--set", "runtime.address=local"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "RAY_TMPDIR": ray_tmp},
+    )
+    try:
+        deadline = time.monotonic() + 180
+        while units_done(killed) < 8 and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        kill_all(lambda: processes_mentioning(ray_tmp))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    done_at_kill = units_done(killed)
+    assert 0 < done_at_kill < total, f"kill did not land mid-run ({done_at_kill}/{total})"
+    assert json.loads((killed / "zarr.json").read_text())["attributes"]["raymask"]["status"] == "incomplete"
+
+    assert main(["run", str(config), "--json"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["status"] == "complete"
+    assert resumed["units_skipped"] == done_at_kill
+    assert resumed["units_run"] == total - done_at_kill
+
+    assert main(["run", str(config), "--json", "--set", f"output.path={tmp_path}/clean.zarr"]) == 0
+    clean = json.loads(capsys.readouterr().out)
+    assert clean["units_run"] == total and clean["classes"] == resumed["classes"]
+    assert chunk_bytes(killed) == chunk_bytes(tmp_path / "clean.zarr")

@@ -149,6 +149,9 @@ class RuntimeConfig(_Frozen):
     actors: int | None = Field(default=None, ge=1, description="Predict actors; default one per GPU, else cores // 2.")
     batch_size: int = Field(default=4, ge=1, description="Tiles per model call.")
     actor_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved by each predict actor.")
+    threads: int | None = Field(
+        default=None, ge=1, description="Torch threads per actor; default the cluster's CPUs divided among the actors."
+    )
     gpus_per_actor: float | Literal["auto"] = Field(
         default="auto", description='"auto": 1 when the cluster has GPUs, else 0.'
     )

@@ -213,6 +213,10 @@ def _stream(
     gpus_per_actor = (1.0 if gpus >= 1 else 0.0) if rt.gpus_per_actor == "auto" else float(rt.gpus_per_actor)
     cpus = ray.cluster_resources().get("CPU", 1.0)
     actors = rt.actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else max(1, int(cpus // 2)))
+    # Torch threads: an actor reserves actor_cpus so the read and write stages keep a CPU, but
+    # those stages mostly wait on I/O; sharing the cores among the actors measured faster
+    # (bench/RESULTS.md: 2 threads 3.56 vs 1 thread 2.58 tiles/s model-only on 2 cores).
+    threads = rt.threads or max(1, int(cpus // actors))
     # Fault tolerance is Ray Data's: a read or write task whose worker dies is retried (Ray's
     # default, 3 times), and a dead predict actor is restarted and its batches re-run, without
     # limit. Every stage is idempotent (chunks are rewritten whole), so a retry is harmless.
@@ -226,7 +230,7 @@ def _stream(
     ds = ds.map(read, num_cpus=rt.io_cpus)
     ds = ds.map_batches(
         Predictor,
-        fn_constructor_kwargs={"model": job.config.model, "threads": max(1, int(rt.actor_cpus))},
+        fn_constructor_kwargs={"model": job.config.model, "threads": threads},
         batch_size=rt.batch_size,
         compute=ActorPoolStrategy(size=actors),
         num_cpus=rt.actor_cpus,

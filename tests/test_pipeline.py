@@ -148,7 +148,8 @@ def test_nodata_collar_is_written_as_255_and_excluded_from_areas(
 def test_band_files_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "landsat.yaml"
     config.write_text(
-        f"source: {{path: ['{LANDSAT[0]}', '{LANDSAT[1]}']}}\nmodel: {{kind: ndvi, red: 1, nir: 2, vegetation_above: 0.2}}\n"
+        f"source: {{path: ['{LANDSAT[0]}', '{LANDSAT[1]}']}}\n"
+        "model: {kind: ndvi, red: 1, nir: 2, vegetation_above: 0.2}\n"
         "tiling: {chunk: 128}\noutput: {path: landsat.zarr, preview: false}\n"
     )
     summary = run(capsys, str(config))

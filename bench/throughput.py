@@ -133,9 +133,8 @@ def main() -> None:
         print(
             f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}"
         )
-        print(
-            f"image {args.size}x{args.size}x3 float32, chunk {args.chunk}, halo {args.halo}, {tiles} tiles, U-Net 16-32-64\n"
-        )
+        print(f"image {args.size}x{args.size}x3 float32, chunk {args.chunk}, halo {args.halo}, {tiles} tiles")
+        print("model: U-Net 16-32-64, stride 8, TorchScript, batch 1\n")
         print("| torch threads per actor | model-only tiles/s | end-to-end tiles/s | end-to-end / model-only |")
         print("|---|---|---|---|")
         for threads in args.threads:

@@ -178,7 +178,7 @@ def connect(address: str | None) -> bool:
     if target and target not in ("auto", "local"):
         _probe(target)
     try:
-        ray.init(address=target, include_dashboard=False, logging_level=logging.WARNING, log_to_driver=True)
+        ray.init(address=target, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
         raise ClusterError(f"cannot reach a Ray cluster at {target!r}: {' '.join(str(exc).split())[:200]}") from exc
     return True

@@ -25,7 +25,7 @@ import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -159,9 +159,7 @@ class MaskStore:
 
     @property
     def meta(self) -> dict[str, Any]:
-        meta = self.group.attrs["raymask"]
-        assert isinstance(meta, dict)
-        return meta
+        return cast(dict[str, Any], self.group.attrs["raymask"])
 
     @property
     def status(self) -> str:
@@ -169,14 +167,10 @@ class MaskStore:
 
     @property
     def mask(self) -> zarr.Array:
-        array = self.group["mask"]
-        assert isinstance(array, zarr.Array)
-        return array
+        return cast(zarr.Array, self.group["mask"])
 
     def _units(self, name: str) -> zarr.Array:
-        array = self.group[f"units/{name}"]
-        assert isinstance(array, zarr.Array)
-        return array
+        return cast(zarr.Array, self.group[f"units/{name}"])
 
     def units_done(self) -> np.ndarray:
         """Boolean array over the unit grid: True where the unit's chunks and statistics landed."""

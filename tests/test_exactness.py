@@ -46,12 +46,12 @@ def whole_image_logits(model_path: Path, image: np.ndarray) -> np.ndarray:
     return logits[:, :ROWS, :COLS]
 
 
-def job_config(tmp_path: Path, model: Path, image: Path, *, chunk: int, halo: int) -> Path:
+def job_config(tmp_path: Path, model: Path, image: Path, *, chunk: int, halo: int, per_unit: int = 1) -> Path:
     config = tmp_path / f"job-{chunk}-{halo}.yaml"
     config.write_text(
         f"source: {{path: '{image}'}}\n"
         f"model: {{kind: torchscript, path: '{model}', classes: [a, b, c], stride: {STRIDE}, receptive_radius: 20}}\n"
-        f"tiling: {{chunk: {chunk}, halo: {halo}}}\n"
+        f"tiling: {{chunk: {chunk}, halo: {halo}, chunks_per_unit: {per_unit}}}\n"
         f"output: {{path: '{tmp_path}/tiled-{chunk}-{halo}.zarr', preview: false}}\n"
     )
     return config
@@ -72,17 +72,18 @@ def stitched_logits(config: Path) -> np.ndarray:
 
 
 @pytest.mark.usefixtures("ray_session")
-@pytest.mark.parametrize("chunk", [32, 64])
+@pytest.mark.parametrize(("chunk", "per_unit"), [(32, 1), (64, 1), (32, 3)])
 def test_tiled_equals_whole_image(
-    chunk: int, scene: tuple[Path, np.ndarray], scripted_unet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    chunk: int, per_unit: int, scene: tuple[Path, np.ndarray], scripted_unet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     path, image = scene
     model = scripted_unet(3, 3)
     reference = whole_image_logits(model, image)
-    config = job_config(tmp_path, model, path, chunk=chunk, halo=24)
+    config = job_config(tmp_path, model, path, chunk=chunk, halo=24, per_unit=per_unit)
     assert main(["run", str(config), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["exact"] is True and summary["units_total"] > 4
+    assert summary["chunks"] == -(-ROWS // chunk) * -(-COLS // chunk)
     labels = zarr.open_array(f"{tmp_path}/tiled-{chunk}-24.zarr/mask")[:]
     np.testing.assert_array_equal(labels, reference.argmax(axis=0))
     np.testing.assert_allclose(stitched_logits(config), reference, atol=1e-4, rtol=0)

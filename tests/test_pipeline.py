@@ -138,6 +138,9 @@ def test_nodata_collar_is_written_as_255_and_excluded_from_areas(
         pixel_area = abs(src.transform.a * src.transform.e)
     assert (mask[collar] == NODATA).all()
     np.testing.assert_array_equal(mask != NODATA, valid)
+    ds = xr.open_zarr("rgb.zarr", decode_coords="all", mask_and_scale=False)
+    with rasterio.open(RGB_BYTE) as src:  # a second real file, in EPSG:32618
+        assert ds.mask.rio.crs == src.crs and ds.mask.rio.transform() == src.transform
     counted = sum(r["pixels"] for r in summary["classes"].values())
     assert counted == int(valid.sum())
     total = sum(r["area_m2"] for r in summary["classes"].values())

@@ -21,6 +21,7 @@ demo: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline workers tests bench
+	$(VENV)/bin/ruff format --check pipeline workers tests bench
 	$(VENV)/bin/mypy
 
 test: $(STAMP) lint

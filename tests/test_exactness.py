@@ -74,7 +74,12 @@ def stitched_logits(config: Path) -> np.ndarray:
 @pytest.mark.usefixtures("ray_session")
 @pytest.mark.parametrize(("chunk", "per_unit"), [(32, 1), (64, 1), (32, 3)])
 def test_tiled_equals_whole_image(
-    chunk: int, per_unit: int, scene: tuple[Path, np.ndarray], scripted_unet, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    chunk: int,
+    per_unit: int,
+    scene: tuple[Path, np.ndarray],
+    scripted_unet,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
     path, image = scene
     model = scripted_unet(3, 3)

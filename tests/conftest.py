@@ -18,6 +18,8 @@ S2 = DATA / "sentinel2" / "sen2_20210527_aber_subset.tif"
 S2_TINY = DATA / "sentinel2" / "S2A2A_20190723_022_Barbellino_BOA_10.tif"
 RGB_BYTE = DATA / "rgb" / "RGB.byte.tif"
 LANDSAT = [DATA / "landsat" / "lsat7_2000_30.tif", DATA / "landsat" / "lsat7_2000_40.tif"]
+CT_SERIES = DATA / "dicom" / "ct_series"
+EDGE_CASES = DATA / "dicom" / "edge_cases"
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,267 @@
+"""DICOM series: discovery, grouping, geometry from headers, and decoding frames to HU.
+
+Headers are read without pixel data on the driver; pixels are decoded once, by Ray tasks that
+ingest the series into the store's ``image`` array (see ``pipeline.ingest``), and tiles are read
+from there. A series is grouped by SeriesInstanceUID; when that is empty (as in files whose UIDs
+live only in the file meta), by FrameOfReferenceUID plus orientation and frame size. Enhanced
+multi-frame objects contribute one plane per frame, with position and rescale taken from the
+per-frame functional groups.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+from pipeline.errors import SourceError, SourceNotFound
+from pipeline.volume import GeometryError, PlaneGeometry, VolumeGeometry, order_planes
+
+# Objects that carry no image to segment: skipped with a note.
+_NON_IMAGE_PREFIXES = {
+    "1.2.840.10008.5.1.4.1.1.66.4": "segmentation (SEG)",
+    "1.2.840.10008.5.1.4.1.1.481.3": "RT structure set (RTSTRUCT)",
+    "1.2.840.10008.5.1.4.1.1.88.": "structured report (SR)",
+    "1.2.840.10008.5.1.4.1.1.11.": "presentation state",
+    "1.2.840.10008.5.1.4.1.1.104.": "encapsulated document",
+}
+_DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pyjpegls (or pylibjpeg-libjpeg)",
+    "1.2.840.10008.1.2.4.81": "pyjpegls (or pylibjpeg-libjpeg)",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle",
+}
+
+
+@dataclass(frozen=True)
+class Frame:
+    """One 2-D plane: a single-frame file, or frame ``index`` of a multi-frame object."""
+
+    path: str
+    index: int | None
+    slope: float
+    intercept: float
+    plane: PlaneGeometry
+
+
+@dataclass(frozen=True)
+class Series:
+    key: str
+    modality: str
+    frames: tuple[Frame, ...]  # ordered along the slice normal
+    geometry: VolumeGeometry
+    description: str
+    positioned: bool = True  # False: no patient positions; frames stacked in file order, 1 mm apart
+
+    @property
+    def paths(self) -> list[str]:
+        return sorted({f.path for f in self.frames})
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for path in self.paths:
+            digest.update(Path(path).read_bytes())
+        return digest.hexdigest()[:16]
+
+
+def discover(inputs: Sequence[str]) -> tuple[list[Series], list[str]]:
+    """Find the image series under folders (recursively) or in listed files; returns (series, notes)."""
+    files, notes = _candidate_files(inputs)
+    groups: dict[str, list[tuple[pydicom.Dataset, str]]] = defaultdict(list)
+    for path in files:
+        header = _read_header(path, explicit=path in inputs)
+        if header is None:
+            notes.append(f"{path}: not DICOM, skipped")
+            continue
+        kind = _non_image_kind(header)
+        if kind:
+            notes.append(f"{path}: {kind}, skipped (no image to segment)")
+            continue
+        groups[_series_key(header)].append((header, path))
+    if not groups:
+        raise SourceError(f"{', '.join(inputs)}: no DICOM images found ({len(files)} files looked at)")
+    return [_series(key, members) for key, members in sorted(groups.items())], notes
+
+
+def _candidate_files(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
+    files: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if not path.exists():
+            raise SourceNotFound(f"{item}: file not found")
+        if path.is_dir():
+            files.extend(str(p) for p in sorted(path.rglob("*")) if p.is_file() and not p.name.startswith("."))
+        else:
+            files.append(item)
+    return files, []
+
+
+def _read_header(path: str, *, explicit: bool) -> pydicom.Dataset | None:
+    try:
+        return pydicom.dcmread(path, stop_before_pixels=True)
+    except InvalidDicomError:
+        if explicit:
+            raise SourceError(f"{path}: not a DICOM file") from None
+        return None
+    except (OSError, EOFError, ValueError) as exc:
+        raise SourceError(f"{path}: truncated or unreadable DICOM header ({exc.__class__.__name__})") from exc
+
+
+def _non_image_kind(header: pydicom.Dataset) -> str | None:
+    sop = str(header.get("SOPClassUID") or header.file_meta.get("MediaStorageSOPClassUID", ""))
+    for prefix, kind in _NON_IMAGE_PREFIXES.items():
+        if sop.startswith(prefix):
+            return kind
+    if "Rows" not in header or "Columns" not in header:
+        return "no image pixel module"
+    return None
+
+
+def _series_key(header: pydicom.Dataset) -> str:
+    uid = str(header.get("SeriesInstanceUID", "") or "")
+    if uid:
+        return uid
+    # The UIDs of some exports exist only in the file meta; one series then shares a frame of
+    # reference, an orientation and a frame size.
+    orientation = _orientation(header, None, header)
+    rounded = ",".join(f"{v:.4f}" for v in orientation) if orientation else "none"
+    return f"for:{header.get('FrameOfReferenceUID', '')}|iop:{rounded}|{header.Rows}x{header.Columns}"
+
+
+def _series(key: str, members: list[tuple[pydicom.Dataset, str]]) -> Series:
+    modalities = sorted({str(h.get("Modality", "")) for h, _ in members})
+    if len(modalities) > 1:
+        raise SourceError(f"{members[0][1]}: mixed modalities {', '.join(modalities)} in one series ({key})")
+    for header, path in members:
+        check_decoder(header, path)
+    frames = [frame for header, path in members for frame in _frames(header, path)]
+    positioned = all(f.plane.position is not None for f in frames)
+    if not positioned:
+        frames = [_stacked(f, k) for k, f in enumerate(frames)]
+    try:
+        order, geometry = order_planes([f.plane for f in frames])
+    except GeometryError as exc:
+        folder = str(Path(members[0][1]).parent)
+        raise SourceError(f"{folder}: series {key}: {exc}") from exc
+    header = members[0][0]
+    description = str(header.get("SeriesDescription", "") or header.get("StudyDescription", "") or "")
+    return Series(key, modalities[0], tuple(frames[i] for i in order), geometry, description, positioned)
+
+
+def _stacked(frame: Frame, k: int) -> Frame:
+    """A frame without patient geometry, placed k mm along z of an identity frame."""
+    plane = PlaneGeometry(
+        (0.0, 0.0, float(k)),
+        (1.0, 0.0, 0.0, 0.0, 1.0, 0.0),
+        frame.plane.pixel_spacing,
+        frame.plane.rows,
+        frame.plane.columns,
+    )
+    return Frame(frame.path, frame.index, frame.slope, frame.intercept, plane)
+
+
+def check_decoder(header: pydicom.Dataset, path: str) -> None:
+    """Fail before any work when a frame's transfer syntax has no decoder installed."""
+    from pydicom.pixels import get_decoder
+
+    syntax = header.file_meta.TransferSyntaxUID
+    if not syntax.is_compressed:
+        return
+    try:
+        decoder = get_decoder(syntax)
+    except NotImplementedError as exc:
+        raise SourceError(f"{path}: transfer syntax {syntax.name} ({syntax}) is not supported by pydicom") from exc
+    if not decoder.is_available:
+        package = _DECODER_PACKAGES.get(str(syntax), "a pydicom pixel-data plugin")
+        raise SourceError(f"{path}: no decoder installed for {syntax.name} ({syntax}); install {package}")
+
+
+def _frames(header: pydicom.Dataset, path: str) -> list[Frame]:
+    count = int(header.get("NumberOfFrames", 1) or 1)
+    shared = _first(header.get("SharedFunctionalGroupsSequence"))
+    per_frame = header.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and len(per_frame) != count:
+        raise SourceError(f"{path}: NumberOfFrames is {count} but there are {len(per_frame)} per-frame groups")
+    frames = []
+    for index in range(count):
+        group = per_frame[index] if per_frame is not None else None
+        position = _group_value(group, shared, "PlanePositionSequence", "ImagePositionPatient", header)
+        orientation = _orientation(header, group, shared)
+        spacing = _group_value(group, shared, "PixelMeasuresSequence", "PixelSpacing", header)
+        slope = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleSlope", header)
+        intercept = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleIntercept", header)
+        plane = PlaneGeometry(
+            position=tuple(float(v) for v in position) if position is not None and orientation else None,  # type: ignore[arg-type]
+            orientation=tuple(orientation or (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)),  # type: ignore[arg-type]
+            pixel_spacing=tuple(float(v) for v in (spacing or (1.0, 1.0))),  # type: ignore[arg-type]
+            rows=int(header.Rows),
+            columns=int(header.Columns),
+        )
+        frames.append(
+            Frame(
+                path=str(Path(path).absolute()),
+                index=index if count > 1 else None,
+                slope=float(slope if slope is not None else 1.0),
+                intercept=float(intercept if intercept is not None else 0.0),
+                plane=plane,
+            )
+        )
+    return frames
+
+
+def _orientation(header: pydicom.Dataset, group: Any, shared: Any) -> list[float] | None:
+    value = _group_value(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient", header)
+    return [float(v) for v in value] if value is not None else None
+
+
+def _first(sequence: Any) -> Any:
+    return sequence[0] if sequence else None
+
+
+def _group_value(group: Any, shared: Any, sequence: str, keyword: str, header: pydicom.Dataset) -> Any:
+    """A functional-group attribute: per-frame first, then shared, then the top level."""
+    for source in (group, shared):
+        if source is not None and sequence in source and source[sequence].value:
+            item = source[sequence].value[0]
+            if keyword in item:
+                return item[keyword].value
+    return header.get(keyword)
+
+
+def decode_frames(frames: Iterable[Frame]) -> np.ndarray:
+    """Decode frames to rescaled values (HU for CT) as float32 ``(n, rows, cols)``.
+
+    Each file is read once however many of its frames are asked for.
+    """
+    by_file: dict[str, list[tuple[int, Frame]]] = defaultdict(list)
+    frames = list(frames)
+    for position, frame in enumerate(frames):
+        by_file[frame.path].append((position, frame))
+    out = np.empty((len(frames), frames[0].plane.rows, frames[0].plane.columns), dtype=np.float32)
+    for path, members in by_file.items():
+        pixels = _pixels(path)
+        for position, frame in members:
+            raw = pixels[frame.index] if frame.index is not None else pixels
+            out[position] = raw.astype(np.float64) * frame.slope + frame.intercept
+    return out
+
+
+def _pixels(path: str) -> np.ndarray:
+    try:
+        dataset = pydicom.dcmread(path)
+        return np.asarray(dataset.pixel_array)
+    except Exception as exc:  # pydicom and its plugins raise many types for broken pixel data
+        message = " ".join(str(exc).split())[:200]
+        raise SourceError(f"{path}: cannot decode pixel data ({message})") from exc

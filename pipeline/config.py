@@ -14,10 +14,19 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Union, cast
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError
 
@@ -36,11 +45,14 @@ class ClassSpec(_Frozen):
 
 
 class SourceConfig(_Frozen):
-    """The input: one raster (any band count) or a list of single-band rasters on one grid."""
+    """The input: a raster, a list of single-band rasters on one grid, or a DICOM series."""
 
     path: str | list[str] = Field(
         description="A raster path (GeoTIFF or anything GDAL opens, /vsis3/... included), "
-        "or a list of single-band rasters stacked in order as bands 1..N."
+        "a list of single-band rasters stacked in order as bands 1..N, or a DICOM folder or files."
+    )
+    kind: Literal["auto", "raster", "dicom"] = Field(
+        default="auto", description="auto: a folder or DICOM file is a DICOM series, anything else a raster."
     )
     bands: list[Annotated[int, Field(ge=1)]] | None = Field(
         default=None, description="1-based band numbers, in the order the model takes them."
@@ -89,6 +101,27 @@ class RgbVegetationModelConfig(_Frozen):
     threshold: float = Field(default=0.05, description="Vegetation where the index exceeds this value.")
 
 
+class HuTissueModelConfig(_Frozen):
+    """Tissue classes from HU windows: each class takes values below its upper bound (in order)."""
+
+    kind: Literal["hu-tissue"]
+    classes: list[str] = Field(default=["air", "lung", "fat", "soft tissue", "bone"], min_length=1)
+    upper: list[float] = Field(
+        default=[-900.0, -500.0, -30.0, 300.0],
+        description="Upper HU bound of every class but the last, ascending; the last class takes the rest.",
+    )
+
+    @model_validator(mode="after")
+    def _bounds(self) -> HuTissueModelConfig:
+        if len(self.upper) != len(self.classes) - 1:
+            raise ValueError(
+                f"{len(self.classes)} classes need {len(self.classes) - 1} upper bounds, got {len(self.upper)}"
+            )
+        if any(b <= a for a, b in zip(self.upper, self.upper[1:])):
+            raise ValueError(f"upper bounds must ascend: {self.upper}")
+        return self
+
+
 class Normalize(_Frozen):
     """Per-band ``(x - mean) / std``, applied before the model; one value per selected band."""
 
@@ -108,6 +141,9 @@ class TorchScriptModelConfig(_Frozen):
     kind: Literal["torchscript"]
     path: str = Field(description="Local path of a file saved with torch.jit.save.")
     classes: list[str | ClassSpec] = Field(min_length=1)
+    dims: Literal[2, 3] = Field(
+        default=2, description="2: a 2-D network (volumes run slice by slice); 3: a 3-D network."
+    )
     stride: int = Field(default=1, ge=1, description="Total downsampling factor; tile origins align to it.")
     receptive_radius: int | None = Field(
         default=None, ge=0, description="Pixels of context each output depends on; halo >= this makes tiling exact."
@@ -117,7 +153,7 @@ class TorchScriptModelConfig(_Frozen):
 
 
 ModelConfig = Annotated[
-    Union[NdviModelConfig, RgbVegetationModelConfig, TorchScriptModelConfig],
+    Union[NdviModelConfig, RgbVegetationModelConfig, HuTissueModelConfig, TorchScriptModelConfig],
     Field(discriminator="kind"),
 ]
 
@@ -125,8 +161,26 @@ ModelConfig = Annotated[
 class TilingConfig(_Frozen):
     """The output chunk grid and the context read around each chunk."""
 
-    chunk: int = Field(default=512, gt=0, description="Output chunk edge in pixels (a multiple of the model stride).")
-    halo: int = Field(default=64, ge=0, description="Context read on each side; rounded up to the model stride.")
+    def per_axis(self, ndim: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """(chunk, halo) with one value per axis; a single number applies to every axis."""
+        chunk = self._axes(self.chunk, ndim, "chunk")
+        halo = self._axes(self.halo, ndim, "halo")
+        return chunk, halo
+
+    @staticmethod
+    def _axes(value: int | list[int], ndim: int, name: str) -> tuple[int, ...]:
+        if isinstance(value, int):
+            return (value,) * ndim
+        if len(value) != ndim:
+            raise ConfigError(f"tiling.{name}: {len(value)} values given for a {ndim}-D input")
+        return tuple(value)
+
+    chunk: PositiveInt | list[PositiveInt] = Field(
+        default=512, description="Output chunk edge in pixels (a multiple of the model stride); [z, y, x] for volumes."
+    )
+    halo: NonNegativeInt | list[NonNegativeInt] = Field(
+        default=64, description="Context read on each side; rounded up to the model stride; [z, y, x] for volumes."
+    )
     chunks_per_unit: int = Field(default=1, ge=1, description="Chunks per work unit along each axis.")
     edge: Literal["replicate", "zero"] = Field(
         default="replicate",
@@ -168,8 +222,11 @@ class JobConfig(_Frozen):
     @model_validator(mode="after")
     def _stride_divides_chunk(self) -> JobConfig:
         stride = getattr(self.model, "stride", 1)
-        if self.tiling.chunk % stride:
-            raise ValueError(f"tiling.chunk ({self.tiling.chunk}) must be a multiple of the model stride ({stride})")
+        chunk = self.tiling.chunk
+        chunks: list[int] = list(chunk) if isinstance(chunk, list) else [chunk]
+        strided = chunks if getattr(self.model, "dims", 2) == 3 else chunks[-2:]  # 2-D models: no z stride
+        if any(c % stride for c in strided):
+            raise ValueError(f"tiling.chunk ({chunk}) must be a multiple of the model stride ({stride})")
         return self
 
     def identity(self) -> str:
@@ -230,10 +287,18 @@ def config_from_dict(raw: dict[str, Any], *, origin: str = "config") -> JobConfi
 
 
 def describe_validation_error(exc: ValidationError) -> str:
-    """All problems on one line: ``field.path: what is wrong (got VALUE)``."""
+    """All problems on one line: ``field.path: what is wrong (got VALUE)``.
+
+    For ``int | list[int]`` style fields pydantic reports one error per union branch; the
+    branch that only says "wrong type" is dropped when another branch says something useful.
+    """
+    errors = [dict(err, loc=tuple(p for p in err["loc"] if not _is_union_tag(p))) for err in exc.errors()]
+    useful = [e for e in errors if e["type"] not in _TYPE_MISMATCH]
+    shown_locs = {e["loc"] for e in useful}
+    errors = useful + [e for e in errors if e["type"] in _TYPE_MISMATCH and e["loc"] not in shown_locs]
     parts = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"] if not _is_union_tag(p)]
+    for err in errors:
+        loc = [str(p) for p in cast(tuple[object, ...], err["loc"])]
         where = ".".join(loc) or "config"
         if err["type"] == "extra_forbidden":
             allowed = _allowed_keys(loc[:-1])
@@ -243,22 +308,30 @@ def describe_validation_error(exc: ValidationError) -> str:
         if err["type"] == "missing":
             parts.append(f"{where}: required key is missing")
             continue
-        message = err["msg"].removeprefix("Value error, ")
+        message = str(err["msg"]).removeprefix("Value error, ")
         got = err.get("input")
         shown = "" if isinstance(got, dict) else f" (got {got!r})"
         parts.append(f"{where}: {message}{shown}")
-    return "; ".join(parts)
+    return "; ".join(dict.fromkeys(parts))
+
+
+_TYPE_MISMATCH = {"list_type", "int_type", "int_parsing", "string_type", "float_type", "float_parsing", "bool_type"}
 
 
 _MODEL_KINDS: dict[str, type[BaseModel]] = {
     "ndvi": NdviModelConfig,
     "rgb-vegetation": RgbVegetationModelConfig,
+    "hu-tissue": HuTissueModelConfig,
     "torchscript": TorchScriptModelConfig,
 }
 
 
 def _is_union_tag(part: object) -> bool:
-    return isinstance(part, str) and part in _MODEL_KINDS
+    """Location parts that name a union branch (a model kind, or pydantic's ``constrained-int``, ``list[...]``)."""
+    return isinstance(part, str) and (part in _MODEL_KINDS or part in _BRANCH_NAMES or "[" in part)
+
+
+_BRANCH_NAMES = {"constrained-int", "int", "str", "float", "bool", "function-after[_non_empty(), union[str,list[str]]]"}
 
 
 def _allowed_keys(loc: list[str]) -> list[str]:

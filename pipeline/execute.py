@@ -26,12 +26,13 @@ import numpy as np
 
 from pipeline import __version__, errors
 from pipeline.config import JobConfig
-from pipeline.errors import ClusterError, RaymaskError, StoreError, StoreExists
+from pipeline.errors import ClusterError, ConfigError, RaymaskError, StoreError, StoreExists
 from pipeline.geometry import TileGrid, inside_image, pad_to_window
 from pipeline.georef import row_pixel_areas
+from pipeline.ingest import ingest_series
+from pipeline.inputs import InputInfo, Source, open_input
 from pipeline.plan import pending_units
-from pipeline.sources.geotiff import RasterInfo, RasterSource, open_source
-from pipeline.stats import class_table
+from pipeline.stats import Measure, class_table
 from pipeline.store import COMPLETE, MaskStore, StoreLayout
 from workers.models.registry import ModelSpec, describe
 
@@ -40,18 +41,19 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Job:
-    """A validated job: the config plus what was learnt by opening the source and the model."""
+    """A validated job: the config plus what was learnt by opening the input and the model."""
 
     config: JobConfig
-    source: RasterSource
-    info: RasterInfo
+    source: Source
+    info: InputInfo
     model: ModelSpec
     grid: TileGrid
     fingerprint: str
+    store_path: Path
 
     @property
     def exact(self) -> bool:
-        return self.model.exact_with(self.grid.halo[0])
+        return self.model.exact_with(min(self.grid.halo[-2:]))
 
 
 @dataclass
@@ -65,7 +67,7 @@ class RunSummary:
     seconds: float
     exact: bool
     classes: dict[str, dict[str, Any]]
-    has_area: bool
+    measure: str | None
     preview: str | None = None
     notes: list[str] = field(default_factory=list)
 
@@ -75,19 +77,28 @@ class RunSummary:
 
 
 def prepare(config: JobConfig) -> Job:
-    """Open the source and describe the model: every input error surfaces here, before Ray starts."""
-    source, info = open_source(config.source)
+    """Open the input and describe the model: every input error surfaces here, before Ray starts."""
+    store_path = Path(config.output.path).absolute()  # absolute: Ray workers have their own cwd
+    opened = open_input(config.source, store_path=store_path)
+    info = opened.info
     model = describe(config.model, info.bands)
-    t = config.tiling
-    halo = 0 if model.pixelwise else t.halo  # a per-pixel model needs no context
+    ndim = len(info.shape)
+    chunk, halo = config.tiling.per_axis(ndim)
+    stride = (model.stride,) * ndim
+    if ndim == 3 and model.dims != 3:
+        # Per-pixel and 2-D models run slice by slice: no context or stride along z.
+        stride, halo = (1, *stride[1:]), (0, *halo[1:])
+    if model.pixelwise:
+        halo = (0,) * ndim  # a per-pixel model needs no context
+    for axis in range(ndim):
+        if chunk[axis] % stride[axis]:
+            raise ConfigError(
+                f"tiling.chunk {list(chunk)}: axis {axis} is not a multiple of the model stride {stride[axis]}"
+            )
     grid = TileGrid.create(
-        info.shape,
-        chunk=(t.chunk, t.chunk),
-        halo=(halo, halo),
-        stride=(model.stride, model.stride),
-        chunks_per_unit=(t.chunks_per_unit, t.chunks_per_unit),
+        info.shape, chunk=chunk, halo=halo, stride=stride, chunks_per_unit=(config.tiling.chunks_per_unit,) * ndim
     )
-    return Job(config=config, source=source, info=info, model=model, grid=grid, fingerprint=source.fingerprint())
+    return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path)
 
 
 def open_output(job: Job, *, overwrite: bool) -> tuple[MaskStore, int]:
@@ -96,7 +107,7 @@ def open_output(job: Job, *, overwrite: bool) -> tuple[MaskStore, int]:
     The path is made absolute here: Ray workers do not share the driver's current directory.
     """
     given = job.config.output.path
-    path = Path(given).absolute()
+    path = job.store_path
     if path.exists():
         existing = MaskStore.open(path)  # raises on anything that is not a raymask store
         if overwrite:
@@ -112,7 +123,13 @@ def open_output(job: Job, *, overwrite: bool) -> tuple[MaskStore, int]:
             store = MaskStore.open(path, mode="r+")
             return store, int(store.units_done().sum())
     _check_writable(path)
-    layout = StoreLayout(grid=job.grid, classes=job.model.classes, georef=job.info.georef, provenance=_provenance(job))
+    layout = StoreLayout(
+        grid=job.grid,
+        classes=job.model.classes,
+        georef=job.info.georef,
+        provenance=_provenance(job),
+        volume=job.info.volume,
+    )
     return MaskStore.create(path, layout), 0
 
 
@@ -121,11 +138,13 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     job = prepare(config)
     store, skipped = open_output(job, overwrite=overwrite)
     todo = pending_units(job.grid, store.units_done())
-    row_area = _row_areas(job)
+    measure = _measure(job)
     if todo:
         owns_ray = connect(config.runtime.address)
         try:
-            for _ in _stream(job, store, [u.index for u in todo], row_area, progress=progress):
+            if job.info.series is not None:
+                ingest_series(store, job.info.series, progress=progress)
+            for _ in _stream(job, store, [u.index for u in todo], measure, progress=progress):
                 pass
         finally:
             if owns_ray:
@@ -133,9 +152,9 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
 
                 ray.shutdown()
     names = [n for n, _ in job.model.classes]
-    table = class_table(store.totals(), names)
-    statistics = {"classes": table, "area_units": "m2" if row_area is not None else None}
-    store.mark_complete(statistics)
+    unit = store.meta.get("measure")
+    table = class_table(store.totals(), names, unit)
+    store.mark_complete({"classes": table, "measure": unit})
     summary = RunSummary(
         store=config.output.path,
         status=store.status,
@@ -146,9 +165,10 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
         seconds=time.perf_counter() - started,
         exact=job.exact,
         classes=table,
-        has_area=row_area is not None,
+        measure=unit,
     )
-    if row_area is None:
+    summary.notes.extend(job.info.notes)
+    if unit is None:
         summary.notes.append("the source has no CRS: statistics are in pixels only")
     if not job.exact:
         summary.notes.append(
@@ -159,7 +179,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     if config.output.preview:
         from pipeline.preview import write_preview
 
-        summary.preview = str(write_preview(store, job.source, job.info))
+        summary.preview = str(write_preview(store))
     return summary
 
 
@@ -199,7 +219,7 @@ def _probe(address: str, timeout: float = 5.0) -> None:
 
 
 def _stream(
-    job: Job, store: MaskStore, units: list[tuple[int, ...]], row_area: np.ndarray | None, *, progress: bool
+    job: Job, store: MaskStore, units: list[tuple[int, ...]], measure: Measure, *, progress: bool
 ) -> Iterator[dict[str, Any]]:
     import ray
     import ray.data
@@ -222,7 +242,7 @@ def _stream(
     # limit. Every stage is idempotent (chunks are rewritten whole), so a retry is harmless.
     read = partial(_read_stage, source=job.source, grid=job.grid, edge=job.config.tiling.edge)
     write = partial(
-        _write_stage, store=str(store.path), grid=job.grid, row_area=row_area, n_classes=len(job.model.classes)
+        _write_stage, store=str(store.path), grid=job.grid, measure=measure, n_classes=len(job.model.classes)
     )
     ds: Dataset = ray.data.from_items(
         [{"unit": np.asarray(u, dtype=np.int64)} for u in units], override_num_blocks=len(units)
@@ -248,7 +268,7 @@ def _stream(
         bar.close()
 
 
-def _read_stage(row: dict[str, Any], *, source: RasterSource, grid: TileGrid, edge: str) -> dict[str, Any]:
+def _read_stage(row: dict[str, Any], *, source: Source, grid: TileGrid, edge: str) -> dict[str, Any]:
     unit = grid.unit(tuple(int(i) for i in row["unit"]))
     data, valid = source.read(inside_image(unit.read, grid.shape))
     return {
@@ -261,10 +281,10 @@ def _read_stage(row: dict[str, Any], *, source: RasterSource, grid: TileGrid, ed
 
 
 def _write_stage(
-    row: dict[str, Any], *, store: str, grid: TileGrid, row_area: np.ndarray | None, n_classes: int
+    row: dict[str, Any], *, store: str, grid: TileGrid, measure: Measure, n_classes: int
 ) -> dict[str, Any]:
     unit = grid.unit(tuple(int(i) for i in row["unit"]))
-    stats = MaskStore.open(store, mode="r+").write_unit(unit, row["labels"], row_area=row_area, n_classes=n_classes)
+    stats = MaskStore.open(store, mode="r+").write_unit(unit, row["labels"], measure=measure, n_classes=n_classes)
     return {"unit": row["unit"], "pixels": stats.pixels}
 
 
@@ -294,7 +314,10 @@ def _unwrap(exc: BaseException) -> Exception:
 _RAISED = re.compile(r"pipeline\.errors\.(\w+): ([^\n]+)")
 
 
-def _row_areas(job: Job) -> np.ndarray | None:
+def _measure(job: Job) -> Measure:
+    """m² per pixel for each image row, mm³ per voxel for volumes, None without a CRS."""
+    if job.info.volume is not None:
+        return job.info.volume.voxel_volume_mm3
     return row_pixel_areas(job.info.georef, job.info.shape[0])
 
 
@@ -315,8 +338,10 @@ def _provenance(job: Job) -> dict[str, Any]:
             "exact_tiling": job.exact,
         },
         "source": {
-            "paths": list(job.source.paths),
+            "paths": list(job.source.paths) if job.info.series is None else job.info.series.paths,
             "bands": list(job.source.bands),
+            "series": job.info.series.key if job.info.series else None,
+            "modality": job.info.series.modality if job.info.series else None,
             "dtypes": list(job.info.dtypes),
             "fingerprint": job.fingerprint,
         },

@@ -8,7 +8,6 @@ import numpy as np
 import rasterio
 from PIL import Image, ImageDraw, ImageFont
 
-from pipeline.sources.geotiff import RasterInfo, RasterSource
 from pipeline.stats import NODATA
 from pipeline.store import MaskStore
 
@@ -20,33 +19,39 @@ def preview_path(store_path: Path) -> Path:
     return store_path.with_name(store_path.name.removesuffix(".zarr") + ".preview.png")
 
 
-def write_preview(store: MaskStore, source: RasterSource, info: RasterInfo) -> Path:
-    step = max(1, -(-max(info.shape) // MAX_EDGE))
-    mask = np.asarray(store.mask[::step, ::step])
-    base = _base_image(source, mask.shape)
+def write_preview(store: MaskStore) -> Path:
+    """Images: the source decimated to at most 1024 px. Volumes: the middle slice."""
+    if store.image is not None:
+        mid = store.image.shape[0] // 2
+        mask = np.asarray(store.mask[mid])
+        image = np.ma.masked_invalid(np.asarray(store.image[mid], dtype=np.float64))
+        base = np.stack([_stretch(image)] * 3, axis=-1)
+    else:
+        step = max(1, -(-max(store.mask.shape) // MAX_EDGE))
+        mask = np.asarray(store.mask[::step, ::step])
+        base = _base_image(store.meta["source"]["paths"], store.meta["source"]["bands"], mask.shape)
     classes = store.meta["classes"]
     colours = np.zeros((256, 3), dtype=np.float32)
     for cls in classes:
         colours[cls["id"]] = [int(cls["color"][i : i + 2], 16) for i in (1, 3, 5)]
     overlay = colours[mask]
     blend = np.where((mask != NODATA)[..., None], (1 - ALPHA) * base + ALPHA * overlay, base * 0.5)
-    image = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
-    out = _with_legend(image, classes, store.meta.get("stats", {}).get("classes", {}))
+    image_out = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
+    out = _with_legend(image_out, classes, store.meta.get("stats", {}).get("classes", {}))
     path = preview_path(store.path)
     out.save(path)
     return path
 
 
-def _base_image(source: RasterSource, shape: tuple[int, ...]) -> np.ndarray:
-    bands = list(source.bands[:3]) if len(source.bands) >= 3 else [source.bands[0]]
+def _base_image(paths: list[str], bands: list[int], shape: tuple[int, ...]) -> np.ndarray:
+    chosen = bands[:3] if len(bands) >= 3 else bands[:1]
     layers = []
-    for band in bands:
-        path, index = (source.paths[0], band) if len(source.paths) == 1 else (source.paths[band - 1], 1)
+    for band in chosen:
+        path, index = (paths[0], band) if len(paths) == 1 else (paths[band - 1], 1)
         with rasterio.open(path) as src:
             layers.append(src.read(index, out_shape=shape, masked=True).astype(np.float64))
     stretched = [_stretch(layer) for layer in layers]
-    rgb = np.stack(stretched * 3 if len(stretched) == 1 else stretched, axis=-1)
-    return rgb
+    return np.stack(stretched * 3 if len(stretched) == 1 else stretched, axis=-1)
 
 
 def _stretch(layer: np.ma.MaskedArray) -> np.ndarray:
@@ -76,6 +81,8 @@ def _with_legend(image: Image.Image, classes: list[dict], table: dict) -> Image.
 def _legend_text(name: str, row: dict) -> str:
     if row.get("area_ha") is not None:
         return f"{name}: {row['area_ha']:,.1f} ha"
+    if row.get("volume_ml") is not None:
+        return f"{name}: {row['volume_ml']:,.1f} mL"
     if row.get("pixels") is not None:
         return f"{name}: {row['pixels']:,} px"
     return name

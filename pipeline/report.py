@@ -23,7 +23,7 @@ def render_summary(summary: RunSummary) -> str:
         f"time      {summary.seconds:.1f} s  ({summary.units_per_s:.2f} tiles/s)",
         f"exact     {'yes: tiled output equals whole-image inference' if summary.exact else 'no'}",
         "",
-        _class_table(summary.classes, summary.has_area),
+        _class_table(summary.classes, summary.measure),
     ]
     if summary.preview:
         lines += ["", f"preview   {summary.preview}"]
@@ -42,7 +42,8 @@ def store_info(store: MaskStore) -> dict[str, Any]:
         "nodata": meta.get("nodata"),
         "crs": meta.get("crs"),
         "transform": meta.get("transform"),
-        "spacing": None,
+        "spacing": (meta.get("volume") or {}).get("spacing_mm"),
+        "affine": (meta.get("volume") or {}).get("affine"),
         "units_done": int(store.units_done().sum()),
         "units_total": int(store.units_done().size),
         "stats": meta.get("stats"),
@@ -61,25 +62,30 @@ def render_info(info: dict[str, Any]) -> str:
         f"store      {info['path']}",
         f"status     {info['status']}  ({info['units_done']}/{info['units_total']} work units written)",
         f"shape      {' x '.join(map(str, info['shape']))} pixels, chunks {' x '.join(map(str, info['chunks']))}",
-        f"crs        {crs_name or 'none (pixel statistics only)'}",
-        f"transform  {info['transform']}",
+        *(
+            [f"spacing    {' x '.join(f'{v:g}' for v in info['spacing'])} mm (z, y, x)"]
+            if info["spacing"]
+            else [f"crs        {crs_name or 'none (pixel statistics only)'}", f"transform  {info['transform']}"]
+        ),
         f"model      {info['model']['kind']} ({info['model']['identity']})",
         f"source     {', '.join(info['source']['paths'])} bands {info['source']['bands']}",
     ]
     stats = info.get("stats")
     if stats:
-        lines += ["", _class_table(stats["classes"], stats.get("area_units") is not None)]
+        lines += ["", _class_table(stats["classes"], stats.get("measure"))]
     return "\n".join(lines)
 
 
-def _class_table(classes: dict[str, dict[str, Any]], has_area: bool) -> str:
-    header = f"{'class':<16}{'pixels':>14}{'share':>9}"
-    if has_area:
-        header += f"{'area m²':>18}{'area ha':>14}"
+def _class_table(classes: dict[str, dict[str, Any]], measure: str | None) -> str:
+    columns = {
+        "m2": [("area m²", "area_m2", 18, ",.1f"), ("area ha", "area_ha", 14, ",.2f")],
+        "mm3": [("volume mm³", "volume_mm3", 18, ",.1f"), ("volume mL", "volume_ml", 14, ",.2f")],
+    }
+    extra = columns.get(measure or "", [])
+    header = f"{'class':<16}{'pixels':>14}{'share':>9}" + "".join(f"{title:>{w}}" for title, _, w, _ in extra)
     rows = [header, "-" * len(header)]
     for name, row in classes.items():
         line = f"{name:<16}{row['pixels']:>14,}{row['fraction'] * 100:>8.1f}%"
-        if has_area:
-            line += f"{row['area_m2']:>18,.1f}{row['area_ha']:>14,.2f}"
+        line += "".join(f"{row[key]:>{w}{fmt}}" for _, key, w, fmt in extra)
         rows.append(line)
     return "\n".join(rows)

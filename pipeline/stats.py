@@ -16,16 +16,23 @@ NODATA = 255
 M2_PER_HA = 10_000.0
 
 
+Measure = np.ndarray | float | None  # m² per pixel for each row, or mm³ per voxel, or nothing
+MM3_PER_ML = 1_000.0
+
+
 @dataclass(frozen=True)
 class ChunkStats:
-    """Counts and areas of each class in one chunk (index = class id)."""
+    """Counts and measures of each class in one chunk (index = class id)."""
 
     pixels: np.ndarray  # int64, one per class
-    area_m2: np.ndarray  # float64, one per class; NaN when the grid has no area
+    area_m2: np.ndarray  # float64, one per class: m² (images) or mm³ (volumes); NaN without a measure
 
 
-def count_classes(labels: np.ndarray, n_classes: int, row_area: np.ndarray | None) -> ChunkStats:
-    """Per-class pixel counts and areas of a 2-D label chunk; ``row_area`` has one value per row.
+def count_classes(labels: np.ndarray, n_classes: int, row_area: Measure) -> ChunkStats:
+    """Per-class pixel counts and areas of a label chunk.
+
+    ``row_area`` has one value per row (first axis) of a 2-D chunk, or is one value per pixel or
+    voxel, or None.
 
     Labels >= ``n_classes`` other than ``NODATA`` are a model bug and raise.
     """
@@ -36,6 +43,8 @@ def count_classes(labels: np.ndarray, n_classes: int, row_area: np.ndarray | Non
     pixels = np.bincount(flat[valid], minlength=n_classes).astype(np.int64)
     if row_area is None:
         return ChunkStats(pixels, np.full(n_classes, np.nan))
+    if not isinstance(row_area, np.ndarray):
+        return ChunkStats(pixels, pixels * float(row_area))
     weights = np.broadcast_to(np.asarray(row_area, dtype=np.float64)[:, None], labels.shape).reshape(-1)
     area = np.bincount(flat[valid], weights=weights[valid], minlength=n_classes)
     return ChunkStats(pixels, area.astype(np.float64))
@@ -50,18 +59,23 @@ def merge(parts: Iterable[ChunkStats], n_classes: int) -> ChunkStats:
     return ChunkStats(pixels, area)
 
 
-def class_table(total: ChunkStats, names: Sequence[str]) -> dict[str, dict[str, float | int | None]]:
-    """``{name: {pixels, fraction, area_m2, area_ha}}``; fractions are of valid pixels; areas None without a CRS."""
+def class_table(
+    total: ChunkStats, names: Sequence[str], measure: str | None
+) -> dict[str, dict[str, float | int | None]]:
+    """``{name: {id, pixels, fraction, ...}}`` with ``area_m2``/``area_ha`` (measure ``m2``) or
+    ``volume_mm3``/``volume_ml`` (measure ``mm3``); fractions are of valid pixels."""
     valid = int(total.pixels.sum())
     table: dict[str, dict[str, float | int | None]] = {}
     for cid, name in enumerate(names):
-        area = float(total.area_m2[cid])
-        has_area = not np.isnan(area)
-        table[name] = {
+        row: dict[str, float | int | None] = {
             "id": cid,
             "pixels": int(total.pixels[cid]),
             "fraction": (int(total.pixels[cid]) / valid) if valid else 0.0,
-            "area_m2": area if has_area else None,
-            "area_ha": area / M2_PER_HA if has_area else None,
         }
+        value = float(total.area_m2[cid])
+        if measure == "m2":
+            row.update(area_m2=value, area_ha=value / M2_PER_HA)
+        elif measure == "mm3":
+            row.update(volume_mm3=value, volume_ml=value / MM3_PER_ML)
+        table[name] = row
     return table

@@ -31,12 +31,16 @@ import numpy as np
 import zarr
 import zarr.errors
 
+from pipeline import ngff
 from pipeline.errors import StoreError
 from pipeline.geometry import TileGrid, WorkUnit
 from pipeline.georef import Georef, cf_grid_mapping, pixel_centres
-from pipeline.stats import NODATA, ChunkStats, count_classes
+from pipeline.stats import NODATA, ChunkStats, Measure, count_classes
+from pipeline.volume import VolumeGeometry
 
 FORMAT = "raymask-mask-store/1"
+VOLUME_IMAGE = "0"  # the NGFF image's level 0, at the root
+VOLUME_MASK = "labels/mask/0"
 INCOMPLETE, COMPLETE = "incomplete", "complete"
 
 
@@ -48,6 +52,14 @@ class StoreLayout:
     classes: tuple[tuple[str, str], ...]
     georef: Georef
     provenance: dict[str, Any]
+    volume: VolumeGeometry | None = None  # set for volumetric (OME-Zarr) stores
+
+    @property
+    def measure(self) -> str | None:
+        """What the per-unit measure sums: m² of ground, mm³ of tissue, or nothing (no CRS)."""
+        if self.volume is not None:
+            return "mm3"
+        return "m2" if self.georef.crs_wkt is not None and self.georef.transform is not None else None
 
 
 class MaskStore:
@@ -96,8 +108,37 @@ class MaskStore:
             nodata=NODATA,
             crs=layout.georef.crs_wkt,
             transform=list(layout.georef.transform) if layout.georef.transform else None,
+            measure=layout.measure,
+            arrays={"mask": "mask" if layout.volume is None else VOLUME_MASK, "image": None},
         )
+        names = [n for n, _ in layout.classes]
+        if layout.volume is not None:
+            meta["volume"] = ngff.geometry_attrs(layout.volume)
+            meta["arrays"]["image"] = VOLUME_IMAGE
+            group.attrs.update(ngff.image_attrs(layout.volume))
+            cls._build_volume(group, layout)
+        else:
+            cls._build_image(group, layout)
         group.attrs["raymask"] = meta
+        cls._build_units(group, grid, len(names))
+        _consolidate(path)
+
+    @classmethod
+    def _build_volume(cls, group: zarr.Group, layout: StoreLayout) -> None:
+        assert layout.volume is not None
+        grid, dims = layout.grid, list(ngff.AXES)
+        group.create_array(
+            VOLUME_IMAGE, shape=grid.shape, dtype="float32", chunks=grid.chunk, fill_value=np.nan, dimension_names=dims
+        )
+        labels = group.create_group("labels", attributes=ngff.labels_group_attrs(["mask"]))
+        label = labels.create_group("mask", attributes=ngff.label_image_attrs(layout.volume, layout.classes))
+        label.create_array(
+            "0", shape=grid.shape, dtype="uint8", chunks=grid.chunk, fill_value=NODATA, dimension_names=dims
+        )
+
+    @classmethod
+    def _build_image(cls, group: zarr.Group, layout: StoreLayout) -> None:
+        grid = layout.grid
         names = [n for n, _ in layout.classes]
         mask_attrs: dict[str, Any] = {
             "long_name": "class id",
@@ -127,10 +168,12 @@ class MaskStore:
             dimension_names=["y", "x"],
             attributes=mask_attrs,
         )
-        n = len(names)
+
+    @classmethod
+    def _build_units(cls, group: zarr.Group, grid: TileGrid, n: int) -> None:
         units = group.create_group("units")
         chunks = (1,) * len(grid.unit_grid_shape) + (n,)
-        dims = ["unit_y", "unit_x", "class"]
+        dims = [f"unit_{a}" for a in ("z", "y", "x")[-len(grid.unit_grid_shape) :]] + ["class"]
         units.create_array(
             "pixels",
             shape=(*grid.unit_grid_shape, n),
@@ -140,14 +183,13 @@ class MaskStore:
             dimension_names=dims,
         )
         units.create_array(
-            "area_m2",
+            "measure",
             shape=(*grid.unit_grid_shape, n),
             dtype="float64",
             chunks=chunks,
             fill_value=np.nan,
             dimension_names=dims,
         )
-        _consolidate(path)
 
     @staticmethod
     def remove(path: str | Path) -> None:
@@ -167,7 +209,12 @@ class MaskStore:
 
     @property
     def mask(self) -> zarr.Array:
-        return cast(zarr.Array, self.group["mask"])
+        return cast(zarr.Array, self.group[self.meta.get("arrays", {}).get("mask", "mask")])
+
+    @property
+    def image(self) -> zarr.Array | None:
+        path = self.meta.get("arrays", {}).get("image")
+        return cast(zarr.Array, self.group[path]) if path else None
 
     def _units(self, name: str) -> zarr.Array:
         return cast(zarr.Array, self.group[f"units/{name}"])
@@ -179,22 +226,24 @@ class MaskStore:
     def totals(self) -> ChunkStats:
         """Per-class sums over the units that landed."""
         pixels = np.asarray(self._units("pixels")[:])
-        area = np.asarray(self._units("area_m2")[:])
+        area = np.asarray(self._units("measure")[:])
         done = pixels[..., 0] >= 0
         return ChunkStats(pixels[done].sum(axis=0).astype(np.int64), area[done].sum(axis=0))
 
     # -- writing -----------------------------------------------------------------------------
 
-    def write_unit(
-        self, unit: WorkUnit, labels: np.ndarray, *, row_area: np.ndarray | None, n_classes: int
-    ) -> ChunkStats:
-        """Write a unit's chunks (``labels`` covers ``unit.core``), then its statistics row."""
+    def write_unit(self, unit: WorkUnit, labels: np.ndarray, *, measure: Measure, n_classes: int) -> ChunkStats:
+        """Write a unit's chunks (``labels`` covers ``unit.core``), then its statistics row.
+
+        ``measure`` is m² per pixel for each image row, or one mm³ per voxel, or None.
+        """
         mask = self.mask
         for chunk in unit.chunks:
             mask[chunk.slices()] = labels[chunk.within(unit.core)]
-        rows = None if row_area is None else row_area[unit.core.start[0] : unit.core.stop[0]]
-        stats = count_classes(labels, n_classes, rows)
-        self._units("area_m2")[unit.index] = stats.area_m2
+        if isinstance(measure, np.ndarray):
+            measure = measure[unit.core.start[0] : unit.core.stop[0]]
+        stats = count_classes(labels, n_classes, measure)
+        self._units("measure")[unit.index] = stats.area_m2
         self._units("pixels")[unit.index] = stats.pixels
         return stats
 

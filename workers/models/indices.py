@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.config import NdviModelConfig, RgbVegetationModelConfig
+from pipeline.config import HuTissueModelConfig, NdviModelConfig, RgbVegetationModelConfig
 
 NDVI_CLASSES = (("other", "#bdb58f"), ("vegetation", "#2e9d3a"), ("water", "#2c6fbb"))
 RGB_CLASSES = (("other", "#bdb58f"), ("vegetation", "#2e9d3a"))
@@ -54,3 +54,16 @@ class RgbVegetationModel:
         else:
             index = _ratio(g - r, g + r - b)
         return (index > c.threshold).astype(np.uint8)
+
+
+HU_COLORS = ("#000000", "#6fa8dc", "#f6d55c", "#e06666", "#f3f3f3", "#8e7cc3", "#76a5af", "#c27ba0")
+
+
+class HuTissueModel:
+    """Tissue classes from HU windows; class i takes ``upper[i-1] <= HU < upper[i]``."""
+
+    def __init__(self, config: HuTissueModelConfig) -> None:
+        self.upper = np.asarray(config.upper, dtype=np.float64)
+
+    def predict(self, images: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        return np.searchsorted(self.upper, images[:, 0], side="right").astype(np.uint8)

@@ -14,7 +14,13 @@ from typing import Protocol
 
 import numpy as np
 
-from pipeline.config import ModelConfig, NdviModelConfig, RgbVegetationModelConfig, TorchScriptModelConfig
+from pipeline.config import (
+    HuTissueModelConfig,
+    ModelConfig,
+    NdviModelConfig,
+    RgbVegetationModelConfig,
+    TorchScriptModelConfig,
+)
 from pipeline.errors import ConfigError, ModelError
 
 DEFAULT_COLORS = (
@@ -46,6 +52,7 @@ class ModelSpec:
     stride: int
     receptive_radius: int | None  # None: unknown, so no tiling can be promised exact
     identity: str
+    dims: int | None = None  # spatial dimensions the network takes; None: per pixel, any
 
     @property
     def pixelwise(self) -> bool:
@@ -56,8 +63,13 @@ class ModelSpec:
 
 
 def describe(config: ModelConfig, n_bands: int) -> ModelSpec:
-    from workers.models.indices import NDVI_CLASSES, RGB_CLASSES
+    from workers.models.indices import HU_COLORS, NDVI_CLASSES, RGB_CLASSES
 
+    if isinstance(config, HuTissueModelConfig):
+        if n_bands != 1:
+            raise ConfigError(f"model.kind hu-tissue takes one band of HU values; the source has {n_bands}")
+        classes = tuple((name, HU_COLORS[i % len(HU_COLORS)]) for i, name in enumerate(config.classes))
+        return ModelSpec("hu-tissue", classes, 1, 0, _config_hash(config))
     if isinstance(config, NdviModelConfig):
         _check_positions(config, n_bands, red=config.red, nir=config.nir)
         return ModelSpec("ndvi", NDVI_CLASSES, 1, 0, _config_hash(config))
@@ -76,6 +88,10 @@ def build(config: ModelConfig, *, device: str = "cpu") -> Segmenter:
         from workers.models.indices import RgbVegetationModel
 
         return RgbVegetationModel(config)
+    if isinstance(config, HuTissueModelConfig):
+        from workers.models.indices import HuTissueModel
+
+        return HuTissueModel(config)
     from workers.models.torchscript import TorchScriptModel
 
     return TorchScriptModel(config, device=device)
@@ -99,7 +115,8 @@ def _describe_torchscript(config: TorchScriptModelConfig, n_bands: int) -> Model
     if len(classes) > 255:
         raise ConfigError(f"model.classes: {len(classes)} classes, at most 255 fit a uint8 mask with 255 as nodata")
     settings = _config_hash(config.model_copy(update={"path": ""}))
-    return ModelSpec("torchscript", classes, config.stride, config.receptive_radius, f"{digest[:16]}-{settings}")
+    identity = f"{digest[:16]}-{settings}"
+    return ModelSpec("torchscript", classes, config.stride, config.receptive_radius, identity, dims=config.dims)
 
 
 def _check_positions(config: ModelConfig, n_bands: int, **positions: int) -> None:

@@ -1,0 +1,103 @@
+"""Open a job's input, whatever it is: a raster (or band files) or a DICOM series.
+
+Either way the result is a picklable source that Ray read tasks call with a box, and an
+``InputInfo`` that says what the driver needs: the shape, the band count, and the georeference
+(images) or the patient-space geometry (volumes). A DICOM series is read from the store's
+``image`` array after it has been ingested, so its source points into the output store.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+
+from pipeline.config import SourceConfig
+from pipeline.errors import SourceError
+from pipeline.geometry import Box
+from pipeline.georef import Georef
+from pipeline.sources.dicom import Series, discover
+from pipeline.sources.geotiff import is_remote, open_source
+from pipeline.sources.store_array import StoreArraySource
+from pipeline.store import VOLUME_IMAGE
+from pipeline.volume import VolumeGeometry
+
+
+class Source(Protocol):
+    @property
+    def paths(self) -> tuple[str, ...]: ...
+
+    @property
+    def bands(self) -> tuple[int, ...]: ...
+
+    def read(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
+        """``(bands, *box.shape)`` float32 values and ``box.shape`` validity."""
+        ...
+
+
+@dataclass(frozen=True)
+class InputInfo:
+    shape: tuple[int, ...]
+    bands: int
+    dtypes: tuple[str, ...]
+    georef: Georef
+    volume: VolumeGeometry | None = None
+    series: Series | None = None
+    notes: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class OpenedInput:
+    source: Source
+    info: InputInfo
+    fingerprint: str
+
+
+def open_input(config: SourceConfig, *, store_path: Path) -> OpenedInput:
+    if _is_dicom(config):
+        return _open_dicom(config, store_path)
+    source, info = open_source(config)
+    opened = InputInfo(shape=info.shape, bands=info.bands, dtypes=info.dtypes, georef=info.georef)
+    return OpenedInput(source=source, info=opened, fingerprint=source.fingerprint())
+
+
+def _open_dicom(config: SourceConfig, store_path: Path) -> OpenedInput:
+    if config.bands not in (None, [1]):
+        raise SourceError(f"{config.paths[0]}: a DICOM series has one band; source.bands {config.bands} does not apply")
+    found, notes = discover(list(config.paths))
+    if len(found) > 1:
+        listed = "; ".join(f"{s.key} ({s.modality}, {len(s.frames)} frames)" for s in found)
+        raise SourceError(f"{config.paths[0]}: {len(found)} series found, give one (its folder or files): {listed}")
+    series = found[0]
+    if not series.positioned:
+        notes.append("no patient positions in the files: frames are stacked in file order, 1 mm apart")
+    info = InputInfo(
+        shape=series.geometry.shape,
+        bands=1,
+        dtypes=("float32",),
+        georef=Georef(None, None),
+        volume=series.geometry,
+        series=series,
+        notes=tuple(notes),
+    )
+    source = StoreArraySource(store=str(store_path), array=VOLUME_IMAGE)
+    return OpenedInput(source=source, info=info, fingerprint=series.fingerprint())
+
+
+def _is_dicom(config: SourceConfig) -> bool:
+    if config.kind != "auto":
+        return config.kind == "dicom"
+    first = config.paths[0]
+    if is_remote(first):
+        return False
+    path = Path(first)
+    if path.is_dir():
+        return True
+    try:
+        with open(path, "rb") as fh:
+            fh.seek(128)
+            return fh.read(4) == b"DICM"
+    except OSError:
+        return False  # the raster path reports a missing or unreadable file in its own words

@@ -1,0 +1,30 @@
+"""Read tiles from an array inside a store: volumes are ingested once, then tiled from there."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import zarr
+
+from pipeline.geometry import Box
+
+
+@dataclass(frozen=True)
+class StoreArraySource:
+    """One band read from ``array`` of the zarr store at ``store``; every voxel is valid."""
+
+    store: str
+    array: str
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.store,)
+
+    @property
+    def bands(self) -> tuple[int, ...]:
+        return (1,)
+
+    def read(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
+        data = np.asarray(zarr.open_array(f"{self.store}/{self.array}", mode="r")[box.slices()], dtype=np.float32)
+        return data[None], np.ones(box.shape, dtype=bool)

@@ -1,4 +1,4 @@
-"""TorchScript model files: N x bands x H x W in, N x classes x H x W logits out."""
+"""TorchScript model files: N x bands x (Z x) H x W in, N x classes x (Z x) H x W logits out."""
 
 from __future__ import annotations
 
@@ -24,26 +24,29 @@ class TorchScriptModel:
         self.dtype = next((p.dtype for p in self.module.parameters()), torch.float32)
 
     def logits(self, images: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """Raw logits as float32 ``(N, classes, H, W)``; invalid pixels are filled before the model."""
-        x = normalise(images, valid, scale=self.config.scale, normalize=self.config.normalize)
+        """Raw logits as float32 ``(N, classes, *spatial)``; invalid pixels are filled before the model."""
         with torch.inference_mode():
-            out = self.module(torch.from_numpy(x).to(self.device, self.dtype))
-        self._check(out, images)
-        return out.float().cpu().numpy()
+            return self._forward(images, valid).float().cpu().numpy()
 
     def predict(self, images: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        x = normalise(images, valid, scale=self.config.scale, normalize=self.config.normalize)
         with torch.inference_mode():
-            out = self.module(torch.from_numpy(x).to(self.device, self.dtype))
-            self._check(out, images)
             # max(1).indices equals argmax and is several times faster on CPU torch.
-            labels = out.max(dim=1).indices
+            labels = self._forward(images, valid).max(dim=1).indices
         return labels.to(torch.uint8).cpu().numpy()
 
-    def _check(self, out: torch.Tensor, images: np.ndarray) -> None:
-        n, _, h, w = images.shape
-        expected = (n, len(self.config.classes), h, w)
+    def _forward(self, images: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+        """Run the network; a 2-D network on volumes ``(N, C, Z, Y, X)`` runs on every slice."""
+        x = normalise(images, valid, scale=self.config.scale, normalize=self.config.normalize)
+        slicewise = self.config.dims == 2 and x.ndim == 5
+        if slicewise:
+            n, c, z, h, w = x.shape
+            x = x.transpose(0, 2, 1, 3, 4).reshape(n * z, c, h, w)
+        out = self.module(torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.dtype))
+        expected = (x.shape[0], len(self.config.classes), *x.shape[2:])
         if tuple(out.shape) != expected:
             raise ModelError(
-                f"{self.config.path}: returned shape {tuple(out.shape)}, expected {expected} (N, classes, H, W)"
+                f"{self.config.path}: returned shape {tuple(out.shape)}, expected {expected} (N, classes, ...)"
             )
+        if slicewise:
+            out = out.reshape(n, z, -1, h, w).transpose(1, 2)
+        return out

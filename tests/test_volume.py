@@ -1,0 +1,173 @@
+"""Volumetric jobs: a real CT series and synthetic DICOM series through the CLI and a local Ray."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pydicom
+import pytest
+import torch
+import zarr
+from ome_zarr_models.v05.image import Image
+from ome_zarr_models.v05.image_label import ImageLabel
+from pydicom.uid import ExplicitVRLittleEndian
+from torch import nn
+
+from pipeline.cli import main
+from tests.conftest import CT_SERIES, EDGE_CASES, ROOT
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+UPPER = [-900, -500, -30, 300]
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    code = main(["run", *args, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def independent_hu_volume() -> tuple[np.ndarray, list[pydicom.Dataset]]:
+    """HU straight from pydicom, slices sorted by z (this series is axial, normal +z)."""
+    slices = sorted((pydicom.dcmread(p) for p in CT_SERIES.iterdir()), key=lambda d: float(d.ImagePositionPatient[2]))
+    hu = np.stack([d.pixel_array * float(d.RescaleSlope) + float(d.RescaleIntercept) for d in slices])
+    return hu, slices
+
+
+def test_ct_tissue_job_volumes_equal_an_independent_computation(capsys: pytest.CaptureFixture[str]) -> None:
+    config = ROOT / "configs" / "ct-tissue.yaml"
+    summary = run(capsys, str(config), "--set", f"source.path={CT_SERIES}", "--set", "output.path=ct.zarr")
+    hu, slices = independent_hu_volume()
+    labels = np.digitize(hu, UPPER)  # class i: UPPER[i-1] <= HU < UPPER[i]
+    voxel_mm3 = 0.9765625 * 0.9765625 * 2.0
+    for cid, name in enumerate(["air", "lung", "fat", "soft tissue", "bone"]):
+        row = summary["classes"][name]
+        count = int((labels == cid).sum())
+        assert row["pixels"] == count
+        assert row["volume_mm3"] == pytest.approx(count * voxel_mm3, rel=1e-12)
+        assert row["volume_ml"] == pytest.approx(count * voxel_mm3 / 1000, rel=1e-12)
+    store = zarr.open_group("ct.zarr", mode="r")
+    np.testing.assert_array_equal(store["labels/mask/0"][:], labels)
+    np.testing.assert_array_equal(store["0"][:], hu)  # the ingested image is HU, in slice order
+    assert hu.min() == -1024 and hu.max() == 1839
+
+
+def test_volume_store_is_valid_ome_zarr_with_the_patient_affine(capsys: pytest.CaptureFixture[str]) -> None:
+    run(
+        capsys,
+        str(ROOT / "configs" / "ct-tissue.yaml"),
+        "--set",
+        f"source.path={CT_SERIES}",
+        "--set",
+        "output.path=ct.zarr",
+    )
+    group = zarr.open_group("ct.zarr", mode="r")
+    image = Image.from_zarr(group)  # ome-zarr-models validates NGFF 0.5 on load
+    scale = image.attributes.ome.multiscales[0].datasets[0].coordinateTransformations[0].scale
+    assert list(scale) == [2.0, 0.9765625, 0.9765625]
+    label = ImageLabel.from_zarr(group["labels/mask"])
+    assert [p.model_dump(by_alias=True)["class"] for p in label.attributes.ome.image_label.properties] == [
+        "air",
+        "lung",
+        "fat",
+        "soft tissue",
+        "bone",
+    ]
+    affine = np.asarray(group.attrs["raymask"]["volume"]["affine"])
+    _, slices = independent_hu_volume()
+    for k, ds in enumerate(slices):
+        np.testing.assert_allclose((affine @ [k, 0, 0, 1])[:3], [float(v) for v in ds.ImagePositionPatient])
+
+    assert main(["info", "ct.zarr", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["spacing"] == [2.0, 0.9765625, 0.9765625] and info["crs"] is None and info["status"] == "complete"
+    assert info["stats"]["classes"]["bone"]["volume_ml"] > 0
+    assert info["shape"] == [20, 512, 512]
+
+
+def test_several_series_in_one_folder_are_refused_with_the_list(tmp_path: Path) -> None:
+    folder = tmp_path / "mixed"
+    shutil.copytree(CT_SERIES, folder)
+    shutil.copy(EDGE_CASES / "693_UNCR.dcm", folder / "other.dcm")
+    config = tmp_path / "job.yaml"
+    config.write_text(f"source: {{path: '{folder}'}}\nmodel: {{kind: hu-tissue}}\noutput: {{path: out.zarr}}\n")
+    assert main(["run", str(config)]) == 1
+    assert not Path("out.zarr").exists()
+
+
+# -- 3-D exactness on a synthetic series -------------------------------------------------------
+
+
+def write_series(folder: Path, volume: np.ndarray, *, spacing: tuple[float, float, float] = (2.5, 0.8, 0.8)) -> None:
+    """Single-frame CT files from a real header, with new pixels, positions and UIDs."""
+    template = pydicom.dcmread(EDGE_CASES / "693_UNCR.dcm")
+    folder.mkdir()
+    series_uid = pydicom.uid.generate_uid()
+    for k, plane in enumerate(volume):
+        ds = template.copy()
+        ds.file_meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds.SeriesInstanceUID = series_uid
+        ds.SOPInstanceUID = pydicom.uid.generate_uid()
+        ds.Rows, ds.Columns = plane.shape
+        ds.PixelSpacing = [spacing[1], spacing[2]]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        ds.ImagePositionPatient = [-100.0, -80.0, 40.0 - k * spacing[0]]  # files run head to feet
+        ds.InstanceNumber = k + 1
+        ds.RescaleSlope, ds.RescaleIntercept = 1, -1024
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 1
+        ds.PixelData = (plane + 1024).astype(np.int16).tobytes()
+        ds.save_as(folder / f"slice{k:03d}", enforce_file_format=True)
+
+
+def tiny_unet3d(seed: int = 0) -> nn.Module:
+    torch.manual_seed(seed)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.enc = nn.Sequential(nn.Conv3d(1, 4, 3, padding=1), nn.BatchNorm3d(4), nn.ReLU())
+            self.down = nn.Sequential(nn.Conv3d(4, 8, 3, stride=2, padding=1), nn.ReLU(), nn.Conv3d(8, 8, 3, padding=1))
+            self.up = nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(8, 4, 3, padding=1))
+            self.head = nn.Conv3d(8, 3, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            skip = self.enc(x)
+            return self.head(torch.cat([skip, self.up(torch.relu(self.down(skip)))], dim=1))
+
+    return Net().eval()
+
+
+@pytest.mark.parametrize(("halo", "exact"), [(12, True), (0, False)])
+def test_3d_tiling_equals_whole_volume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], halo: int, exact: bool
+) -> None:
+    rng = np.random.default_rng(5)
+    volume = rng.normal(0, 200, size=(23, 39, 35)).cumsum(axis=0).round()  # odd sides, HU-like
+    write_series(tmp_path / "series", volume)
+    model_path = tmp_path / "unet3d.pt"
+    net = tiny_unet3d()
+    torch.jit.save(torch.jit.script(net), str(model_path))
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"source: {{path: '{tmp_path / 'series'}'}}\n"
+        f"model: {{kind: torchscript, path: '{model_path}', dims: 3, classes: [a, b, c], stride: 2,"
+        " receptive_radius: 10, scale: 0.005}\n"
+        f"tiling: {{chunk: [8, 16, 16], halo: {halo}}}\n"
+        f"output: {{path: '{tmp_path}/tiled.zarr', preview: false}}\n"
+    )
+    summary = run(capsys, str(config))
+    assert summary["exact"] is exact and summary["units_total"] == 3 * 3 * 3
+    hu = volume[::-1]  # positions descend with file index, so slice order reverses
+    padded = np.pad(hu, [(0, -s % 2) for s in hu.shape], mode="edge") * 0.005
+    with torch.inference_mode():
+        reference = net(torch.from_numpy(padded[None, None].astype(np.float32)))[0].max(0).indices.numpy()
+    reference = reference[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
+    labels = zarr.open_array(f"{tmp_path}/tiled.zarr/labels/mask/0", mode="r")[:]
+    assert len(np.unique(reference)) > 1
+    if exact:
+        np.testing.assert_array_equal(labels, reference)
+    else:
+        assert (labels != reference).sum() > 0

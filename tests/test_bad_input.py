@@ -130,3 +130,27 @@ def test_unreachable_cluster_fails_fast(tmp_path: Path) -> None:
     assert result.returncode == 1
     assert "cannot reach a Ray cluster at '127.0.0.1:1'" in result.stderr.splitlines()[-1]
     assert_no_complete_store(tmp_path)
+
+
+def test_dicom_series_with_a_missing_slice(tmp_path: Path) -> None:
+    import shutil
+
+    import pydicom
+
+    from tests.conftest import CT_SERIES
+
+    folder = tmp_path / "series"
+    shutil.copytree(CT_SERIES, folder)
+    ordered = sorted(
+        folder.iterdir(), key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
+    )
+    ordered[10].unlink()
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"source: {{path: '{folder}'}}\nmodel: {{kind: hu-tissue}}\noutput: {{path: '{tmp_path}/out.zarr'}}\n"
+    )
+    result = raymask("run", str(config))
+    assert_one_line_error(
+        result, f"{folder}:", "missing slice: step of 4.000 mm between positions -786.500 and -782.500 mm"
+    )
+    assert not (tmp_path / "out.zarr").exists()

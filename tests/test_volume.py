@@ -40,7 +40,7 @@ def independent_hu_volume() -> tuple[np.ndarray, list[pydicom.Dataset]]:
 def test_ct_tissue_job_volumes_equal_an_independent_computation(capsys: pytest.CaptureFixture[str]) -> None:
     config = ROOT / "configs" / "ct-tissue.yaml"
     summary = run(capsys, str(config), "--set", f"source.path={CT_SERIES}", "--set", "output.path=ct.zarr")
-    hu, slices = independent_hu_volume()
+    hu, _ = independent_hu_volume()
     labels = np.digitize(hu, UPPER)  # class i: UPPER[i-1] <= HU < UPPER[i]
     voxel_mm3 = 0.9765625 * 0.9765625 * 2.0
     for cid, name in enumerate(["air", "lung", "fat", "soft tissue", "bone"]):
@@ -171,3 +171,30 @@ def test_3d_tiling_equals_whole_volume(
         np.testing.assert_array_equal(labels, reference)
     else:
         assert (labels != reference).sum() > 0
+
+
+def test_a_2d_network_runs_slice_by_slice_on_a_volume(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], scripted_unet
+) -> None:
+    rng = np.random.default_rng(9)
+    volume = rng.normal(0, 300, size=(5, 37, 41)).round()
+    write_series(tmp_path / "series", volume)
+    model_path = scripted_unet(1, 3)
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"source: {{path: '{tmp_path / 'series'}'}}\n"
+        f"model: {{kind: torchscript, path: '{model_path}', classes: [a, b, c], stride: 4, receptive_radius: 20,"
+        " scale: 0.01}\n"
+        "tiling: {chunk: [2, 16, 16], halo: 24}\n"
+        f"output: {{path: '{tmp_path}/slices.zarr', preview: false}}\n"
+    )
+    summary = run(capsys, str(config))
+    assert summary["exact"] is True
+    net = torch.jit.load(str(model_path)).eval()
+    hu = volume[::-1]
+    labels = zarr.open_array(f"{tmp_path}/slices.zarr/labels/mask/0", mode="r")[:]
+    for k, plane in enumerate(hu):
+        padded = np.pad(plane, [(0, -s % 4) for s in plane.shape], mode="edge") * 0.01
+        with torch.inference_mode():
+            expected = net(torch.from_numpy(padded[None, None].astype(np.float32)))[0].max(0).indices.numpy()
+        np.testing.assert_array_equal(labels[k], expected[: plane.shape[0], : plane.shape[1]])

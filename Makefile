@@ -18,10 +18,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/raymask run configs/aerial-vegetation.yaml --overwrite
 	$(VENV)/bin/raymask info out/aber-vegetation.zarr
+	$(VENV)/bin/raymask run configs/ct-tissue.yaml --overwrite
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check pipeline workers tests bench
-	$(VENV)/bin/ruff format --check pipeline workers tests bench
+	$(VENV)/bin/ruff check pipeline workers tests bench tools
+	$(VENV)/bin/ruff format --check pipeline workers tests bench tools
 	$(VENV)/bin/mypy
 
 test: $(STAMP) lint

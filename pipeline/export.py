@@ -25,6 +25,10 @@ from pipeline.store import MaskStore
 def export_geotiff(store: MaskStore, out: Path) -> Path:
     meta = store.meta
     mask = store.mask
+    if mask.ndim != 2:
+        raise StoreError(
+            f"{store.path}: a volume store; GeoTIFF export takes 2-D masks (read labels/mask/0 as OME-Zarr)"
+        )
     height, width = mask.shape
     profile: dict[str, object] = {
         "driver": "GTiff",

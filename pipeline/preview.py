@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
-import rasterio
 from PIL import Image, ImageDraw, ImageFont
+from rasterio.errors import NotGeoreferencedWarning
 
+from pipeline.sources.geotiff import open_raster
 from pipeline.stats import NODATA
 from pipeline.store import MaskStore
 
@@ -48,7 +50,8 @@ def _base_image(paths: list[str], bands: list[int], shape: tuple[int, ...]) -> n
     layers = []
     for band in chosen:
         path, index = (paths[0], band) if len(paths) == 1 else (paths[band - 1], 1)
-        with rasterio.open(path) as src:
+        with open_raster(path) as src, warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
             layers.append(src.read(index, out_shape=shape, masked=True).astype(np.float64))
     stretched = [_stretch(layer) for layer in layers]
     return np.stack(stretched * 3 if len(stretched) == 1 else stretched, axis=-1)

@@ -198,3 +198,16 @@ def test_a_2d_network_runs_slice_by_slice_on_a_volume(
         with torch.inference_mode():
             expected = net(torch.from_numpy(padded[None, None].astype(np.float32)))[0].max(0).indices.numpy()
         np.testing.assert_array_equal(labels[k], expected[: plane.shape[0], : plane.shape[1]])
+
+
+def test_geotiff_export_refuses_a_volume(capsys: pytest.CaptureFixture[str]) -> None:
+    run(
+        capsys,
+        str(ROOT / "configs" / "ct-tissue.yaml"),
+        "--set",
+        f"source.path={CT_SERIES}",
+        "--set",
+        "output.path=ct.zarr",
+    )
+    assert main(["export", "ct.zarr", "ct.tif"]) == 1
+    assert "a volume store; GeoTIFF export takes 2-D masks" in capsys.readouterr().err

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.errors import RasterioError
+from rasterio.errors import NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from pipeline.config import SourceConfig
@@ -80,9 +81,17 @@ class RasterSource:
         return digest.hexdigest()[:16]
 
 
+def open_raster(path: str) -> rasterio.DatasetReader:
+    """Open a raster; plain images (PNG, JPEG) have no georeference, which is fine here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        return rasterio.open(path)
+
+
 def _read(path: str, bands: list[int], window: Window) -> tuple[np.ndarray, np.ndarray]:
     try:
-        with rasterio.open(path) as src:
+        with open_raster(path) as src, warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
             return src.read(bands, window=window, out_dtype="float32"), src.read_masks(bands, window=window)
     except RasterioError as exc:
         raise SourceError(f"{path}: read failed at {window} ({_short(exc)})") from exc
@@ -131,7 +140,8 @@ def _describe(path: str) -> RasterInfo:
         if not os.access(path, os.R_OK):
             raise SourceError(f"{path}: not readable (permission denied)")
     try:
-        with rasterio.open(path) as src:
+        with open_raster(path) as src, warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
             gt = src.transform.to_gdal() if not src.transform.is_identity else None
             crs = src.crs.to_wkt() if src.crs else None
             return RasterInfo(

@@ -1,0 +1,87 @@
+"""Plain image frames (JPEG, PNG) run as 2-D images without georeference; the demo polyp model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import warnings
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+import zarr
+from PIL import Image
+from rasterio.errors import NotGeoreferencedWarning
+
+from pipeline.cli import main
+from tests.conftest import DATA, ROOT
+
+pytestmark = pytest.mark.usefixtures("ray_session")
+FRAME = DATA / "polyp" / "images" / "cju0qoxqj9q6s0835b43399p4.jpg"
+TRUTH = DATA / "polyp" / "masks" / "cju0qoxqj9q6s0835b43399p4.jpg"
+
+
+def gdal_pixels(path: Path) -> np.ndarray:
+    """``(3, H, W)`` uint8 as GDAL decodes the file (libjpeg builds differ by one level here and there)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)
+        with rasterio.open(path) as src:
+            return src.read()
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    code = main(["run", *args, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return json.loads(captured.out)
+
+
+def test_a_jpeg_frame_is_a_plain_image(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(ROOT)
+    summary = run(capsys, "configs/polyp-frames.yaml", "--set", f"output.path={tmp_path}/polyp.zarr")
+    assert summary["exact"] is True
+    assert "area_m2" not in summary["classes"]["polyp"]
+    assert any("no CRS" in note for note in summary["notes"])
+    store = zarr.open_group(f"{tmp_path}/polyp.zarr", mode="r")
+    assert store.attrs["raymask"]["crs"] is None and "spatial_ref" not in store
+    labels = store["mask"][:]
+    # The whole frame through the network at once gives the same labels (exact tiling).
+    image = gdal_pixels(FRAME).astype(np.float32)  # the pixels raymask reads (GDAL's JPEG decoder)
+    x = ((image.transpose(1, 2, 0) - [140, 85, 65]) / [60, 45, 40]).astype(np.float32).transpose(2, 0, 1)
+    h, w = x.shape[1:]
+    x = np.pad(x, ((0, 0), (0, -h % 4), (0, -w % 4)), mode="edge")
+    net = torch.jit.load(str(ROOT / "models" / "polyp-demo.pt")).eval()
+    with torch.inference_mode():
+        whole = net(torch.from_numpy(x[None]))[0].max(0).indices.numpy()[:h, :w]
+    np.testing.assert_array_equal(labels, whole)
+    assert summary["classes"]["polyp"]["pixels"] == int((whole == 1).sum())
+
+
+def test_the_demo_model_finds_the_held_out_polyp(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.chdir(ROOT)
+    run(capsys, "configs/polyp-frames.yaml", "--set", f"output.path={tmp_path}/polyp.zarr")
+    predicted = zarr.open_array(f"{tmp_path}/polyp.zarr/mask", mode="r")[:] == 1
+    truth = np.asarray(Image.open(TRUTH).convert("L")) > 127
+    dice = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
+    assert dice > 0.35, f"holdout Dice {dice:.3f}"  # 0.42 when trained (tools/train_polyp_demo.py)
+
+
+def test_png_and_jpeg_of_the_same_pixels_give_the_same_mask(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    png = tmp_path / "frame.png"
+    Image.fromarray(gdal_pixels(FRAME).transpose(1, 2, 0)).save(png)  # lossless copy of the decoded pixels
+    monkeypatch.chdir(ROOT)
+    base = ["configs/polyp-frames.yaml", "--set", "output.preview=false"]
+    run(capsys, *base, "--set", f"output.path={tmp_path}/jpeg.zarr")
+    run(capsys, *base, "--set", f"source.path={png}", "--set", f"output.path={tmp_path}/png.zarr")
+    np.testing.assert_array_equal(
+        zarr.open_array(f"{tmp_path}/jpeg.zarr/mask", mode="r")[:],
+        zarr.open_array(f"{tmp_path}/png.zarr/mask", mode="r")[:],
+    )

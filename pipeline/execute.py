@@ -129,6 +129,7 @@ def open_output(job: Job, *, overwrite: bool) -> tuple[MaskStore, int]:
         georef=job.info.georef,
         provenance=_provenance(job),
         volume=job.info.volume,
+        pixel_area_mm2=job.info.pixel_area_mm2,
     )
     return MaskStore.create(path, layout), 0
 
@@ -143,7 +144,10 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
         owns_ray = connect(config.runtime.address)
         try:
             if job.info.series is not None:
-                ingest_series(store, job.info.series, progress=progress)
+                try:
+                    ingest_series(store, job.info.series, progress=progress)
+                except Exception as exc:
+                    raise _unwrap(exc) from exc
             for _ in _stream(job, store, [u.index for u in todo], measure, progress=progress):
                 pass
         finally:
@@ -168,7 +172,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
         measure=unit,
     )
     summary.notes.extend(job.info.notes)
-    if unit is None:
+    if unit is None and job.info.modality is None:
         summary.notes.append("the source has no CRS: statistics are in pixels only")
     if not job.exact:
         summary.notes.append(
@@ -179,7 +183,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     if config.output.preview:
         from pipeline.preview import write_preview
 
-        summary.preview = str(write_preview(store))
+        summary.preview = str(write_preview(store, job.source))
     return summary
 
 
@@ -299,9 +303,13 @@ def _unwrap(exc: BaseException) -> Exception:
     current: BaseException | None = exc
     while current is not None and id(current) not in seen:
         seen.add(id(current))
+        cause = getattr(current, "cause", None)  # RayTaskError(SourceError) is both; its text is a traceback
+        if isinstance(cause, BaseException) and cause is not current:
+            current = cause
+            continue
         if isinstance(current, RaymaskError):
             return current
-        current = getattr(current, "cause", None) or current.__cause__
+        current = current.__cause__
     found = _RAISED.findall(str(exc))
     if found:
         name, message = found[-1]
@@ -318,6 +326,8 @@ def _measure(job: Job) -> Measure:
     """m² per pixel for each image row, mm³ per voxel for volumes, None without a CRS."""
     if job.info.volume is not None:
         return job.info.volume.voxel_volume_mm3
+    if job.info.pixel_area_mm2 is not None:
+        return job.info.pixel_area_mm2
     return row_pixel_areas(job.info.georef, job.info.shape[0])
 
 
@@ -341,7 +351,7 @@ def _provenance(job: Job) -> dict[str, Any]:
             "paths": list(job.source.paths) if job.info.series is None else job.info.series.paths,
             "bands": list(job.source.bands),
             "series": job.info.series.key if job.info.series else None,
-            "modality": job.info.series.modality if job.info.series else None,
+            "modality": job.info.modality,
             "dtypes": list(job.info.dtypes),
             "fingerprint": job.fingerprint,
         },

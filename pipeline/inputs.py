@@ -18,7 +18,7 @@ from pipeline.config import SourceConfig
 from pipeline.errors import SourceError
 from pipeline.geometry import Box
 from pipeline.georef import Georef
-from pipeline.sources.dicom import Series, discover
+from pipeline.sources.dicom import DicomFrameSource, Series, discover
 from pipeline.sources.geotiff import is_remote, open_source
 from pipeline.sources.store_array import StoreArraySource
 from pipeline.store import VOLUME_IMAGE
@@ -44,7 +44,9 @@ class InputInfo:
     dtypes: tuple[str, ...]
     georef: Georef
     volume: VolumeGeometry | None = None
-    series: Series | None = None
+    series: Series | None = None  # a DICOM series to ingest (volumes only)
+    pixel_area_mm2: float | None = None  # 2-D DICOM images whose PixelSpacing is stated
+    modality: str | None = None
     notes: tuple[str, ...] = ()
 
 
@@ -71,6 +73,8 @@ def _open_dicom(config: SourceConfig, store_path: Path) -> OpenedInput:
         listed = "; ".join(f"{s.key} ({s.modality}, {len(s.frames)} frames)" for s in found)
         raise SourceError(f"{config.paths[0]}: {len(found)} series found, give one (its folder or files): {listed}")
     series = found[0]
+    if len(series.frames) == 1:
+        return _open_dicom_image(series, notes)
     if not series.positioned:
         notes.append("no patient positions in the files: frames are stacked in file order, 1 mm apart")
     info = InputInfo(
@@ -80,9 +84,29 @@ def _open_dicom(config: SourceConfig, store_path: Path) -> OpenedInput:
         georef=Georef(None, None),
         volume=series.geometry,
         series=series,
+        modality=series.modality,
         notes=tuple(notes),
     )
     source = StoreArraySource(store=str(store_path), array=VOLUME_IMAGE)
+    return OpenedInput(source=source, info=info, fingerprint=series.fingerprint())
+
+
+def _open_dicom_image(series: Series, notes: list[str]) -> OpenedInput:
+    """One frame: a 2-D image, with areas in mm² when the file states its pixel spacing."""
+    frame = series.frames[0]
+    source = DicomFrameSource(frame)
+    dr, dc = frame.plane.pixel_spacing
+    if not frame.spacing_stated:
+        notes.append("the file states no PixelSpacing: statistics are in pixels only")
+    info = InputInfo(
+        shape=(frame.plane.rows, frame.plane.columns),
+        bands=len(source.bands),
+        dtypes=("float32",),
+        georef=Georef(None, None),
+        pixel_area_mm2=dr * dc if frame.spacing_stated else None,
+        modality=series.modality,
+        notes=tuple(notes),
+    )
     return OpenedInput(source=source, info=info, fingerprint=series.fingerprint())
 
 

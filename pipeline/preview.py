@@ -9,6 +9,8 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from rasterio.errors import NotGeoreferencedWarning
 
+from pipeline.geometry import Box
+from pipeline.inputs import Source
 from pipeline.sources.geotiff import open_raster
 from pipeline.stats import NODATA
 from pipeline.store import MaskStore
@@ -21,13 +23,20 @@ def preview_path(store_path: Path) -> Path:
     return store_path.with_name(store_path.name.removesuffix(".zarr") + ".preview.png")
 
 
-def write_preview(store: MaskStore) -> Path:
+def write_preview(store: MaskStore, source: Source) -> Path:
     """Images: the source decimated to at most 1024 px. Volumes: the middle slice."""
     if store.image is not None:
         mid = store.image.shape[0] // 2
         mask = np.asarray(store.mask[mid])
         image = np.ma.masked_invalid(np.asarray(store.image[mid], dtype=np.float64))
         base = np.stack([_stretch(image)] * 3, axis=-1)
+    elif store.meta["source"].get("modality"):  # a 2-D DICOM image: small enough to read whole
+        step = max(1, -(-max(store.mask.shape) // MAX_EDGE))
+        mask = np.asarray(store.mask[::step, ::step])
+        pixels, _ = source.read(Box((0, 0), tuple(store.mask.shape)))
+        layers = [np.ma.masked_invalid(band[::step, ::step].astype(np.float64)) for band in pixels[:3]]
+        stretched = [_stretch(layer) for layer in layers]
+        base = np.stack(stretched * 3 if len(stretched) == 1 else stretched, axis=-1)
     else:
         step = max(1, -(-max(store.mask.shape) // MAX_EDGE))
         mask = np.asarray(store.mask[::step, ::step])
@@ -84,6 +93,8 @@ def _with_legend(image: Image.Image, classes: list[dict], table: dict) -> Image.
 def _legend_text(name: str, row: dict) -> str:
     if row.get("area_ha") is not None:
         return f"{name}: {row['area_ha']:,.1f} ha"
+    if row.get("area_cm2") is not None:
+        return f"{name}: {row['area_cm2']:,.2f} cm²"
     if row.get("volume_ml") is not None:
         return f"{name}: {row['volume_ml']:,.1f} mL"
     if row.get("pixels") is not None:

@@ -80,6 +80,7 @@ def _class_table(classes: dict[str, dict[str, Any]], measure: str | None) -> str
     columns = {
         "m2": [("area m²", "area_m2", 18, ",.1f"), ("area ha", "area_ha", 14, ",.2f")],
         "mm3": [("volume mm³", "volume_mm3", 18, ",.1f"), ("volume mL", "volume_ml", 14, ",.2f")],
+        "mm2": [("area mm²", "area_mm2", 18, ",.1f"), ("area cm²", "area_cm2", 14, ",.2f")],
     }
     extra = columns.get(measure or "", [])
     header = f"{'class':<16}{'pixels':>14}{'share':>9}" + "".join(f"{title:>{w}}" for title, _, w, _ in extra)

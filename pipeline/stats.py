@@ -77,5 +77,7 @@ def class_table(
             row.update(area_m2=value, area_ha=value / M2_PER_HA)
         elif measure == "mm3":
             row.update(volume_mm3=value, volume_ml=value / MM3_PER_ML)
+        elif measure == "mm2":
+            row.update(area_mm2=value, area_cm2=value / 100.0)
         table[name] = row
     return table

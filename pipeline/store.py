@@ -53,12 +53,15 @@ class StoreLayout:
     georef: Georef
     provenance: dict[str, Any]
     volume: VolumeGeometry | None = None  # set for volumetric (OME-Zarr) stores
+    pixel_area_mm2: float | None = None  # 2-D medical images with a stated pixel spacing
 
     @property
     def measure(self) -> str | None:
-        """What the per-unit measure sums: m² of ground, mm³ of tissue, or nothing (no CRS)."""
+        """What the per-unit measure sums: m² of ground, mm³ of tissue, mm² of an image, or nothing."""
         if self.volume is not None:
             return "mm3"
+        if self.pixel_area_mm2 is not None:
+            return "mm2"
         return "m2" if self.georef.crs_wkt is not None and self.georef.transform is not None else None
 
 

@@ -154,3 +154,23 @@ def test_dicom_series_with_a_missing_slice(tmp_path: Path) -> None:
         result, f"{folder}:", "missing slice: step of 4.000 mm between positions -786.500 and -782.500 mm"
     )
     assert not (tmp_path / "out.zarr").exists()
+
+
+def test_truncated_dicom_fails_in_ingest_with_one_line_and_an_incomplete_store(tmp_path: Path) -> None:
+    import shutil
+
+    from tests.conftest import CT_SERIES
+
+    folder = tmp_path / "series"
+    shutil.copytree(CT_SERIES, folder)
+    victim = sorted(folder.iterdir())[4]
+    victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"source: {{path: '{folder}'}}\nmodel: {{kind: hu-tissue}}\noutput: {{path: '{tmp_path}/out.zarr'}}\n"
+    )
+    result = raymask("run", str(config), "--set", "runtime.address=local")
+    lines = [line for line in result.stderr.splitlines() if line.startswith("raymask:")]
+    assert result.returncode == 1 and lines, result.stderr
+    assert lines[-1].startswith(f"raymask: error: {victim}: cannot decode pixel data"), lines[-1]
+    assert_no_complete_store(tmp_path)

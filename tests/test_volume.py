@@ -211,3 +211,37 @@ def test_geotiff_export_refuses_a_volume(capsys: pytest.CaptureFixture[str]) -> 
     )
     assert main(["export", "ct.zarr", "ct.tif"]) == 1
     assert "a volume store; GeoTIFF export takes 2-D masks" in capsys.readouterr().err
+
+
+def test_single_frame_dicom_is_a_2d_image_with_mm2_areas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"source: {{path: '{EDGE_CASES / '693_J2KR.dcm'}'}}\nmodel: {{kind: hu-tissue}}\n"
+        f"tiling: {{chunk: 128}}\noutput: {{path: '{tmp_path}/slice.zarr'}}\n"
+    )
+    summary = run(capsys, str(config))
+    ds = pydicom.dcmread(EDGE_CASES / "693_J2KR.dcm")
+    hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+    labels = np.digitize(hu, UPPER)
+    pixel_mm2 = float(ds.PixelSpacing[0]) * float(ds.PixelSpacing[1])
+    for cid, name in enumerate(["air", "lung", "fat", "soft tissue", "bone"]):
+        row = summary["classes"][name]
+        assert row["pixels"] == int((labels == cid).sum())
+        assert row["area_mm2"] == pytest.approx(row["pixels"] * pixel_mm2)
+        assert row["area_cm2"] == pytest.approx(row["pixels"] * pixel_mm2 / 100)
+    np.testing.assert_array_equal(zarr.open_array(f"{tmp_path}/slice.zarr/mask", mode="r")[:], labels)
+    assert Path(summary["preview"]).is_file()
+
+
+def test_single_frame_without_pixel_spacing_counts_pixels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"source: {{path: '{EDGE_CASES / 'JPGLosslessP14SV1_1s_1f_8b.dcm'}'}}\n"
+        "model: {kind: hu-tissue, classes: [dark, bright], upper: [128]}\n"
+        f"tiling: {{chunk: 256}}\noutput: {{path: '{tmp_path}/us.zarr', preview: false}}\n"
+    )
+    summary = run(capsys, str(config))
+    pixels = pydicom.dcmread(EDGE_CASES / "JPGLosslessP14SV1_1s_1f_8b.dcm").pixel_array
+    assert summary["classes"]["bright"]["pixels"] == int((pixels >= 128).sum())
+    assert "area_mm2" not in summary["classes"]["bright"]
+    assert any("no PixelSpacing" in note for note in summary["notes"])

@@ -22,6 +22,7 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from pipeline.errors import SourceError, SourceNotFound
+from pipeline.geometry import Box
 from pipeline.volume import GeometryError, PlaneGeometry, VolumeGeometry, order_planes
 
 # Objects that carry no image to segment: skipped with a note.
@@ -54,6 +55,7 @@ class Frame:
     slope: float
     intercept: float
     plane: PlaneGeometry
+    spacing_stated: bool = True  # False: the file gives no PixelSpacing (1 mm is assumed)
 
 
 @dataclass(frozen=True)
@@ -169,7 +171,7 @@ def _stacked(frame: Frame, k: int) -> Frame:
         frame.plane.rows,
         frame.plane.columns,
     )
-    return Frame(frame.path, frame.index, frame.slope, frame.intercept, plane)
+    return Frame(frame.path, frame.index, frame.slope, frame.intercept, plane, frame.spacing_stated)
 
 
 def check_decoder(header: pydicom.Dataset, path: str) -> None:
@@ -216,6 +218,7 @@ def _frames(header: pydicom.Dataset, path: str) -> list[Frame]:
                 slope=float(slope if slope is not None else 1.0),
                 intercept=float(intercept if intercept is not None else 0.0),
                 plane=plane,
+                spacing_stated=spacing is not None,
             )
         )
     return frames
@@ -265,3 +268,30 @@ def _pixels(path: str) -> np.ndarray:
     except Exception as exc:  # pydicom and its plugins raise many types for broken pixel data
         message = " ".join(str(exc).split())[:200]
         raise SourceError(f"{path}: cannot decode pixel data ({message})") from exc
+
+
+@dataclass(frozen=True)
+class DicomFrameSource:
+    """A single-frame DICOM image read as a 2-D image: ``(samples, rows, cols)`` rescaled values."""
+
+    frame: Frame
+
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return (self.frame.path,)
+
+    @property
+    def bands(self) -> tuple[int, ...]:
+        return tuple(range(1, samples_per_pixel(self.frame.path) + 1))
+
+    def read(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
+        pixels = _pixels(self.frame.path)
+        raw = pixels[self.frame.index] if self.frame.index is not None else pixels
+        planes = raw[None] if raw.ndim == 2 else np.moveaxis(raw, -1, 0)  # colour: (rows, cols, samples)
+        values = planes.astype(np.float64) * self.frame.slope + self.frame.intercept
+        window = values[(slice(None), *box.slices())].astype(np.float32)
+        return window, np.ones(box.shape, dtype=bool)
+
+
+def samples_per_pixel(path: str) -> int:
+    return int(pydicom.dcmread(path, stop_before_pixels=True).get("SamplesPerPixel", 1) or 1)

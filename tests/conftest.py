@@ -42,6 +42,18 @@ def _in_tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
 GeoTiffFactory = Callable[..., Path]
 
 
+def run_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
+    """``raymask run ARGS --json`` through the real entry point; the parsed summary."""
+    import json
+
+    from pipeline.cli import main
+
+    code = main(["run", *args, "--json"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    return dict(json.loads(captured.out))
+
+
 @pytest.fixture
 def make_geotiff(tmp_path: Path) -> GeoTiffFactory:
     """Write a GeoTIFF from an array ``(bands, rows, cols)``; returns its path."""

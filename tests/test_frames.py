@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 from pathlib import Path
 
@@ -14,8 +13,8 @@ import zarr
 from PIL import Image
 from rasterio.errors import NotGeoreferencedWarning
 
-from pipeline.cli import main
 from tests.conftest import DATA, ROOT
+from tests.conftest import run_json as run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 FRAME = DATA / "polyp" / "images" / "cju0qoxqj9q6s0835b43399p4.jpg"
@@ -28,13 +27,6 @@ def gdal_pixels(path: Path) -> np.ndarray:
         warnings.simplefilter("ignore", NotGeoreferencedWarning)
         with rasterio.open(path) as src:
             return src.read()
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
-    code = main(["run", *args, "--json"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return json.loads(captured.out)
 
 
 def test_a_jpeg_frame_is_a_plain_image(

@@ -6,7 +6,6 @@ import json
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -20,15 +19,9 @@ from rasterio.warp import Resampling, calculate_default_transform, reproject
 from pipeline.cli import main
 from pipeline.stats import NODATA
 from tests.conftest import LANDSAT, RGB_BYTE, ROOT, S2
+from tests.conftest import run_json as run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
-    code = main(["run", *args, "--json"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return json.loads(captured.out)
 
 
 def ndvi_job(tmp_path: Path, source: Path | str, out: str, *extra: str) -> list[str]:

@@ -18,16 +18,10 @@ from torch import nn
 
 from pipeline.cli import main
 from tests.conftest import CT_SERIES, EDGE_CASES, ROOT
+from tests.conftest import run_json as run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 UPPER = [-900, -500, -30, 300]
-
-
-def run(capsys: pytest.CaptureFixture[str], *args: str) -> dict:
-    code = main(["run", *args, "--json"])
-    captured = capsys.readouterr()
-    assert code == 0, captured.err
-    return json.loads(captured.out)
 
 
 def independent_hu_volume() -> tuple[np.ndarray, list[pydicom.Dataset]]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.errors import RaymaskError
+from pipeline.errors import ConfigError, RaymaskError
 
 EPILOG_RUN = """\
 examples:
@@ -24,6 +25,18 @@ examples:
 A run into an existing incomplete store of the same job resumes: chunks already written are
 skipped (the summary counts them). A complete store is never touched without --overwrite.
 Every config key is listed by `raymask config-schema`.
+"""
+
+EPILOG_SUBMIT = """\
+examples:
+  raymask submit configs/aerial-vegetation.yaml --address http://127.0.0.1:8265
+  raymask submit job.yaml --address http://head:8265 --set runtime.actors=8 --no-wait
+
+The config is validated here, then travels in the job's runtime environment; the current
+directory travels as the job's working directory (files ignored by .gitignore stay behind),
+so relative paths mean the same on the cluster. The exit status is the job's: 0 if it succeeded.
+The raw form works too:
+  ray job submit --address http://127.0.0.1:8265 --working-dir . -- raymask run CONFIG
 """
 
 EPILOG_INFO = """\
@@ -77,6 +90,24 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     run.set_defaults(func=_cmd_run)
 
+    submit = sub.add_parser(
+        "submit",
+        help="submit a job config to a Ray cluster (Ray Jobs API), follow its logs, exit with its status",
+        epilog=EPILOG_SUBMIT,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    submit.add_argument("config", help="job YAML; validated here before anything is sent")
+    submit.add_argument(
+        "--address",
+        default=os.environ.get("RAY_API_SERVER_ADDRESS"),
+        metavar="URL",
+        help="the cluster's dashboard / jobs API, e.g. http://HEAD:8265 (or RAY_API_SERVER_ADDRESS)",
+    )
+    submit.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    submit.add_argument("--overwrite", action="store_true", help="replace an existing store at output.path")
+    submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    submit.set_defaults(func=_cmd_submit)
+
     info = sub.add_parser(
         "info",
         help="show a store's status, georeference, classes and statistics",
@@ -109,6 +140,19 @@ def _cmd_run(args: argparse.Namespace) -> int:
     else:
         print(render_summary(summary))
     return 0
+
+
+def _cmd_submit(args: argparse.Namespace) -> int:
+    from pipeline.config import load_config
+    from pipeline.submit import submit
+
+    if not args.address:
+        raise ConfigError("raymask submit needs --address http://HEAD:8265 (or RAY_API_SERVER_ADDRESS)")
+    config = load_config(args.config, args.overrides)
+    _, status = submit(
+        config, address=args.address, working_dir=Path.cwd(), overwrite=args.overwrite, follow=not args.no_wait
+    )
+    return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") and (args.no_wait or status == "SUCCEEDED") else 1
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union, cast
 
@@ -265,6 +266,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConfig:
     """Read a YAML job config, apply ``--set`` overrides, validate; errors name the file and field."""
+    if str(path).startswith("env:"):  # a config carried in a job's runtime environment
+        name = str(path)[4:]
+        if name not in os.environ:
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+        raw = yaml.safe_load(os.environ[name])
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: expected a mapping of sections")
+        return config_from_dict(apply_overrides(raw, overrides or []), origin=str(path))
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text())

@@ -200,7 +200,7 @@ def connect(address: str | None) -> bool:
         return False
     target = address or os.environ.get("RAY_ADDRESS") or None
     if target and target not in ("auto", "local"):
-        _probe(target)
+        probe(target)
     try:
         ray.init(address=target, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
@@ -208,7 +208,7 @@ def connect(address: str | None) -> bool:
     return True
 
 
-def _probe(address: str, timeout: float = 5.0) -> None:
+def probe(address: str, timeout: float = 5.0) -> None:
     """Fail within seconds when nothing listens at ``address``; ray.init would retry for minutes."""
     hostport = address.split("://", 1)[-1].rstrip("/")
     host, _, port = hostport.rpartition(":")

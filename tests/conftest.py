@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -37,6 +40,29 @@ def ray_session() -> Iterator[None]:
 def _in_tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests run in their own folder, so relative output paths never touch the checkout."""
     monkeypatch.chdir(tmp_path)
+
+
+def processes_mentioning(text: str) -> list[int]:
+    found = []
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(int(proc.name))
+            except OSError:
+                continue
+    return found
+
+
+def kill_all(pids_of: Callable[[], list[int]], timeout: float = 30.0) -> None:
+    """SIGKILL every process ``pids_of`` names until none is left (workers can outlive a killed driver)."""
+    deadline = time.monotonic() + timeout
+    while (pids := pids_of()) and time.monotonic() < deadline:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        time.sleep(0.2)
+    assert not pids_of(), "Ray processes of the killed driver survived"
 
 
 GeoTiffFactory = Callable[..., Path]

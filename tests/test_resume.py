@@ -11,7 +11,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,35 +18,12 @@ import pytest
 import zarr
 
 from pipeline.cli import main
-from tests.conftest import GeoTiffFactory
+from tests.conftest import GeoTiffFactory, kill_all, processes_mentioning
 
 
 def chunk_bytes(store: Path) -> dict[str, bytes]:
     root = store / "mask" / "c"
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def processes_mentioning(text: str) -> list[int]:
-    found = []
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            try:
-                if text in (proc / "cmdline").read_bytes().decode(errors="replace"):
-                    found.append(int(proc.name))
-            except OSError:
-                continue
-    return found
-
-
-def kill_all(pids_of: Callable[[], list[int]], timeout: float = 30.0) -> None:
-    """SIGKILL every process ``pids_of`` names until none is left (workers can outlive a killed driver)."""
-    deadline = time.monotonic() + timeout
-    while (pids := pids_of()) and time.monotonic() < deadline:
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        time.sleep(0.2)
-    assert not pids_of(), "Ray processes of the killed driver survived"
 
 
 def units_done(store: Path) -> int:

@@ -84,3 +84,46 @@ def test_a_killed_driver_resumes_and_ends_byte_identical(
     clean = json.loads(capsys.readouterr().out)
     assert clean["units_run"] == total and clean["classes"] == resumed["classes"]
     assert chunk_bytes(killed) == chunk_bytes(tmp_path / "clean.zarr")
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_killed_predict_actor_is_replaced_and_the_mask_is_byte_identical(
+    tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import threading
+
+    rng = np.random.default_rng(4)
+    image = make_geotiff(rng.normal(size=(3, 512, 448)).astype(np.float32))
+    model = scripted_unet(3, 3)
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"source: {{path: '{image}'}}\n"
+        f"model: {{kind: torchscript, path: '{model}', classes: [a, b, c], stride: 4, receptive_radius: 20}}\n"
+        "tiling: {chunk: 64, halo: 24}\n"
+        f"output: {{path: '{tmp_path}/disturbed.zarr', preview: false}}\n"
+        "runtime: {batch_size: 1}\n"
+    )
+    disturbed = tmp_path / "disturbed.zarr"
+    result: dict[str, int] = {}
+    worker = threading.Thread(target=lambda: result.setdefault("code", main(["run", str(config), "--no-progress"])))
+    worker.start()
+    deadline = time.monotonic() + 120
+    while units_done(disturbed) < 8 and time.monotonic() < deadline and worker.is_alive():
+        time.sleep(0.05)
+    actors = processes_mentioning("MapBatches(Predictor)")
+    assert actors, "no predict actor process found"
+    for pid in actors:
+        os.kill(pid, signal.SIGKILL)  # a real process death, mid-run
+    killed_at = units_done(disturbed)
+    worker.join(timeout=300)
+    for pid in actors:  # the processes really died; the job went on with a restarted actor
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+    assert result.get("code") == 0
+    assert 0 < killed_at < 56
+    capsys.readouterr()
+
+    assert main(["run", str(config), "--json", "--set", f"output.path={tmp_path}/clean.zarr"]) == 0
+    capsys.readouterr()
+    assert json.loads((disturbed / "zarr.json").read_text())["attributes"]["raymask"]["status"] == "complete"
+    assert chunk_bytes(disturbed) == chunk_bytes(tmp_path / "clean.zarr")

@@ -73,6 +73,13 @@ class SourceConfig(_Frozen):
         return tuple(self.path) if isinstance(self.path, list) else (self.path,)
 
 
+class BatchSourceConfig(_Frozen):
+    """What applies to every input of a batch."""
+
+    bands: list[Annotated[int, Field(ge=1)]] | None = None
+    kind: Literal["auto", "raster", "dicom"] = "auto"
+
+
 class NdviModelConfig(_Frozen):
     """NDVI thresholds: water below ``water_below``, vegetation at or above ``vegetation_above``."""
 
@@ -236,6 +243,58 @@ class JobConfig(_Frozen):
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
+class BatchOutputConfig(_Frozen):
+    root: str = Field(description="Folder under which each input gets its own store, at a name derived from its path.")
+    preview: bool = Field(default=False, description="Write a preview PNG beside each store.")
+
+
+class BatchConfig(_Frozen):
+    """A nightly run over an archive: the same model over every input that the globs find."""
+
+    inputs: list[str] = Field(
+        min_length=1,
+        description="Globs or folders: GeoTIFFs (and other rasters) and DICOM folders, which split into series. "
+        "Store names mirror each input's path relative to its glob's fixed part.",
+    )
+    source: BatchSourceConfig = Field(default_factory=lambda: BatchSourceConfig())
+    model: ModelConfig
+    tiling: TilingConfig = TilingConfig()
+    output: BatchOutputConfig
+    runtime: RuntimeConfig = RuntimeConfig()
+
+    def job(self, source: SourceConfig, store: str) -> JobConfig:
+        """The job config of one input."""
+        return JobConfig(
+            source=source,
+            model=self.model,
+            tiling=self.tiling,
+            output=OutputConfig(path=store, preview=self.output.preview),
+            runtime=self.runtime,
+        )
+
+
+def load_batch_config(path: str | Path, overrides: list[str] | None = None) -> BatchConfig:
+    raw = _read_yaml(Path(path))
+    try:
+        return BatchConfig.model_validate(apply_overrides(raw, overrides or []))
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from exc
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: config file not found") from exc
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc})") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections")
+    return raw
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """``'tiling.halo=32'`` -> (['tiling', 'halo'], 32); the value is read as a YAML scalar or list."""
     key, sep, raw = text.partition("=")
@@ -274,17 +333,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections")
         return config_from_dict(apply_overrides(raw, overrides or []), origin=str(path))
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError as exc:
-        raise ConfigError(f"{path}: config file not found") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: cannot read config ({exc})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from exc
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected a mapping of sections (source, model, tiling, output, runtime)")
+    raw = _read_yaml(Path(path))
     return config_from_dict(apply_overrides(raw, overrides or []), origin=str(path))
 
 

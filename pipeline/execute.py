@@ -16,9 +16,7 @@ import os
 import re
 import socket
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -27,13 +25,14 @@ import numpy as np
 from pipeline import __version__, errors
 from pipeline.config import JobConfig
 from pipeline.errors import ClusterError, ConfigError, RaymaskError, StoreError, StoreExists
-from pipeline.geometry import TileGrid, inside_image, pad_to_window
+from pipeline.geometry import TileGrid
 from pipeline.georef import row_pixel_areas
 from pipeline.ingest import ingest_series
 from pipeline.inputs import InputInfo, Source, open_input
 from pipeline.plan import pending_units
 from pipeline.stats import Measure, class_table
 from pipeline.store import COMPLETE, MaskStore, StoreLayout
+from pipeline.stream import Target, stream
 from workers.models.registry import ModelSpec, describe
 
 log = logging.getLogger(__name__)
@@ -114,7 +113,7 @@ def open_output(job: Job, *, overwrite: bool) -> tuple[MaskStore, int]:
             MaskStore.remove(path)
         elif existing.status == COMPLETE:
             raise StoreExists(f"{given}: a complete store is already there; pass --overwrite to replace it")
-        elif existing.meta.get("identity") != _identity(job):
+        elif not same_job(existing, job):
             raise StoreError(
                 f"{given}: an incomplete store of a different job (config, model or source changed); "
                 "pass --overwrite to start again"
@@ -122,7 +121,12 @@ def open_output(job: Job, *, overwrite: bool) -> tuple[MaskStore, int]:
         else:
             store = MaskStore.open(path, mode="r+")
             return store, int(store.units_done().sum())
-    _check_writable(path)
+    return create_store(job), 0
+
+
+def create_store(job: Job) -> MaskStore:
+    """A new, empty store for ``job`` at its output path."""
+    _check_writable(job.store_path)
     layout = StoreLayout(
         grid=job.grid,
         classes=job.model.classes,
@@ -131,7 +135,12 @@ def open_output(job: Job, *, overwrite: bool) -> tuple[MaskStore, int]:
         volume=job.info.volume,
         pixel_area_mm2=job.info.pixel_area_mm2,
     )
-    return MaskStore.create(path, layout), 0
+    return MaskStore.create(job.store_path, layout)
+
+
+def same_job(store: MaskStore, job: Job) -> bool:
+    """Whether ``store`` was made by this job: same config, model and source content."""
+    return bool(store.meta.get("identity") == _identity(job))
 
 
 def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True) -> RunSummary:
@@ -148,8 +157,17 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
                     ingest_series(store, job.info.series, progress=progress)
                 except Exception as exc:
                     raise _unwrap(exc) from exc
-            for _ in _stream(job, store, [u.index for u in todo], measure, progress=progress):
-                pass
+            target = Target(
+                job.source, job.grid, job.config.tiling.edge, str(store.path), measure, len(job.model.classes)
+            )
+            rows = stream(
+                {0: target}, [(0, u.index) for u in todo], model=config.model, runtime=config.runtime, progress=progress
+            )
+            try:
+                for _ in rows:
+                    pass
+            except Exception as exc:
+                raise _unwrap(exc) from exc
         finally:
             if owns_ray:
                 import ray
@@ -220,76 +238,6 @@ def probe(address: str, timeout: float = 5.0) -> None:
         raise ClusterError(
             f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc} (is the head running?)"
         ) from exc
-
-
-def _stream(
-    job: Job, store: MaskStore, units: list[tuple[int, ...]], measure: Measure, *, progress: bool
-) -> Iterator[dict[str, Any]]:
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy, Dataset
-    from tqdm import tqdm
-
-    from workers.predictor import Predictor
-
-    rt = job.config.runtime
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    gpus_per_actor = (1.0 if gpus >= 1 else 0.0) if rt.gpus_per_actor == "auto" else float(rt.gpus_per_actor)
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    actors = rt.actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else max(1, int(cpus // 2)))
-    # Torch threads: an actor reserves actor_cpus so the read and write stages keep a CPU, but
-    # those stages mostly wait on I/O; sharing the cores among the actors measured faster
-    # (bench/RESULTS.md: 2 threads 3.56 vs 1 thread 2.58 tiles/s model-only on 2 cores).
-    threads = rt.threads or max(1, int(cpus // actors))
-    # Fault tolerance is Ray Data's: a read or write task whose worker dies is retried (Ray's
-    # default, 3 times), and a dead predict actor is restarted and its batches re-run, without
-    # limit. Every stage is idempotent (chunks are rewritten whole), so a retry is harmless.
-    read = partial(_read_stage, source=job.source, grid=job.grid, edge=job.config.tiling.edge)
-    write = partial(
-        _write_stage, store=str(store.path), grid=job.grid, measure=measure, n_classes=len(job.model.classes)
-    )
-    ds: Dataset = ray.data.from_items(
-        [{"unit": np.asarray(u, dtype=np.int64)} for u in units], override_num_blocks=len(units)
-    )
-    ds = ds.map(read, num_cpus=rt.io_cpus)
-    ds = ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={"model": job.config.model, "threads": threads},
-        batch_size=rt.batch_size,
-        compute=ActorPoolStrategy(size=actors),
-        num_cpus=rt.actor_cpus,
-        num_gpus=gpus_per_actor,
-    )
-    ds = ds.map(write, num_cpus=rt.io_cpus)
-    bar = tqdm(total=len(units), unit="tile", desc="raymask", disable=not progress, dynamic_ncols=True, smoothing=0.1)
-    try:
-        for row in ds.iter_rows():
-            bar.update(1)
-            yield row
-    except Exception as exc:
-        raise _unwrap(exc) from exc
-    finally:
-        bar.close()
-
-
-def _read_stage(row: dict[str, Any], *, source: Source, grid: TileGrid, edge: str) -> dict[str, Any]:
-    unit = grid.unit(tuple(int(i) for i in row["unit"]))
-    data, valid = source.read(inside_image(unit.read, grid.shape))
-    return {
-        "unit": row["unit"],
-        "image": pad_to_window(data, unit.read, grid.shape, edge=edge),
-        "valid": pad_to_window(valid, unit.read, grid.shape, edge=edge),
-        "core_start": np.subtract(unit.core.start, unit.read.start),
-        "core_stop": np.subtract(unit.core.stop, unit.read.start),
-    }
-
-
-def _write_stage(
-    row: dict[str, Any], *, store: str, grid: TileGrid, measure: Measure, n_classes: int
-) -> dict[str, Any]:
-    unit = grid.unit(tuple(int(i) for i in row["unit"]))
-    stats = MaskStore.open(store, mode="r+").write_unit(unit, row["labels"], measure=measure, n_classes=n_classes)
-    return {"unit": row["unit"], "pixels": stats.pixels}
 
 
 def _unwrap(exc: BaseException) -> Exception:

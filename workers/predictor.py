@@ -14,11 +14,13 @@ import numpy as np
 
 from pipeline.config import ModelConfig
 from pipeline.stats import NODATA
+from pipeline.stream import describe
 from workers.models.registry import Segmenter, build
 
 
 class Predictor:
-    def __init__(self, model: ModelConfig, *, threads: int = 1, device: str = "auto") -> None:
+    def __init__(self, model: ModelConfig, *, threads: int = 1, device: str = "auto", isolate: bool = False) -> None:
+        self.isolate = isolate  # batch runs: a failing batch marks its rows instead of stopping the run
         if device == "auto":
             device = _default_device()
         _limit_threads(threads)
@@ -26,14 +28,23 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         n = len(batch["unit"])
-        labels: list[np.ndarray | None] = [None] * n
+        errors = [str(e) for e in batch["error"]]
+        labels: list[np.ndarray] = [np.zeros((0,) * np.ndim(batch["valid"][i]), dtype=np.uint8) for i in range(n)]
         groups: dict[tuple[int, ...], list[int]] = defaultdict(list)
         for i in range(n):
-            groups[tuple(batch["image"][i].shape)].append(i)
+            if not errors[i]:
+                groups[tuple(batch["image"][i].shape)].append(i)
         for members in groups.values():
             images = np.stack([batch["image"][i] for i in members])
             valid = np.stack([batch["valid"][i] for i in members])
-            predicted = self.model.predict(images, valid)
+            try:
+                predicted = self.model.predict(images, valid)
+            except Exception as exc:
+                if not self.isolate:
+                    raise
+                for i in members:
+                    errors[i] = describe(exc)
+                continue
             for j, i in enumerate(members):
                 core = tuple(slice(a, b) for a, b in zip(batch["core_start"][i], batch["core_stop"][i]))
                 out = np.array(predicted[j][core], dtype=np.uint8)
@@ -41,7 +52,7 @@ class Predictor:
                 labels[i] = out
         packed = np.empty(n, dtype=object)
         packed[:] = labels
-        return {"unit": batch["unit"], "labels": packed}
+        return {"key": batch["key"], "unit": batch["unit"], "error": np.asarray(errors, dtype=object), "labels": packed}
 
 
 def _default_device() -> str:

@@ -39,6 +39,18 @@ The raw form works too:
   ray job submit --address http://127.0.0.1:8265 --working-dir . -- raymask run CONFIG
 """
 
+EPILOG_BATCH = """\
+examples:
+  raymask batch configs/archive-nightly.yaml
+  raymask batch configs/archive-nightly.yaml --set output.root=/data/masks --json > report.json
+
+A matched file is one input; a matched folder is a DICOM study, split into series. Each input's
+store mirrors its path under output.root. Complete stores of the same job and source are skipped,
+unfinished ones resumed, and a changed source gets a new store, swapped in once complete. A failing
+input is recorded in ROOT/batch-report.json and never stops the others; the exit status is 0 only
+if every input succeeded.
+"""
+
 EPILOG_INFO = """\
 examples:
   raymask info out/aber.zarr
@@ -108,6 +120,24 @@ def _parser() -> argparse.ArgumentParser:
     submit.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
     submit.set_defaults(func=_cmd_submit)
 
+    batch = sub.add_parser(
+        "batch",
+        help="run one model over every input a batch config's globs find; skip what is done; report",
+        epilog=EPILOG_BATCH,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    batch.add_argument("config", help="batch YAML: inputs (globs), source, model, tiling, output.root, runtime")
+    batch.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    batch.add_argument("--json", action="store_true", help="print the batch report as JSON on stdout")
+    batch.add_argument("--no-progress", action="store_true")
+    batch.set_defaults(func=_cmd_batch)
+
+    catalog = sub.add_parser("catalog", help="list every store under a folder: source, status, class areas or volumes")
+    catalog.add_argument("root")
+    catalog.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    catalog.add_argument("--out", metavar="FILE", help="also write the table as .csv or .parquet")
+    catalog.set_defaults(func=_cmd_catalog)
+
     info = sub.add_parser(
         "info",
         help="show a store's status, georeference, classes and statistics",
@@ -153,6 +183,26 @@ def _cmd_submit(args: argparse.Namespace) -> int:
         config, address=args.address, working_dir=Path.cwd(), overwrite=args.overwrite, follow=not args.no_wait
     )
     return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") and (args.no_wait or status == "SUCCEEDED") else 1
+
+
+def _cmd_batch(args: argparse.Namespace) -> int:
+    from pipeline.batch import REPORT, run_batch
+    from pipeline.config import load_batch_config
+    from pipeline.report import render_batch
+
+    report = run_batch(load_batch_config(args.config, args.overrides), progress=not (args.no_progress or args.json))
+    print(json.dumps(report.to_json(), indent=2) if args.json else render_batch(report, REPORT))
+    return 0 if report.ok else 1
+
+
+def _cmd_catalog(args: argparse.Namespace) -> int:
+    from pipeline.catalog import catalog_rows, render, write_table_file
+
+    rows = catalog_rows(Path(args.root))
+    if args.out:
+        write_table_file(rows, Path(args.out))
+    print(json.dumps(rows, indent=2) if args.json else render(rows))
+    return 0
 
 
 def _cmd_info(args: argparse.Namespace) -> int:

@@ -148,7 +148,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     job = prepare(config)
     store, skipped = open_output(job, overwrite=overwrite)
     todo = pending_units(job.grid, store.units_done())
-    measure = _measure(job)
+    measure = measure_of(job)
     if todo:
         owns_ray = connect(config.runtime.address)
         try:
@@ -156,7 +156,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
                 try:
                     ingest_series(store, job.info.series, progress=progress)
                 except Exception as exc:
-                    raise _unwrap(exc) from exc
+                    raise unwrap(exc) from exc
             target = Target(
                 job.source, job.grid, job.config.tiling.edge, str(store.path), measure, len(job.model.classes)
             )
@@ -167,7 +167,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
                 for _ in rows:
                     pass
             except Exception as exc:
-                raise _unwrap(exc) from exc
+                raise unwrap(exc) from exc
         finally:
             if owns_ray:
                 import ray
@@ -240,7 +240,7 @@ def probe(address: str, timeout: float = 5.0) -> None:
         ) from exc
 
 
-def _unwrap(exc: BaseException) -> Exception:
+def unwrap(exc: BaseException) -> Exception:
     """Find the raymask error inside Ray's wrappers, so the user sees the real one-line message.
 
     Ray Data re-raises a failed task as ``RayTaskError(UserCodeException)`` that keeps the
@@ -270,7 +270,7 @@ def _unwrap(exc: BaseException) -> Exception:
 _RAISED = re.compile(r"pipeline\.errors\.(\w+): ([^\n]+)")
 
 
-def _measure(job: Job) -> Measure:
+def measure_of(job: Job) -> Measure:
     """m² per pixel for each image row, mm³ per voxel for volumes, None without a CRS."""
     if job.info.volume is not None:
         return job.info.volume.voxel_volume_mm3

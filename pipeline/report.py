@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict
 from typing import Any
 
+from pipeline.batch import BatchReport
 from pipeline.execute import RunSummary
 from pipeline.store import MaskStore
 
@@ -28,6 +29,23 @@ def render_summary(summary: RunSummary) -> str:
     if summary.preview:
         lines += ["", f"preview   {summary.preview}"]
     lines += [f"note      {note}" for note in summary.notes]
+    return "\n".join(lines)
+
+
+def render_batch(report: BatchReport, report_name: str) -> str:
+    counts = report.counts()
+    lines = [f"{'input':<48} {'status':<9} {'tiles':>7}  note"]
+    for r in report.results:
+        note = r.error or (
+            f"{r.units_skipped} tiles already written" if r.units_skipped and r.status != "skipped" else ""
+        )
+        lines.append(f"{r.input[-48:]:<48} {r.status:<9} {r.units_run:>7}  {note[:100]}")
+    lines.append("")
+    lines.append(
+        f"{len(report.results)} inputs: {counts['done']} done, {counts['resumed']} resumed, "
+        f"{counts['skipped']} skipped (already complete), {counts['failed']} failed; {report.seconds:.1f} s"
+    )
+    lines.append(f"report    {report.root}/{report_name}")
     return "\n".join(lines)
 
 

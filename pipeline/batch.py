@@ -1,0 +1,260 @@
+"""Batch runs over an archive: one store per input, what is done is skipped, failures are isolated.
+
+Inputs come from globs. A matched file is one input (a raster, or a DICOM file); a matched folder
+is a DICOM study and each of its series is one input. Each input's store sits under the output
+root at a name that mirrors the input's path relative to its glob's fixed part (``a/b.tif`` ->
+``ROOT/a/b.tif.zarr``, ``a_b.tif`` -> ``ROOT/a_b.tif.zarr``): stable from night to night, never
+outside the root, and two inputs that would share a name are refused before anything runs.
+
+Decisions come from the stores themselves: complete and made by the same job (config, model and
+source content) -> skipped; incomplete of the same job -> resumed; complete but the source changed
+-> a new version is built beside it (``NAME.zarr.next``) and swapped in only once complete, so the
+previous store stays readable until then. All inputs stream through one Ray Data pipeline and one
+actor pool (a model is loaded once per actor for the whole batch); a failing input is recorded with
+its message and traceback and never stops the others.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import shutil
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import BatchConfig, SourceConfig
+from pipeline.errors import ConfigError, RaymaskError, SourceError
+from pipeline.execute import Job, connect, create_store, measure_of, prepare, same_job, unwrap
+from pipeline.stats import class_table
+from pipeline.store import COMPLETE, MaskStore
+from pipeline.stream import Target, stream
+
+REPORT = "batch-report.json"
+_GLOB_CHARS = set("*?[")
+
+
+@dataclass(frozen=True)
+class BatchInput:
+    name: str  # store name relative to the root, without .zarr
+    source: SourceConfig
+    label: str  # what the report shows: the file, or the folder and series
+
+
+@dataclass
+class InputResult:
+    input: str
+    store: str
+    status: str  # done | resumed | skipped | failed
+    units_run: int = 0
+    units_skipped: int = 0
+    error: str | None = None
+    traceback: str | None = None
+    classes: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BatchReport:
+    root: str
+    started: str
+    seconds: float
+    results: list[InputResult]
+
+    @property
+    def ok(self) -> bool:
+        return all(r.status != "failed" for r in self.results)
+
+    def counts(self) -> dict[str, int]:
+        counts = {"done": 0, "resumed": 0, "skipped": 0, "failed": 0}
+        for r in self.results:
+            counts[r.status] += 1
+        return counts
+
+    def to_json(self) -> dict[str, Any]:
+        return {"root": self.root, "started": self.started, "seconds": self.seconds, "ok": self.ok,
+                "counts": self.counts(), "results": [asdict(r) for r in self.results]}  # fmt: skip
+
+
+def expand_inputs(config: BatchConfig) -> list[BatchInput]:
+    """Inputs from the globs, with stable store names; refuses empty globs and name collisions."""
+    from pipeline.sources.dicom import discover
+
+    found: dict[str, BatchInput] = {}
+    for pattern in config.inputs:
+        base = _fixed_part(pattern)
+        matches = sorted(glob.glob(pattern, recursive=True)) if _has_glob(pattern) else [pattern]
+        matches = [m for m in matches if Path(m).exists()]
+        if not matches:
+            raise ConfigError(f"{pattern}: matches nothing")
+        for match in matches:
+            rel = _relative_name(Path(match), base)
+            if Path(match).is_dir():
+                series, _ = discover([match])
+                for s in series:
+                    tag = hashlib.sha256(s.key.encode()).hexdigest()[:8]
+                    source = SourceConfig(path=s.paths, kind="dicom")
+                    label = f"{match} ({s.modality} series {tag}, {len(s.frames)} frames)"
+                    _add(found, BatchInput(f"{rel}/{s.modality or 'series'}-{tag}", source, label))
+            else:
+                source = SourceConfig(path=match, kind=config.source.kind, bands=config.source.bands)
+                _add(found, BatchInput(rel, source, match))
+    return list(found.values())
+
+
+def run_batch(config: BatchConfig, *, progress: bool = True) -> BatchReport:
+    started, clock = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
+    root = Path(config.output.root).absolute()
+    if root.exists() and not root.is_dir():
+        raise ConfigError(f"{config.output.root}: the output root is a file, not a folder")
+    inputs = expand_inputs(config)
+    root.mkdir(parents=True, exist_ok=True)
+    results: dict[int, InputResult] = {}
+    planned: dict[int, tuple[Job, MaskStore, Path | None]] = {}
+    for key, item in enumerate(inputs):
+        store_path = root / f"{item.name}.zarr"
+        result = InputResult(input=item.label, store=str(store_path.relative_to(root)), status="done")
+        results[key] = result
+        try:
+            plan = _plan(config, item, store_path, result)
+        except RaymaskError as exc:
+            _fail(result, exc)
+            continue
+        if plan is not None:
+            planned[key] = plan
+    if planned:
+        _run(config, planned, results, progress=progress)
+    for key, (job, store, final) in planned.items():
+        if results[key].status != "failed":
+            _finish(job, store, final, results[key])
+    report = BatchReport(str(root), started, time.perf_counter() - clock, [results[k] for k in sorted(results)])
+    (root / REPORT).write_text(json.dumps(report.to_json(), indent=2))
+    return report
+
+
+def _plan(
+    config: BatchConfig, item: BatchInput, store_path: Path, result: InputResult
+) -> tuple[Job, MaskStore, Path | None] | None:
+    """Decide from the store on disk: skip, resume, start, or build a new version beside it."""
+    job = prepare(config.job(item.source, str(store_path)))
+    if store_path.exists():
+        existing = MaskStore.open(store_path)
+        if existing.status == COMPLETE and same_job(existing, job):
+            result.status, result.units_skipped = "skipped", int(existing.units_done().size)
+            result.classes = existing.meta.get("stats", {}).get("classes", {})
+            return None
+        if existing.status == COMPLETE:  # the source (or config) changed: a new version beside it
+            pending = store_path.with_name(store_path.name + ".next")
+            job = prepare(config.job(item.source, str(pending)))
+            store, _ = _open_or_create(job, result)
+            return job, store, store_path
+    store, _ = _open_or_create(job, result)
+    return job, store, None
+
+
+def _open_or_create(job: Job, result: InputResult) -> tuple[MaskStore, int]:
+    path = job.store_path
+    if path.exists():
+        existing = MaskStore.open(path)
+        if existing.status != COMPLETE and same_job(existing, job):
+            store = MaskStore.open(path, mode="r+")
+            result.status, result.units_skipped = "resumed", int(store.units_done().sum())
+            return store, result.units_skipped
+        MaskStore.remove(path)  # an unfinished store of an older job
+    return create_store(job), 0
+
+
+def _run(
+    config: BatchConfig, planned: dict[int, tuple[Job, MaskStore, Path | None]], results: dict[int, InputResult],
+    *, progress: bool,
+) -> None:  # fmt: skip
+    from pipeline.ingest import ingest_series
+    from pipeline.plan import pending_units
+
+    owns_ray = connect(config.runtime.address)
+    try:
+        targets: dict[int, Target] = {}
+        units: list[tuple[int, tuple[int, ...]]] = []
+        for key, (job, store, _) in planned.items():
+            try:
+                if job.info.series is not None:
+                    ingest_series(store, job.info.series, progress=False)
+            except Exception as exc:
+                _fail(results[key], unwrap(exc))
+                continue
+            measure = measure_of(job)
+            targets[key] = Target(job.source, job.grid, job.config.tiling.edge, str(store.path), measure,
+                                  len(job.model.classes))  # fmt: skip
+            todo = pending_units(job.grid, store.units_done())
+            results[key].units_run = len(todo)
+            units.extend((key, u.index) for u in todo)
+        if units:
+            rows = stream(targets, units, model=config.model, runtime=config.runtime, isolate=True, progress=progress)
+            for row in rows:
+                error = str(row["error"])
+                result = results[int(row["key"])]
+                if error and result.status != "failed":
+                    message, _, trace = error.partition("\n")
+                    result.status, result.error, result.traceback = "failed", message, trace
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+
+
+def _finish(job: Job, store: MaskStore, final: Path | None, result: InputResult) -> None:
+    unit = store.meta.get("measure")
+    table = class_table(store.totals(), [n for n, _ in job.model.classes], unit)
+    store.mark_complete({"classes": table, "measure": unit})
+    result.classes = table
+    if final is not None:  # swap the new version in; the old one was readable until now
+        retired = final.with_name(final.name + f".old-{os.getpid()}")
+        os.rename(final, retired)
+        os.rename(store.path, final)
+        shutil.rmtree(retired)
+
+
+def _fail(result: InputResult, exc: BaseException) -> None:
+    result.status = "failed"
+    result.error = " ".join(str(exc).split())
+    result.traceback = "".join(traceback.format_exception(exc))
+
+
+def _add(found: dict[str, BatchInput], item: BatchInput) -> None:
+    if item.name in found:
+        raise ConfigError(
+            f"{item.label}: would share the store name {item.name}.zarr with {found[item.name].label}; "
+            "rename one or split the batch"
+        )
+    found[item.name] = item
+
+
+def _has_glob(pattern: str) -> bool:
+    return any(c in pattern for c in _GLOB_CHARS)
+
+
+def _fixed_part(pattern: str) -> Path:
+    """The folder that store names are relative to: the pattern's parts before the first glob."""
+    parts = Path(pattern).parts
+    fixed = []
+    for part in parts:
+        if _has_glob(part):
+            break
+        fixed.append(part)
+    base = Path(*fixed) if fixed else Path(".")
+    return base if _has_glob(pattern) else base.parent  # a plain path is named after itself
+
+
+def _relative_name(match: Path, base: Path) -> str:
+    try:
+        rel = match.absolute().relative_to(base.absolute())
+    except ValueError:
+        rel = Path(match.name)
+    name = rel.as_posix().strip("/")
+    if not name or name == "." or any(part in ("..", "") for part in name.split("/")):
+        raise SourceError(f"{match}: cannot derive a store name inside the output root")
+    return name

@@ -1,0 +1,88 @@
+"""List every raymask store under a folder: source, status, shape, CRS or spacing, class measures."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import StoreError
+from pipeline.store import MaskStore
+
+
+def find_stores(root: Path) -> list[Path]:
+    """Stores under ``root`` (new versions still being built, ``*.zarr.next``, are not listed)."""
+    if not root.is_dir():
+        raise StoreError(f"{root}: not a folder")
+    found = []
+    for path in sorted(root.rglob("*.zarr")):
+        if path.is_dir() and (path / "zarr.json").is_file() and not any(p.suffix == ".zarr" for p in path.parents):
+            found.append(path)
+    return found
+
+
+def catalog_rows(root: Path) -> list[dict[str, Any]]:
+    rows = []
+    for path in find_stores(root):
+        try:
+            store = MaskStore.open(path)
+        except StoreError:
+            continue  # a zarr store that raymask did not write
+        meta = store.meta
+        crs = meta.get("crs")
+        volume = meta.get("volume") or {}
+        row: dict[str, Any] = {
+            "store": str(path.relative_to(root)),
+            "source": ";".join(meta.get("source", {}).get("paths", [])),
+            "status": meta.get("status"),
+            "shape": "x".join(str(v) for v in meta.get("shape", [])),
+            "crs": crs.split('"')[1] if crs and '"' in crs else crs,
+            "spacing_mm": "x".join(f"{v:g}" for v in volume.get("spacing_mm", [])) or None,
+            "completed": meta.get("completed"),
+        }
+        for name, stats in (meta.get("stats") or {}).get("classes", {}).items():
+            for key in ("area_ha", "volume_ml", "area_cm2"):
+                if stats.get(key) is not None:
+                    row[f"{name}_{key}"] = stats[key]
+            row.setdefault(f"{name}_pixels", stats.get("pixels"))
+        rows.append(row)
+    return rows
+
+
+def to_csv(rows: list[dict[str, Any]]) -> str:
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def write_table_file(rows: list[dict[str, Any]], out: Path) -> None:
+    if out.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        columns = list(dict.fromkeys(k for row in rows for k in row))
+        table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]) if rows else pa.table({})
+        pq.write_table(table, out)
+    elif out.suffix == ".csv":
+        out.write_text(to_csv(rows))
+    else:
+        raise StoreError(f"{out}: write .csv or .parquet")
+
+
+def render(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "no raymask stores"
+    lines = [f"{'store':<40} {'status':<11} {'shape':<14} {'crs / spacing':<28} measures"]
+    for row in rows:
+        where = row["crs"] or (f"{row['spacing_mm']} mm" if row["spacing_mm"] else "-")
+        measures = ", ".join(
+            f"{k.rsplit('_', 2)[0]} {v:,.2f} {k.rsplit('_', 1)[1]}"
+            for k, v in row.items()
+            if k.endswith(("_area_ha", "_volume_ml", "_area_cm2")) and v is not None
+        )
+        lines.append(f"{row['store']:<40} {row['status']:<11} {row['shape']:<14} {where:<28} {measures}")
+    return "\n".join(lines)

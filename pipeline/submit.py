@@ -52,8 +52,10 @@ def submit(
     print(f"submitted {job_id} to {address}", file=out, flush=True)
     if not follow:
         return job_id, str(client.get_job_status(job_id))
-    asyncio.run(_tail(client, job_id, out))
+    streamed = asyncio.run(_tail(client, job_id, out))
     status = _wait(client, job_id)
+    if not streamed:  # a job that ends at once can finish before the log stream connects
+        out.write(client.get_job_logs(job_id))
     print(f"job {job_id} {status.lower()}", file=out, flush=True)
     return job_id, status
 
@@ -71,13 +73,17 @@ def _submit_with_retry(client: object, entrypoint: str, runtime_env: dict, timeo
             time.sleep(2.0)
 
 
-async def _tail(client: object, job_id: str, out: TextIO) -> None:
+async def _tail(client: object, job_id: str, out: TextIO) -> bool:
+    """Stream the job's logs until it ends; whether anything came."""
+    streamed = False
     async for lines in client.tail_job_logs(job_id):  # type: ignore[attr-defined]
+        streamed = streamed or bool(lines.strip())
         out.write(lines)
         out.flush()
+    return streamed
 
 
-def _wait(client: object, job_id: str, timeout: float = 60.0) -> str:
+def _wait(client: object, job_id: str, timeout: float = 300.0) -> str:
     deadline = time.monotonic() + timeout
     while True:
         status = str(client.get_job_status(job_id)).rsplit(".", 1)[-1]  # type: ignore[attr-defined]

@@ -44,6 +44,12 @@ def ray_head() -> Iterator[str]:
         str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
+        # Every port explicit and free: the session's own local Ray already holds Ray's defaults
+        # (52365 for the dashboard agent among them), and a head whose agent cannot bind never
+        # accepts a job ("No available agent").
+        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
+        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
+        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
     ]  # fmt: skip
     started = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=180)
     try:
@@ -58,6 +64,8 @@ def ray_head() -> Iterator[str]:
             if probe.returncode == 0:
                 break
             time.sleep(2)
+        else:
+            pytest.fail(f"the Ray head never accepted a job: {probe.stderr[-1500:]}")
         yield address
     finally:
         kill_all(lambda: processes_mentioning(temp))

@@ -33,21 +33,26 @@ def units_done(store: Path) -> int:
         return 0
 
 
-@pytest.mark.usefixtures("ray_session")
-def test_a_killed_driver_resumes_and_ends_byte_identical(
-    tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, capsys: pytest.CaptureFixture[str]
-) -> None:
-    rng = np.random.default_rng(3)
-    image = make_geotiff(rng.normal(size=(3, 512, 448)).astype(np.float32))
+def unet_job(tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, *, store: str, seed: int) -> Path:
+    """A 512 x 448 job of 56 tiles for the tiny U-Net, one tile per model call, so it runs long enough to hit."""
+    image = make_geotiff(np.random.default_rng(seed).normal(size=(3, 512, 448)).astype(np.float32))
     model = scripted_unet(3, 3)
     config = tmp_path / "job.yaml"
     config.write_text(
         f"source: {{path: '{image}'}}\n"
         f"model: {{kind: torchscript, path: '{model}', classes: [a, b, c], stride: 4, receptive_radius: 20}}\n"
         "tiling: {chunk: 64, halo: 24}\n"
-        f"output: {{path: '{tmp_path}/killed.zarr', preview: false}}\n"
+        f"output: {{path: '{tmp_path}/{store}', preview: false}}\n"
         "runtime: {batch_size: 1}\n"
     )
+    return config
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_killed_driver_resumes_and_ends_byte_identical(
+    tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = unet_job(tmp_path, make_geotiff, scripted_unet, store="killed.zarr", seed=3)
     killed = tmp_path / "killed.zarr"
     total = (512 // 64) * (448 // 64)
 
@@ -92,17 +97,7 @@ def test_a_killed_predict_actor_is_replaced_and_the_mask_is_byte_identical(
 ) -> None:
     import threading
 
-    rng = np.random.default_rng(4)
-    image = make_geotiff(rng.normal(size=(3, 512, 448)).astype(np.float32))
-    model = scripted_unet(3, 3)
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        f"source: {{path: '{image}'}}\n"
-        f"model: {{kind: torchscript, path: '{model}', classes: [a, b, c], stride: 4, receptive_radius: 20}}\n"
-        "tiling: {chunk: 64, halo: 24}\n"
-        f"output: {{path: '{tmp_path}/disturbed.zarr', preview: false}}\n"
-        "runtime: {batch_size: 1}\n"
-    )
+    config = unet_job(tmp_path, make_geotiff, scripted_unet, store="disturbed.zarr", seed=4)
     disturbed = tmp_path / "disturbed.zarr"
     result: dict[str, int] = {}
     worker = threading.Thread(target=lambda: result.setdefault("code", main(["run", str(config), "--no-progress"])))

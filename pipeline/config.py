@@ -406,9 +406,5 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def model_kinds() -> list[str]:
-    return list(_MODEL_KINDS)
-
-
 def json_schema() -> dict[str, Any]:
     return JobConfig.model_json_schema()

@@ -29,8 +29,7 @@ from typing import Any
 
 from pipeline.config import BatchConfig, SourceConfig
 from pipeline.errors import ConfigError, RaymaskError, SourceError
-from pipeline.execute import Job, connect, create_store, measure_of, prepare, same_job, unwrap
-from pipeline.stats import class_table
+from pipeline.execute import Job, connect, create_store, finalize, measure_of, prepare, same_job, unwrap
 from pipeline.store import COMPLETE, MaskStore
 from pipeline.stream import Target, stream
 
@@ -207,10 +206,7 @@ def _run(
 
 
 def _finish(job: Job, store: MaskStore, final: Path | None, result: InputResult) -> None:
-    unit = store.meta.get("measure")
-    table = class_table(store.totals(), [n for n, _ in job.model.classes], unit)
-    store.mark_complete({"classes": table, "measure": unit})
-    result.classes = table
+    result.classes = finalize(job, store)
     if final is not None:  # swap the new version in; the old one was readable until now
         retired = final.with_name(final.name + f".old-{os.getpid()}")
         os.rename(final, retired)

@@ -182,7 +182,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     _, status = submit(
         config, address=args.address, working_dir=Path.cwd(), overwrite=args.overwrite, follow=not args.no_wait
     )
-    return 0 if status in ("SUCCEEDED", "PENDING", "RUNNING") and (args.no_wait or status == "SUCCEEDED") else 1
+    if args.no_wait:
+        return 0 if status != "FAILED" else 1
+    return 0 if status == "SUCCEEDED" else 1
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:

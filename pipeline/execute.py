@@ -35,8 +35,6 @@ from pipeline.store import COMPLETE, MaskStore, StoreLayout
 from pipeline.stream import Target, stream
 from workers.models.registry import ModelSpec, describe
 
-log = logging.getLogger(__name__)
-
 
 @dataclass(frozen=True)
 class Job:
@@ -51,8 +49,14 @@ class Job:
     store_path: Path
 
     @property
+    def context_halo(self) -> int:
+        """The smallest halo along the axes where the model sees context (z only for 3-D models)."""
+        axes = self.grid.halo if self.model.dims == 3 else self.grid.halo[-2:]
+        return min(axes)
+
+    @property
     def exact(self) -> bool:
-        return self.model.exact_with(min(self.grid.halo[-2:]))
+        return self.model.exact_with(self.context_halo)
 
 
 @dataclass
@@ -101,10 +105,7 @@ def prepare(config: JobConfig) -> Job:
 
 
 def open_output(job: Job, *, overwrite: bool) -> tuple[MaskStore, int]:
-    """Create the store, or resume an incomplete one of the same job; returns (store, units already done).
-
-    The path is made absolute here: Ray workers do not share the driver's current directory.
-    """
+    """Create the store, or resume an incomplete one of the same job; returns (store, units already done)."""
     given = job.config.output.path
     path = job.store_path
     if path.exists():
@@ -136,6 +137,14 @@ def create_store(job: Job) -> MaskStore:
         pixel_area_mm2=job.info.pixel_area_mm2,
     )
     return MaskStore.create(job.store_path, layout)
+
+
+def finalize(job: Job, store: MaskStore) -> dict[str, dict[str, Any]]:
+    """Sum the per-unit statistics the store holds, write them, mark the store complete."""
+    unit = store.meta.get("measure")
+    table = class_table(store.totals(), [n for n, _ in job.model.classes], unit)
+    store.mark_complete({"classes": table, "measure": unit})
+    return table
 
 
 def same_job(store: MaskStore, job: Job) -> bool:
@@ -173,10 +182,8 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
                 import ray
 
                 ray.shutdown()
-    names = [n for n, _ in job.model.classes]
+    table = finalize(job, store)
     unit = store.meta.get("measure")
-    table = class_table(store.totals(), names, unit)
-    store.mark_complete({"classes": table, "measure": unit})
     summary = RunSummary(
         store=config.output.path,
         status=store.status,
@@ -194,7 +201,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
         summary.notes.append("the source has no CRS: statistics are in pixels only")
     if not job.exact:
         summary.notes.append(
-            f"tiling is not exact: halo {job.grid.halo[0]} < receptive radius {job.model.receptive_radius}"
+            f"tiling is not exact: halo {job.context_halo} < receptive radius {job.model.receptive_radius}"
             if job.model.receptive_radius is not None
             else "tiling exactness unknown: the model declares no receptive_radius"
         )

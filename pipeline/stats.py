@@ -25,7 +25,7 @@ class ChunkStats:
     """Counts and measures of each class in one chunk (index = class id)."""
 
     pixels: np.ndarray  # int64, one per class
-    area_m2: np.ndarray  # float64, one per class: m² (images) or mm³ (volumes); NaN without a measure
+    measure: np.ndarray  # float64, one per class: m², mm² or mm³; NaN without a measure
 
 
 def count_classes(labels: np.ndarray, n_classes: int, row_area: Measure) -> ChunkStats:
@@ -55,7 +55,7 @@ def merge(parts: Iterable[ChunkStats], n_classes: int) -> ChunkStats:
     area = np.zeros(n_classes, dtype=np.float64)
     for part in parts:
         pixels += part.pixels
-        area += part.area_m2
+        area += part.measure
     return ChunkStats(pixels, area)
 
 
@@ -72,7 +72,7 @@ def class_table(
             "pixels": int(total.pixels[cid]),
             "fraction": (int(total.pixels[cid]) / valid) if valid else 0.0,
         }
-        value = float(total.area_m2[cid])
+        value = float(total.measure[cid])
         if measure == "m2":
             row.update(area_m2=value, area_ha=value / M2_PER_HA)
         elif measure == "mm3":

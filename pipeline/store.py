@@ -8,7 +8,7 @@ Layout::
       y, x                  pixel-centre coordinates (georeferenced, unrotated grids)
       spatial_ref           0-d; CF grid mapping: crs_wkt, spatial_ref, GeoTransform
       units/pixels          (uy, ux, class) int64 per work unit; -1 until the unit landed
-      units/area_m2         (uy, ux, class) float64 per work unit
+      units/measure         (uy, ux, class) float64 per work unit: m², mm² or mm³ (attrs measure)
 
 Each output chunk is written by exactly one task, whole, so there is no read-modify-write and
 a retried task rewrites the same bytes. A unit's ``units/pixels`` row is written after its mask
@@ -246,7 +246,7 @@ class MaskStore:
         if isinstance(measure, np.ndarray):
             measure = measure[unit.core.start[0] : unit.core.stop[0]]
         stats = count_classes(labels, n_classes, measure)
-        self._units("measure")[unit.index] = stats.area_m2
+        self._units("measure")[unit.index] = stats.measure
         self._units("pixels")[unit.index] = stats.pixels
         return stats
 

@@ -20,7 +20,7 @@ def test_counts_and_areas_match_a_direct_count(labels: np.ndarray) -> None:
     stats = count_classes(labels, 3, row_area)
     for cid in range(3):
         assert stats.pixels[cid] == int((labels == cid).sum())
-        assert stats.area_m2[cid] == pytest.approx(float(((labels == cid) * row_area[:, None]).sum()))
+        assert stats.measure[cid] == pytest.approx(float(((labels == cid) * row_area[:, None]).sum()))
     assert stats.pixels.sum() == int((labels != NODATA).sum())
 
 
@@ -32,7 +32,7 @@ def test_chunked_counts_merge_to_the_whole(labels: np.ndarray, cut: int) -> None
     merged = merge(parts, 2)
     whole = count_classes(labels, 2, area)
     np.testing.assert_array_equal(merged.pixels, whole.pixels)
-    np.testing.assert_allclose(merged.area_m2, whole.area_m2)
+    np.testing.assert_allclose(merged.measure, whole.measure)
 
 
 def test_a_label_outside_the_classes_is_refused() -> None:

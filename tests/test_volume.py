@@ -239,3 +239,24 @@ def test_single_frame_without_pixel_spacing_counts_pixels(tmp_path: Path, capsys
     assert summary["classes"]["bright"]["pixels"] == int((pixels >= 128).sum())
     assert "area_mm2" not in summary["classes"]["bright"]
     assert any("no PixelSpacing" in note for note in summary["notes"])
+
+
+def test_a_3d_model_without_a_z_halo_is_not_called_exact(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.execute import prepare
+
+    write_series(tmp_path / "series", np.zeros((6, 16, 16)))
+    model_path = tmp_path / "unet3d.pt"
+    torch.jit.save(torch.jit.script(tiny_unet3d()), str(model_path))
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"source: {{path: '{tmp_path / 'series'}'}}\n"
+        f"model: {{kind: torchscript, path: '{model_path}', dims: 3, classes: [a, b, c], stride: 2,"
+        " receptive_radius: 10}\n"
+        "tiling: {chunk: [2, 8, 8], halo: [0, 12, 12]}\n"
+        f"output: {{path: '{tmp_path}/x.zarr'}}\n"
+    )
+    job = prepare(load_config(config))
+    assert job.context_halo == 0 and job.exact is False
+    job = prepare(load_config(config, ["tiling.halo=[12, 12, 12]"]))
+    assert job.context_halo == 12 and job.exact is True

@@ -29,7 +29,18 @@ from typing import Any
 
 from pipeline.config import BatchConfig, SourceConfig
 from pipeline.errors import ConfigError, RaymaskError, SourceError
-from pipeline.execute import Job, connect, create_store, finalize, measure_of, prepare, same_job, unwrap
+from pipeline.execute import (
+    Job,
+    connect,
+    create_store,
+    finalize,
+    label_regions,
+    measure_of,
+    prepare,
+    regions_pending,
+    same_job,
+    unwrap,
+)
 from pipeline.store import COMPLETE, MaskStore
 from pipeline.stream import Target, stream
 
@@ -198,6 +209,13 @@ def _run(
                 if error and result.status != "failed":
                     message, _, trace = error.partition("\n")
                     result.status, result.error, result.traceback = "failed", message, trace
+        for key, (job, store, _) in planned.items():
+            if results[key].status == "failed" or not regions_pending(job, store):
+                continue
+            try:
+                label_regions(job, store, progress=False)
+            except Exception as exc:
+                _fail(results[key], exc)
     finally:
         if owns_ray:
             import ray

@@ -73,6 +73,17 @@ def write_table_file(rows: list[dict[str, Any]], out: Path) -> None:
         raise StoreError(f"{out}: write .csv or .parquet")
 
 
+def write_frame(frame: Any, out: Path) -> None:
+    """A pandas DataFrame as .csv or .parquet (region tables)."""
+    if out.suffix not in (".csv", ".parquet"):
+        raise StoreError(f"{out}: write .csv or .parquet")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix == ".parquet":
+        frame.to_parquet(out, index=False)
+    else:
+        frame.to_csv(out, index=False)
+
+
 def render(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "no raymask stores"

@@ -58,9 +58,48 @@ examples:
 """
 
 
+EPILOG_REGIONS = """\
+examples:
+  raymask regions out/aber.zarr --class vegetation --min-area 100
+  raymask regions out/ct.zarr --class bone --min-volume 500 --json > bone.json
+  raymask regions out/aber.zarr --out regions.parquet          # every row, for pandas / GIS
+  raymask regions out/aber.zarr --compute --connectivity 8     # label again, 8-connected
+
+One row per connected region of one class: id (its value in the store's regions array), size,
+area (m², ha) or volume (mm³, mL), bounding box and centroid in array indices and in world
+coordinates (map CRS and lon/lat; patient mm for volumes), and the mean source value (HU for CT).
+Regions are labelled by the job itself (config key regions.*); --compute labels an existing store.
+"""
+
+EPILOG_QUERY = """\
+examples:
+  raymask query out/aber.zarr --bbox -4.09,52.40,-4.06,52.42 --crs EPSG:4326
+  raymask query out/aber.zarr --bbox 257600,279500,258600,280500      # the store's own CRS
+  raymask query out/aber.zarr --point -4.08,52.41 --crs EPSG:4326 --json
+  raymask query out/ct.zarr --bbox -100,-250,-400,100,-50,-380         # patient mm (LPS)
+  raymask query out/ct.zarr --bbox 0,0,0,256,256,10 --crs pixel        # voxel indices x,y,z
+
+A pixel counts when its centre lies in the box (edges included). --bbox is MINX,MINY,MAXX,MAXY
+(volumes: XMIN,YMIN,ZMIN,XMAX,YMAX,ZMAX); --crs takes anything PROJ knows (EPSG:4326, WKT, ...),
+'pixel' for column/row(/slice) coordinates, 'patient' for volume mm; the default is the store's.
+Only the chunks that the box touches are read. A box outside the image gives an empty result.
+"""
+
+EPILOG_ZONES = """\
+examples:
+  raymask zones out/aber.zarr fields.geojson
+  raymask zones out/aber.zarr fields.geojson --json > zones.json
+  raymask zones out/aber.zarr fields_bng.geojson --crs EPSG:27700
+
+Polygons and MultiPolygons are reprojected to the store's CRS (edges densified); a pixel belongs
+to a zone when its centre lies inside. GeoJSON is WGS84 lon/lat unless the file names a crs or
+--crs says otherwise. Each zone is computed chunk by chunk; zones may overlap.
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args = parser.parse_args(_join_coordinates(list(sys.argv[1:] if argv is None else argv)))
     try:
         return int(args.func(args))
     except RaymaskError as exc:
@@ -71,13 +110,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
+def _join_coordinates(argv: list[str]) -> list[str]:
+    """``--bbox -4.09,52.40,...``: argparse would take the negative number for an option."""
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        if argv[i] in ("--bbox", "--point") and i + 1 < len(argv) and argv[i + 1][:1] == "-" and "," in argv[i + 1]:
+            out.append(f"{argv[i]}={argv[i + 1]}")
+            i += 2
+            continue
+        out.append(argv[i])
+        i += 1
+    return out
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="raymask",
-        description="Segment large GeoTIFFs with Ray actors into georeferenced zarr mask stores, "
-        "with exact tiling and per-class areas.",
+        description="Segment large GeoTIFFs and DICOM volumes with Ray actors into georeferenced or volumetric "
+        "zarr mask stores, with exact tiling, per-class areas and volumes, connected regions, and queries.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Start with `raymask run configs/aerial-vegetation.yaml`, then `raymask info` on the store it prints.",
+        epilog="Start with `raymask run configs/aerial-vegetation.yaml`, then `raymask info`, `raymask regions` "
+        "and `raymask query` on the store it prints.",
     )
     parser.add_argument("--version", action="version", version=f"raymask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -148,6 +202,60 @@ def _parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="one JSON object on stdout")
     info.set_defaults(func=_cmd_info)
 
+    regions = sub.add_parser(
+        "regions",
+        help="list a store's connected regions (or label them with --compute)",
+        epilog=EPILOG_REGIONS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    regions.add_argument("store")
+    regions.add_argument(
+        "--class", dest="classes", action="append", metavar="NAME", help="only this class (repeatable)"
+    )
+    regions.add_argument("--min-pixels", type=int, metavar="N", help="only regions of at least N pixels (voxels)")
+    regions.add_argument("--min-area", type=float, metavar="A", help="only regions of at least A m² (mm² for images)")
+    regions.add_argument("--min-volume", type=float, metavar="V", help="only regions of at least V mm³ (volumes)")
+    regions.add_argument("--sort", choices=["size", "id"], default="size", help="row order (default: largest first)")
+    regions.add_argument("--limit", type=int, metavar="N", help="at most N rows (the table shows 20 unless given)")
+    regions.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    regions.add_argument("--out", metavar="FILE", help="also write the rows as .csv or .parquet")
+    regions.add_argument("--compute", action="store_true", help="label the regions now (replaces existing ones)")
+    regions.add_argument("--connectivity", type=int, choices=[4, 8, 6, 18, 26], help="with --compute: neighbours")
+    regions.add_argument(
+        "--classes", dest="label_classes", metavar="A,B", help="with --compute: classes to label (default all)"
+    )
+    regions.add_argument(
+        "--address", default=None, help="with --compute: a Ray cluster (default embedded / RAY_ADDRESS)"
+    )
+    regions.add_argument("--no-progress", action="store_true")
+    regions.set_defaults(func=_cmd_regions)
+
+    query = sub.add_parser(
+        "query",
+        help="class areas inside a box, or the class and region at a point, in any CRS",
+        epilog=EPILOG_QUERY,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    query.add_argument("store")
+    where = query.add_mutually_exclusive_group(required=True)
+    where.add_argument("--bbox", metavar="MINX,MINY,MAXX,MAXY", help="a box (6 numbers for volumes)")
+    where.add_argument("--point", metavar="X,Y", help="a point (X,Y,Z for volumes)")
+    query.add_argument("--crs", metavar="CRS", help="the coordinates' CRS: EPSG:4326, WKT, pixel, patient")
+    query.add_argument("--json", action="store_true", help="one JSON object on stdout")
+    query.set_defaults(func=_cmd_query)
+
+    zones = sub.add_parser(
+        "zones",
+        help="class areas inside each polygon of a GeoJSON file",
+        epilog=EPILOG_ZONES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    zones.add_argument("store")
+    zones.add_argument("geojson", help="a GeoJSON FeatureCollection, Feature or (Multi)Polygon")
+    zones.add_argument("--crs", metavar="CRS", help="the file's CRS if it is not lon/lat (or names none)")
+    zones.add_argument("--json", action="store_true", help="one JSON list on stdout")
+    zones.set_defaults(func=_cmd_zones)
+
     export = sub.add_parser("export", help="write a store's mask as a Cloud-Optimized GeoTIFF (GDAL, QGIS)")
     export.add_argument("store")
     export.add_argument("out", help="output .tif path")
@@ -213,6 +321,69 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
     info = store_info(MaskStore.open(args.store))
     print(json.dumps(info, indent=2) if args.json else render_info(info))
+    return 0
+
+
+def _cmd_regions(args: argparse.Namespace) -> int:
+    from pipeline.query import open_store
+    from pipeline.report import regions_json, render_regions
+
+    if args.compute:
+        from pipeline.config import RegionsConfig
+        from pipeline.execute import label_existing
+
+        classes = [c.strip() for c in args.label_classes.split(",")] if args.label_classes else None
+        config = RegionsConfig(connectivity=args.connectivity, classes=classes)
+        _, notes = label_existing(
+            args.store, config, address=args.address, progress=not (args.no_progress or args.json)
+        )
+        for note in notes:
+            print(f"raymask: note: {note}", file=sys.stderr)
+    elif args.connectivity or args.label_classes:
+        raise ConfigError("--connectivity and --classes apply with --compute")
+    view = open_store(args.store)
+    frame = view.regions(args.classes, min_pixels=args.min_pixels, min_area=args.min_area, min_volume=args.min_volume)
+    size = "voxels" if "voxels" in frame else "pixels"
+    frame = frame.sort_values([size, "id"], ascending=[False, True]) if args.sort == "size" else frame.sort_values("id")
+    if args.out:
+        from pipeline.catalog import write_frame
+
+        write_frame(frame, Path(args.out))
+    shown = frame if args.limit is None and args.json else frame.head(args.limit or 20)
+    if args.json:
+        print(json.dumps(regions_json(view, shown, len(frame)), indent=2))
+    else:
+        print(render_regions(view, shown, len(frame)))
+    return 0
+
+
+def _cmd_query(args: argparse.Namespace) -> int:
+    from pipeline.query import open_store, require_complete
+    from pipeline.report import render_point, render_query
+    from pipeline.selection import parse_numbers
+
+    view = open_store(args.store)
+    for warning in require_complete(view):
+        print(f"raymask: warning: {warning}", file=sys.stderr)
+    ndim = len(view.shape)
+    if args.bbox:
+        result = view.area(parse_numbers(args.bbox, (2 * ndim,), "--bbox"), crs=args.crs)
+        print(json.dumps(result, indent=2) if args.json else render_query(result))
+    else:
+        result = view.at(parse_numbers(args.point, (ndim,), "--point"), crs=args.crs)
+        print(json.dumps(result, indent=2) if args.json else render_point(result))
+    return 0
+
+
+def _cmd_zones(args: argparse.Namespace) -> int:
+    from pipeline.query import open_store, require_complete
+    from pipeline.report import render_zones
+
+    view = open_store(args.store)
+    for warning in require_complete(view):
+        print(f"raymask: warning: {warning}", file=sys.stderr)
+    results = view.zones(args.geojson, crs=args.crs)
+    print(json.dumps(results, indent=2) if args.json else render_zones(results, view.measure))
     return 0
 
 

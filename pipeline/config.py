@@ -201,6 +201,19 @@ class OutputConfig(_Frozen):
     preview: bool = Field(default=True, description="Write STORE.png: the image with the mask overlaid.")
 
 
+class RegionsConfig(_Frozen):
+    """Connected regions of each class, labelled once the mask is written (``raymask regions STORE``)."""
+
+    enabled: bool = Field(default=True, description="Label regions as part of the job and store the region table.")
+    connectivity: Literal[4, 8, 6, 18, 26] | None = Field(
+        default=None,
+        description="Neighbours that connect: 4 or 8 in 2-D, 6, 18 or 26 in 3-D; null: faces only (4 or 6).",
+    )
+    classes: list[str] | None = Field(
+        default=None, description='Class names to label; null: every class except one named "background".'
+    )
+
+
 class RuntimeConfig(_Frozen):
     """Where and how the job runs. Nothing here changes the output bytes."""
 
@@ -225,6 +238,7 @@ class JobConfig(_Frozen):
     model: ModelConfig
     tiling: TilingConfig = TilingConfig()
     output: OutputConfig
+    regions: RegionsConfig = RegionsConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     @model_validator(mode="after")
@@ -239,7 +253,7 @@ class JobConfig(_Frozen):
 
     def identity(self) -> str:
         """A hash of everything that determines the output bytes (not where or how it runs)."""
-        payload = self.model_dump(mode="json", include={"source", "model", "tiling"})
+        payload = self.model_dump(mode="json", include={"source", "model", "tiling", "regions"})
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -260,6 +274,7 @@ class BatchConfig(_Frozen):
     model: ModelConfig
     tiling: TilingConfig = TilingConfig()
     output: BatchOutputConfig
+    regions: RegionsConfig = RegionsConfig()
     runtime: RuntimeConfig = RuntimeConfig()
 
     def job(self, source: SourceConfig, store: str) -> JobConfig:
@@ -269,6 +284,7 @@ class BatchConfig(_Frozen):
             model=self.model,
             tiling=self.tiling,
             output=OutputConfig(path=store, preview=self.output.preview),
+            regions=self.regions,
             runtime=self.runtime,
         )
 

@@ -8,8 +8,9 @@
     │   ├── SourceError                  an input image cannot be used
     │   │   └── SourceNotFound(FileNotFoundError)
     │   ├── ModelError                   a model cannot be built or returned something unusable
-    │   └── StoreError                   an output store is missing, foreign, complete, or of another job
-    │       └── StoreExists(FileExistsError)
+    │   ├── StoreError                   an output store is missing, foreign, complete, or of another job
+    │   │   └── StoreExists(FileExistsError)
+    │   └── QueryError(ValueError)       a box, point, zone file, CRS or class name that cannot be used
     └── TransientError                   I/O that a retry may fix (network paths, a busy cluster)
         └── ClusterError(ConnectionError) a Ray cluster could not be reached
 
@@ -58,3 +59,7 @@ class StoreExists(StoreError, FileExistsError):
 
 class ClusterError(TransientError, ConnectionError):
     """A Ray cluster could not be reached."""
+
+
+class QueryError(PermanentError, ValueError):
+    """A query (box, point, zones, CRS, class name) cannot be answered as asked."""

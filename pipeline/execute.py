@@ -23,12 +23,13 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__, errors
-from pipeline.config import JobConfig
+from pipeline.config import JobConfig, RegionsConfig
 from pipeline.errors import ClusterError, ConfigError, RaymaskError, StoreError, StoreExists
-from pipeline.geometry import TileGrid
+from pipeline.geometry import TileGrid, WorkUnit
 from pipeline.georef import row_pixel_areas
 from pipeline.ingest import ingest_series
 from pipeline.inputs import InputInfo, Source, open_input
+from pipeline.labelling import RayExecutor, RegionSpec, label_store, resolve
 from pipeline.plan import pending_units
 from pipeline.stats import Measure, class_table
 from pipeline.store import COMPLETE, MaskStore, StoreLayout
@@ -47,6 +48,7 @@ class Job:
     grid: TileGrid
     fingerprint: str
     store_path: Path
+    regions: RegionSpec | None = None  # None: regions.enabled is false
 
     @property
     def context_halo(self) -> int:
@@ -101,7 +103,10 @@ def prepare(config: JobConfig) -> Job:
     grid = TileGrid.create(
         info.shape, chunk=chunk, halo=halo, stride=stride, chunks_per_unit=(config.tiling.chunks_per_unit,) * ndim
     )
-    return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path)
+    regions = None
+    if config.regions.enabled:
+        regions = resolve(config.regions, ndim, [n for n, _ in model.classes])
+    return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path, regions)
 
 
 def open_output(job: Job, *, overwrite: bool) -> tuple[MaskStore, int]:
@@ -143,8 +148,95 @@ def finalize(job: Job, store: MaskStore) -> dict[str, dict[str, Any]]:
     """Sum the per-unit statistics the store holds, write them, mark the store complete."""
     unit = store.meta.get("measure")
     table = class_table(store.totals(), [n for n, _ in job.model.classes], unit)
+    if job.regions is not None:
+        counts = (store.regions_info or {}).get("per_class", {})
+        for name, row in table.items():
+            if name in counts:
+                row["regions"] = counts[name]
     store.mark_complete({"classes": table, "measure": unit})
     return table
+
+
+def regions_pending(job: Job, store: MaskStore) -> bool:
+    """Whether ``job`` still has to label ``store``'s regions (a resumed job may have done it)."""
+    if job.regions is None:
+        return False
+    info = store.regions_info
+    if info is None or info.get("connectivity") != job.regions.connectivity:
+        return True
+    names = [n for n, _ in job.model.classes]
+    if info.get("classes") != [names[i] for i in job.regions.classes]:
+        return True
+    try:
+        store.regions()
+    except StoreError:
+        return True
+    return False
+
+
+def label_regions(job: Job, store: MaskStore, *, progress: bool) -> None:
+    """Connected regions of the finished mask, one Ray task per chunk (see pipeline.labelling)."""
+    assert job.regions is not None
+    try:
+        label_store(
+            store, job.regions, source=job.source, executor=RayExecutor(), progress=progress, modality=job.info.modality
+        )
+    except Exception as exc:
+        raise unwrap(exc) from exc
+
+
+def label_existing(
+    path: str | Path, config: RegionsConfig, *, address: str | None = None, progress: bool = True
+) -> tuple[dict[str, Any], list[str]]:
+    """Label (or relabel) the regions of a store whose mask is written; returns (summary, notes).
+
+    The old regions, if any, stay in place until the new ones are complete. Mean intensities
+    need the source: a volume's own image array, or the job's raster if it is still there and
+    unchanged (its fingerprint is checked); otherwise the table has no intensity columns.
+    """
+    store = MaskStore.open(path, mode="r+")
+    missing = int((~store.units_done()).sum())
+    if missing:
+        raise StoreError(f"{path}: {missing} work units are not written yet; finish the job first (raymask run CONFIG)")
+    names = [c["name"] for c in store.meta["classes"]]
+    spec = resolve(config, store.mask.ndim, names)
+    source, notes = _stored_source(store)
+    owns_ray = connect(address)
+    try:
+        modality = (store.meta.get("source") or {}).get("modality")
+        summary = label_store(store, spec, source=source, executor=RayExecutor(), progress=progress, modality=modality)
+    except Exception as exc:
+        raise unwrap(exc) from exc
+    finally:
+        if owns_ray:
+            import ray
+
+            ray.shutdown()
+    stats = store.meta.get("stats")
+    if stats:  # keep the per-class region counts in the statistics in step with the new table
+        for name, row in stats.get("classes", {}).items():
+            row.pop("regions", None)
+            if name in summary["per_class"]:
+                row["regions"] = summary["per_class"][name]
+        store.update_meta(stats=stats)
+    return summary, notes
+
+
+def _stored_source(store: MaskStore) -> tuple[Source | None, list[str]]:
+    from pipeline.sources.store_array import StoreArraySource
+
+    image = store.meta.get("arrays", {}).get("image")
+    if image:
+        return StoreArraySource(store=str(store.path.absolute()), array=image), []
+    job = store.meta.get("job") or {}
+    try:
+        config = JobConfig.model_validate(job)
+        opened = open_input(config.source, store_path=store.path.absolute())
+    except Exception as exc:
+        return None, [f"no mean intensities: the source cannot be opened ({' '.join(str(exc).split())[:120]})"]
+    if opened.fingerprint != (store.meta.get("source") or {}).get("fingerprint"):
+        return None, ["no mean intensities: the source changed since the store was written"]
+    return opened.source, []
 
 
 def same_job(store: MaskStore, job: Job) -> bool:
@@ -158,25 +250,14 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     store, skipped = open_output(job, overwrite=overwrite)
     todo = pending_units(job.grid, store.units_done())
     measure = measure_of(job)
-    if todo:
+    need_regions = regions_pending(job, store)
+    if todo or need_regions:
         owns_ray = connect(config.runtime.address)
         try:
-            if job.info.series is not None:
-                try:
-                    ingest_series(store, job.info.series, progress=progress)
-                except Exception as exc:
-                    raise unwrap(exc) from exc
-            target = Target(
-                job.source, job.grid, job.config.tiling.edge, str(store.path), measure, len(job.model.classes)
-            )
-            rows = stream(
-                {0: target}, [(0, u.index) for u in todo], model=config.model, runtime=config.runtime, progress=progress
-            )
-            try:
-                for _ in rows:
-                    pass
-            except Exception as exc:
-                raise unwrap(exc) from exc
+            if todo:
+                _predict(job, store, todo, measure, progress=progress)
+            if need_regions:
+                label_regions(job, store, progress=progress)
         finally:
             if owns_ray:
                 import ray
@@ -210,6 +291,23 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
 
         summary.preview = str(write_preview(store, job.source))
     return summary
+
+
+def _predict(job: Job, store: MaskStore, todo: list[WorkUnit], measure: Measure, *, progress: bool) -> None:
+    if job.info.series is not None:
+        try:
+            ingest_series(store, job.info.series, progress=progress)
+        except Exception as exc:
+            raise unwrap(exc) from exc
+    target = Target(job.source, job.grid, job.config.tiling.edge, str(store.path), measure, len(job.model.classes))
+    rows = stream(
+        {0: target}, [(0, u.index) for u in todo], model=job.config.model, runtime=job.config.runtime, progress=progress
+    )
+    try:
+        for _ in rows:
+            pass
+    except Exception as exc:
+        raise unwrap(exc) from exc
 
 
 def connect(address: str | None) -> bool:

@@ -53,6 +53,24 @@ def label_image_attrs(geometry: VolumeGeometry, classes: tuple[tuple[str, str], 
     }
 
 
+def regions_image_attrs(volume: dict[str, Any]) -> dict[str, Any]:
+    """The ``labels/regions`` label image: region ids (too many for colours), on the image's grid."""
+    spacing = [float(v) for v in volume["spacing_mm"]]
+    return {
+        "ome": {
+            "version": NGFF_VERSION,
+            "multiscales": [
+                {
+                    "name": "regions",
+                    "axes": [{"name": a, "type": "space", "unit": "millimeter"} for a in AXES],
+                    "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": spacing}]}],
+                }
+            ],
+            "image-label": {"source": {"image": "../../"}},
+        }
+    }
+
+
 def geometry_attrs(geometry: VolumeGeometry) -> dict[str, Any]:
     """The volume's patient-space geometry, which NGFF cannot express (direction cosines)."""
     return {

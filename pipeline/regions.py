@@ -96,6 +96,10 @@ class RegionStats:
     def take(self, rows: np.ndarray) -> RegionStats:
         return RegionStats(*(getattr(self, f)[rows] for f in _FIELDS))
 
+    @classmethod
+    def concat(cls, parts: Sequence[RegionStats]) -> RegionStats:
+        return cls(*(np.concatenate([getattr(p, f) for p in parts]) for f in _FIELDS))
+
     def to_arrays(self) -> dict[str, np.ndarray]:
         return {f: getattr(self, f) for f in _FIELDS}
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from typing import Any
 
@@ -101,10 +102,109 @@ def _class_table(classes: dict[str, dict[str, Any]], measure: str | None) -> str
         "mm2": [("area mm²", "area_mm2", 18, ",.1f"), ("area cm²", "area_cm2", 14, ",.2f")],
     }
     extra = columns.get(measure or "", [])
+    if any("regions" in row for row in classes.values()):
+        extra = [*extra, ("regions", "regions", 10, ",")]
     header = f"{'class':<16}{'pixels':>14}{'share':>9}" + "".join(f"{title:>{w}}" for title, _, w, _ in extra)
     rows = [header, "-" * len(header)]
     for name, row in classes.items():
         line = f"{name:<16}{row['pixels']:>14,}{row['fraction'] * 100:>8.1f}%"
-        line += "".join(f"{row[key]:>{w}{fmt}}" for _, key, w, fmt in extra)
+        line += "".join(
+            f"{row[key]:>{w}{fmt}}" if row.get(key) is not None else f"{'-':>{w}}" for _, key, w, fmt in extra
+        )
         rows.append(line)
     return "\n".join(rows)
+
+
+def regions_json(view: Any, frame: Any, matched: int) -> dict[str, Any]:
+    info = view.meta.get("regions") or {}
+    return {
+        "store": str(view.path),
+        "connectivity": info.get("connectivity"),
+        "labelled_classes": info.get("classes"),
+        "matched": matched,
+        "shown": len(frame),
+        "regions": json.loads(frame.to_json(orient="records")),
+    }
+
+
+def render_regions(view: Any, frame: Any, matched: int) -> str:
+    info = view.meta.get("regions") or {}
+    size = "voxels" if "voxels" in frame else "pixels"
+    measure = next((c for c in ("area_ha", "volume_ml", "area_mm2") if c in frame), None)
+    unit = {"area_ha": "ha", "volume_ml": "mL", "area_mm2": "mm²"}.get(measure or "", "")
+    where = [c for c in ("centroid_lon", "centroid_lat") if c in frame] or [
+        c for c in ("centroid_x_mm", "centroid_y_mm", "centroid_z_mm") if c in frame
+    ]
+    means = [c for c in frame.columns if c.startswith("mean_")]
+    header = f"{'id':>8}  {'class':<14}{size:>10}" + (f"{unit:>12}" if measure else "")
+    header += (
+        "".join(f"{c.replace('centroid_', ''):>12}" for c in where)
+        + "  bbox (index)"
+        + "".join(f"{c:>10}" for c in means)
+    )
+    lines = [
+        f"store        {view.path}",
+        f"regions      {info.get('count')} ({info.get('connectivity')}-connected; classes "
+        f"{', '.join(info.get('classes') or [])}); {matched} match",
+        "",
+        header,
+        "-" * len(header),
+    ]
+    axes = [a for a in ("slice", "row", "col") if f"{a}_start" in frame]
+    for row in frame.to_dict(orient="records"):
+        line = f"{row['id']:>8}  {row['class_name'][:13]:<14}{row[size]:>10,}"
+        if measure:
+            line += f"{row[measure]:>12,.3f}"
+        line += "".join(f"{row[c]:>12.5f}" if "lon" in c or "lat" in c else f"{row[c]:>12.1f}" for c in where)
+        line += "  " + " ".join(f"{row[f'{a}_start']}:{row[f'{a}_stop']}" for a in axes)
+        line += "".join(f"{row[c]:>10.1f}" for c in means)
+        lines.append(line)
+    if len(frame) < matched:
+        lines.append(f"... {matched - len(frame)} more (--limit N, --json or --out FILE for all)")
+    return "\n".join(lines)
+
+
+def render_query(result: dict[str, Any]) -> str:
+    q = result["query"]
+    lines = [
+        f"store      {result['store']}",
+        f"box        {', '.join(f'{v:g}' for v in q['bbox'])}  ({q['crs']})",
+        f"window     {result['window']['start']} .. {result['window']['stop']} (index, half-open); "
+        f"{result['chunks_read']} chunks read; {result['pixels']:,} valid pixels",
+    ]
+    if result.get("note"):
+        lines.append(f"note       {result['note']}")
+    lines += ["", _class_table(result["classes"], result["measure"])]
+    return "\n".join(lines)
+
+
+def render_point(result: dict[str, Any]) -> str:
+    q = result["query"]
+    lines = [f"point      {', '.join(f'{v:g}' for v in q['point'])}  ({q['crs']})"]
+    if not result["inside"]:
+        return "\n".join([*lines, "outside    the point is outside the image"])
+    lines.append(f"index      {result['index']}")
+    lines.append(f"class      {result['class_name'] if result['class_name'] is not None else 'nodata'}")
+    region = result.get("region")
+    if region:
+        size = region.get("voxels", region.get("pixels"))
+        extra = next(
+            (f", {region[k]:,.3f} {u}" for k, u in (("area_ha", "ha"), ("volume_ml", "mL"), ("area_mm2", "mm²"))
+             if k in region),
+            "",
+        )  # fmt: skip
+        lines.append(f"region     {region['id']} ({region['class_name']}, {size:,} px{extra})")
+    return "\n".join(lines)
+
+
+def render_zones(results: list[dict[str, Any]], measure: str | None) -> str:
+    lines = []
+    for result in results:
+        zone = result["zone"]
+        label = zone["properties"].get("name", zone["properties"].get("id", ""))
+        lines.append(
+            f"zone {zone['index']} {label}  ({result['pixels']:,} valid pixels, {result['chunks_read']} chunks)"
+        )
+        lines.append(_class_table(result["classes"], measure))
+        lines.append("")
+    return "\n".join(lines).rstrip()

@@ -9,6 +9,8 @@ Layout::
       spatial_ref           0-d; CF grid mapping: crs_wkt, spatial_ref, GeoTransform
       units/pixels          (uy, ux, class) int64 per work unit; -1 until the unit landed
       units/measure         (uy, ux, class) float64 per work unit: m², mm² or mm³ (attrs measure)
+      regions               (y, x) uint32 connected-region ids, 0 = none (volumes: labels/regions/0)
+      region_table/         one 1-D array per column, one row per region (pipeline.region_table)
 
 Each output chunk is written by exactly one task, whole, so there is no read-modify-write and
 a retried task rewrites the same bytes. A unit's ``units/pixels`` row is written after its mask
@@ -41,6 +43,8 @@ from pipeline.volume import VolumeGeometry
 FORMAT = "raymask-mask-store/1"
 VOLUME_IMAGE = "0"  # the NGFF image's level 0, at the root
 VOLUME_MASK = "labels/mask/0"
+VOLUME_REGIONS = "labels/regions/0"
+REGION_TABLE = "region_table"
 INCOMPLETE, COMPLETE = "incomplete", "complete"
 
 
@@ -112,6 +116,7 @@ class MaskStore:
             crs=layout.georef.crs_wkt,
             transform=list(layout.georef.transform) if layout.georef.transform else None,
             measure=layout.measure,
+            pixel_area_mm2=layout.pixel_area_mm2,
             arrays={"mask": "mask" if layout.volume is None else VOLUME_MASK, "image": None},
         )
         names = [n for n, _ in layout.classes]
@@ -219,6 +224,47 @@ class MaskStore:
         path = self.meta.get("arrays", {}).get("image")
         return cast(zarr.Array, self.group[path]) if path else None
 
+    @property
+    def is_volume(self) -> bool:
+        return self.meta.get("volume") is not None
+
+    @property
+    def mask_path(self) -> str:
+        return str(self.meta.get("arrays", {}).get("mask", "mask"))
+
+    @property
+    def regions_info(self) -> dict[str, Any] | None:
+        """What the last completed labelling wrote (connectivity, classes, count), or None."""
+        info = self.meta.get("regions")
+        return info if isinstance(info, dict) else None
+
+    def regions(self) -> zarr.Array:
+        info = self._checked_regions()
+        return cast(zarr.Array, self.group[info["array"]])
+
+    def region_table(self) -> zarr.Group:
+        info = self._checked_regions()
+        return cast(zarr.Group, self.group[info["table"]])
+
+    def _checked_regions(self) -> dict[str, Any]:
+        info = self.regions_info
+        if info is None:
+            raise StoreError(
+                f"{self.path}: no regions in this store (regions.enabled was false, or the job has not finished); "
+                f"label them with: raymask regions {self.path} --compute"
+            )
+        try:
+            table_token = self.group[info["table"]].attrs.get("token")
+            array_token = self.group[info["array"]].attrs.get("raymask_regions_token")
+        except KeyError:
+            table_token = array_token = None
+        if not table_token == array_token == info.get("token"):
+            raise StoreError(
+                f"{self.path}: the regions were being replaced when a run stopped; "
+                f"label them again with: raymask regions {self.path} --compute"
+            )
+        return info
+
     def _units(self, name: str) -> zarr.Array:
         return cast(zarr.Array, self.group[f"units/{name}"])
 
@@ -255,6 +301,32 @@ class MaskStore:
         meta.update(changes)
         self.group.attrs["raymask"] = meta
         _consolidate(self.path)
+
+    def install_regions(self, array: Path, table: Path, summary: dict[str, Any]) -> None:
+        """Move a finished ``regions`` array (volumes: its label group) and table into the store.
+
+        The old ones stay readable until the new ones are in place; the metadata names the new
+        ones last, with a token that both carry, so a run stopped half-way is detected on read.
+        """
+        retired = self.path.with_name(f".{self.path.name}.regions-old-{os.getpid()}")
+        shutil.rmtree(retired, ignore_errors=True)
+        retired.mkdir()
+        array_dst = self.path / (str(Path(VOLUME_REGIONS).parent) if self.is_volume else "regions")
+        for src, dst in ((array, array_dst), (table, self.path / REGION_TABLE)):
+            if dst.exists():
+                os.rename(dst, retired / dst.name)
+            os.rename(src, dst)
+        arrays = dict(self.meta.get("arrays", {}))
+        arrays["regions"] = summary["array"]
+        if self.is_volume:
+            labels = zarr.open_group(str(self.path / "labels"), mode="r+")
+            ome = cast(dict[str, Any], labels.attrs.get("ome") or {})
+            names = list(ome.get("labels", []))
+            if "regions" not in names:
+                labels.attrs.update(ngff.labels_group_attrs([*names, "regions"]))
+        self.update_meta(arrays=arrays, regions=summary)
+        self.group = zarr.open_group(str(self.path), mode="r+")
+        shutil.rmtree(retired, ignore_errors=True)
 
     def mark_complete(self, statistics: dict[str, Any]) -> None:
         if not self.units_done().all():

@@ -1,0 +1,343 @@
+"""Label a store's regions chunk by chunk, on Ray workers or in this process.
+
+Steps (``pipeline.regions`` holds the pure parts):
+
+1. **label** (one task per chunk): read the mask chunk (and the source under it, for mean
+   intensities), label each class, write the chunk-local ids to a scratch array, and save the
+   chunk's region sums and its face slices to a small ``.npz`` file. Only the count comes back.
+2. **merge** (driver): read the face slices cut by cut, pair labels that touch, and resolve the
+   pairs into final ids. Memory: one cut plane and the labels that cross cuts.
+3. **relabel** (one task per chunk): map local ids to final ids into the new ``regions`` array.
+4. **table** (driver, streaming): fold the chunk sums into the region table, chunk by chunk.
+
+Everything is built in a scratch folder beside the store (``.NAME.zarr.regions``) and moved in
+at the end; a store that already had regions keeps them until the new ones are complete. Every
+task rewrites whole files, so a retried task (a dead worker) is harmless.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar, cast
+
+import numpy as np
+import zarr
+
+from pipeline import ngff
+from pipeline.config import RegionsConfig
+from pipeline.errors import ConfigError
+from pipeline.geometry import Box, TileGrid
+from pipeline.georef import Georef, row_pixel_areas
+from pipeline.inputs import Source
+from pipeline.region_table import TableContext, columns
+from pipeline.regions import (
+    RegionStats,
+    cut_pairs,
+    cuts,
+    default_connectivity,
+    face_slices,
+    label_chunk,
+    merge,
+    region_stats,
+    relabel_table,
+    structure,
+)
+from pipeline.stats import Measure
+from pipeline.store import REGION_TABLE, VOLUME_REGIONS, MaskStore
+
+TABLE_CHUNK = 65_536
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class RegionSpec:
+    connectivity: int
+    classes: tuple[int, ...]  # class ids that get regions
+
+
+def resolve(config: RegionsConfig, ndim: int, class_names: list[str], *, where: str = "regions") -> RegionSpec:
+    """Check a regions config against the store or job it applies to."""
+    connectivity = config.connectivity or default_connectivity(ndim)
+    try:
+        structure(ndim, connectivity)
+    except ValueError as exc:
+        raise ConfigError(f"{where}.connectivity: {exc}") from exc
+    if config.classes is None:
+        ids = tuple(i for i, n in enumerate(class_names) if n != "background")
+    else:
+        unknown = [c for c in config.classes if c not in class_names]
+        if unknown:
+            raise ConfigError(f"{where}.classes: no class {unknown[0]!r}; classes: {', '.join(class_names)}")
+        ids = tuple(class_names.index(c) for c in config.classes)
+    return RegionSpec(connectivity, ids)
+
+
+class Executor(Protocol):
+    def map(self, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
+        """Run ``fn`` on every item; yield the results as they finish (any order)."""
+        ...
+
+
+class SerialExecutor:
+    """Everything in this process (benchmarks, tests of the pure steps, tiny stores)."""
+
+    def map(self, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
+        return (fn(item) for item in items)
+
+
+class RayExecutor:
+    """One Ray task per item (1 CPU each); a task whose worker dies is retried (Ray's default 3 times)."""
+
+    def __init__(self, num_cpus: float = 1.0) -> None:
+        self.num_cpus = num_cpus
+
+    def map(self, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
+        import ray
+
+        remote = ray.remote(num_cpus=self.num_cpus, max_retries=3, retry_exceptions=False)(fn)
+        pending = [remote.remote(item) for item in items]
+        while pending:
+            done, pending = ray.wait(pending, num_returns=1)
+            yield cast(R, ray.get(done[0]))
+
+
+@dataclass(frozen=True)
+class LabelTask:
+    mask: str  # the store's mask array (path)
+    scratch: str
+    chunk: int  # C-order flat chunk index
+    box: Box
+    connectivity: int
+    classes: tuple[int, ...]
+    measure: np.ndarray | float | None
+    source: Source | None
+
+
+@dataclass(frozen=True)
+class RelabelTask:
+    scratch: str
+    regions: str
+    chunk: int
+    box: Box
+    labels: int  # the chunk's local label count
+    interior_before: int  # regions inside earlier chunks
+    crossing_local: np.ndarray  # the chunk's labels that cross a cut, ascending
+    crossing_final: np.ndarray  # and their final ids
+
+
+def label_task(task: LabelTask) -> tuple[int, int]:
+    """Step 1 for one chunk; returns (chunk, label count)."""
+    mask = np.asarray(zarr.open_array(task.mask, mode="r")[task.box.slices()])
+    labelled = label_chunk(mask, connectivity=task.connectivity, classes=set(task.classes))
+    local = zarr.open_array(os.path.join(task.scratch, "local"), mode="r+")
+    local[task.box.slices()] = labelled.ids.astype(np.uint32)
+    intensity = None
+    if task.source is not None and labelled.count:
+        intensity, _ = task.source.read(task.box)
+    stats = region_stats(labelled, task.box.start, measure=task.measure, intensity=intensity)
+    arrays: dict[str, Any] = stats.to_arrays()
+    for axis in range(mask.ndim):
+        for side, (ids, cls) in enumerate(zip(face_slices(labelled.ids, axis), face_slices(mask, axis))):
+            arrays[f"face{axis}{side}"] = ids.astype(np.uint32)
+            arrays[f"class{axis}{side}"] = cls
+    _save_npz(Path(task.scratch) / "chunks" / f"{task.chunk}.npz", arrays)
+    return task.chunk, labelled.count
+
+
+def relabel_task(task: RelabelTask) -> int:
+    """Step 3 for one chunk."""
+    local = np.asarray(zarr.open_array(os.path.join(task.scratch, "local"), mode="r")[task.box.slices()])
+    table = relabel_table(task.labels, task.interior_before, task.crossing_local, task.crossing_final)
+    regions = zarr.open_array(task.regions, mode="r+")
+    regions[task.box.slices()] = table[local]
+    return task.chunk
+
+
+def label_store(
+    store: MaskStore,
+    spec: RegionSpec,
+    *,
+    source: Source | None,
+    executor: Executor,
+    progress: bool = False,
+    modality: str | None = None,
+) -> dict[str, Any]:
+    """Label ``store``'s regions and install the ``regions`` array and the region table; returns
+    the summary written to the store's metadata."""
+    meta = store.meta
+    mask = store.mask
+    shape = tuple(int(n) for n in mask.shape)
+    chunk = tuple(int(n) for n in mask.chunks)
+    ndim = len(shape)
+    grid = TileGrid.create(shape, chunk=chunk, halo=(0,) * ndim, stride=(1,) * ndim, chunks_per_unit=(1,) * ndim)
+    indices = list(np.ndindex(*grid.grid_shape))
+    boxes = [grid.chunk_box(i) for i in indices]
+    flat = {index: i for i, index in enumerate(indices)}
+    scratch = store.path.with_name(f".{store.path.name}.regions")
+    shutil.rmtree(scratch, ignore_errors=True)
+    (scratch / "chunks").mkdir(parents=True)
+    volume = store.is_volume
+    zarr.create_array(str(scratch / "local"), shape=shape, chunks=chunk, dtype="uint32", fill_value=0)
+    row_measure = store_measure(store)
+    bands = tuple(source.bands) if source is not None else ()
+
+    def measure_for(box: Box) -> np.ndarray | float | None:
+        if isinstance(row_measure, np.ndarray):
+            return row_measure[box.start[0] : box.stop[0]]
+        return row_measure
+
+    mask_path = str(store.path / store.mask_path)
+    label_items = [
+        LabelTask(mask_path, str(scratch), i, b, spec.connectivity, spec.classes, measure_for(b), source)
+        for i, b in enumerate(boxes)
+    ]
+    counts = [0] * len(boxes)
+    for c, n in _bar(executor.map(label_task, label_items), len(boxes), "regions: label", progress):
+        counts[c] = n
+
+    def face(index: tuple[int, ...], axis: int, side: int) -> tuple[np.ndarray, np.ndarray]:
+        c = flat[index]
+        with np.load(scratch / "chunks" / f"{c}.npz") as data:
+            ids = data[f"face{axis}{side}"].astype(np.int64)
+            return np.where(ids > 0, ids + offsets[c], 0), data[f"class{axis}{side}"]
+
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    pairs = [np.zeros((0, 2), dtype=np.int64)]
+    pairs += [
+        cut_pairs(grid, axis, layer, face, connectivity=spec.connectivity) for axis, layer in cuts(grid.grid_shape)
+    ]
+    plan = merge(counts, np.concatenate(pairs))
+    del pairs
+
+    token = uuid.uuid4().hex
+    regions_path = _create_regions_array(scratch, store, shape, chunk, token)
+    relabel_items = [
+        RelabelTask(
+            str(scratch), str(regions_path), i, b, counts[i], int(plan.interior_before[i]), *plan.crossing_in(i)
+        )
+        for i, b in enumerate(boxes)
+    ]
+    for _ in _bar(executor.map(relabel_task, relabel_items), len(boxes), "regions: relabel", progress):
+        pass
+
+    context = TableContext(
+        ndim=ndim,
+        measure=meta.get("measure"),
+        georef=Georef(meta.get("crs"), tuple(meta["transform"]) if meta.get("transform") else None),  # type: ignore[arg-type]
+        affine=np.asarray(meta["volume"]["affine"]) if volume else None,
+        bands=bands,
+        modality=modality,
+    )
+    per_class = _write_table(scratch / "table", plan, boxes, scratch, context, len(bands), token, spec)
+    names = [c["name"] for c in meta["classes"]]
+    summary = {
+        "connectivity": spec.connectivity,
+        "classes": [names[i] for i in spec.classes],
+        "count": plan.n_regions,
+        "per_class": {names[c]: int(n) for c, n in enumerate(per_class) if c in spec.classes},
+        "table": REGION_TABLE,
+        "array": VOLUME_REGIONS if volume else "regions",
+        "token": token,
+        "intensity": bool(bands),
+    }
+    store.install_regions(scratch / ("regions-group" if volume else "regions"), scratch / "table", summary)
+    shutil.rmtree(scratch, ignore_errors=True)
+    return summary
+
+
+def store_measure(store: MaskStore) -> Measure:
+    """What one pixel measures: m² per row (maps), mm² (medical images), mm³ (volumes), or None."""
+    meta = store.meta
+    unit = meta.get("measure")
+    if unit == "mm3":
+        return float(np.prod(meta["volume"]["spacing_mm"]))
+    if unit == "mm2":
+        return float(meta["pixel_area_mm2"])
+    if unit == "m2":
+        georef = Georef(meta.get("crs"), tuple(meta["transform"]))  # type: ignore[arg-type]
+        return row_pixel_areas(georef, int(meta["shape"][0]))
+    return None
+
+
+def _create_regions_array(
+    scratch: Path, store: MaskStore, shape: tuple[int, ...], chunk: tuple[int, ...], token: str
+) -> Path:
+    attrs: dict[str, Any] = {"long_name": "region id (0: no region)", "raymask_regions_token": token}
+    if store.is_volume:
+        group = zarr.open_group(str(scratch / "regions-group"), mode="w", zarr_format=3)
+        group.attrs.update(ngff.regions_image_attrs(store.meta["volume"]))
+        group.create_array("0", shape=shape, chunks=chunk, dtype="uint32", fill_value=0,
+                           dimension_names=list(ngff.AXES), attributes=attrs)  # fmt: skip
+        return scratch / "regions-group" / "0"
+    if "spatial_ref" in store.group:
+        attrs["grid_mapping"] = "spatial_ref"
+    zarr.create_array(str(scratch / "regions"), shape=shape, chunks=chunk, dtype="uint32", fill_value=0,
+                      dimension_names=["y", "x"], attributes=attrs)  # fmt: skip
+    return scratch / "regions"
+
+
+def _write_table(
+    path: Path, plan: Any, boxes: list[Box], scratch: Path, context: TableContext, bands: int, token: str,
+    spec: RegionSpec,
+) -> np.ndarray:  # fmt: skip
+    """Stream the region table into ``path``: interior regions chunk by chunk, then crossing ones."""
+    n = plan.n_regions
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    crossing = RegionStats.empty(plan.n_components, context.ndim, bands)
+    per_class = np.zeros(256, dtype=np.int64)
+    arrays: dict[str, zarr.Array] = {}
+    written = 0
+    buffer: list[RegionStats] = []
+
+    def flush() -> None:
+        nonlocal written
+        if not buffer:
+            return
+        part = RegionStats.concat(buffer)
+        buffer.clear()
+        cols = columns(part, written + 1, context)
+        for name, values in cols.items():
+            if name not in arrays:
+                arrays[name] = group.create_array(name, shape=(n,), chunks=(max(1, min(n, TABLE_CHUNK)),),
+                                                  dtype=values.dtype, fill_value=0)  # fmt: skip
+            arrays[name][written : written + len(part)] = values
+        np.add.at(per_class, part.classes, 1)
+        written += len(part)
+
+    for c, _box in enumerate(boxes):
+        with np.load(scratch / "chunks" / f"{c}.npz") as data:
+            stats = RegionStats.from_arrays(data)
+        local, final = plan.crossing_in(c)
+        interior = np.ones(len(stats), dtype=bool)
+        interior[local - 1] = False
+        buffer.append(stats.take(np.flatnonzero(interior)))
+        if len(local):
+            crossing.fold(final - plan.n_interior - 1, stats.take(local - 1))
+        if sum(len(b) for b in buffer) >= TABLE_CHUNK:
+            flush()
+    flush()
+    buffer.append(crossing)
+    flush()
+    group.attrs.update({"rows": n, "token": token, "connectivity": spec.connectivity, "classes": list(spec.classes)})
+    return per_class
+
+
+def _save_npz(path: Path, arrays: dict[str, Any]) -> None:
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def _bar(items: Iterable[T], total: int, desc: str, progress: bool) -> Iterator[T]:
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc=desc, unit="chunk", disable=not progress, dynamic_ncols=True) as bar:
+        for item in items:
+            bar.update(1)
+            yield item

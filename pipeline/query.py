@@ -99,19 +99,17 @@ class StoreView:
     @property
     def mask(self) -> Any:
         """The class ids as a lazy (dask) xarray DataArray; 255 = nodata."""
-        return self._dataarray(self._store.mask_path, "mask")
+        return self._dataarray(self._store.mask, "mask")
 
     @property
     def regions_array(self) -> Any:
         """Region ids (0 = none) as a lazy xarray DataArray, matching the rows of :meth:`regions`."""
-        self._store.regions()
-        return self._dataarray(self._store.regions_info["array"], "regions")  # type: ignore[index]
+        return self._dataarray(self._store.regions(), "regions")
 
-    def _dataarray(self, path: str, name: str) -> Any:
+    def _dataarray(self, array: zarr.Array, name: str) -> Any:
         import dask.array as da
         import xarray as xr
 
-        array = cast(zarr.Array, self._store.group[path])
         data = da.from_zarr(array, chunks=array.chunks)
         if self.affine is not None:
             assert self.spacing is not None

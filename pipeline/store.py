@@ -240,11 +240,11 @@ class MaskStore:
 
     def regions(self) -> zarr.Array:
         info = self._checked_regions()
-        return cast(zarr.Array, self.group[info["array"]])
+        return zarr.open_array(str(self.path / info["array"]), mode="r")
 
     def region_table(self) -> zarr.Group:
         info = self._checked_regions()
-        return cast(zarr.Group, self.group[info["table"]])
+        return zarr.open_group(str(self.path / info["table"]), mode="r", use_consolidated=False)
 
     def _checked_regions(self) -> dict[str, Any]:
         info = self.regions_info
@@ -253,10 +253,11 @@ class MaskStore:
                 f"{self.path}: no regions in this store (regions.enabled was false, or the job has not finished); "
                 f"label them with: raymask regions {self.path} --compute"
             )
-        try:
-            table_token = self.group[info["table"]].attrs.get("token")
-            array_token = self.group[info["array"]].attrs.get("raymask_regions_token")
-        except KeyError:
+        try:  # from the files themselves: consolidated metadata may predate an interrupted swap
+            table = zarr.open_group(str(self.path / info["table"]), mode="r", use_consolidated=False)
+            table_token = table.attrs.get("token")
+            array_token = zarr.open_array(str(self.path / info["array"]), mode="r").attrs.get("raymask_regions_token")
+        except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ArrayNotFoundError):
             table_token = array_token = None
         if not table_token == array_token == info.get("token"):
             raise StoreError(

@@ -1,0 +1,55 @@
+"""Build a mask store from label blocks computed here (imported masks, synthetic benchmarks, tests).
+
+The store is the same as a job writes (one work unit per chunk, statistics per unit, status
+``complete`` at the end), without a model or a source: its provenance says so.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline import __version__
+from pipeline.geometry import Box, TileGrid
+from pipeline.georef import Georef, row_pixel_areas
+from pipeline.stats import Measure, class_table
+from pipeline.store import MaskStore, StoreLayout
+from pipeline.volume import VolumeGeometry
+from workers.models.registry import DEFAULT_COLORS
+
+
+def store_from_blocks(
+    path: str | Path,
+    shape: tuple[int, ...],
+    chunk: tuple[int, ...],
+    classes: list[str],
+    fill: Callable[[Box], np.ndarray],
+    *,
+    georef: Georef | None = None,
+    volume: VolumeGeometry | None = None,
+    origin: str = "imported",
+) -> MaskStore:
+    """A complete store whose chunk ``box`` holds ``fill(box)`` (uint8 class ids, 255 = nodata)."""
+    georef = georef or Georef(None, None)
+    ndim = len(shape)
+    grid = TileGrid.create(shape, chunk=chunk, halo=(0,) * ndim, stride=(1,) * ndim, chunks_per_unit=(1,) * ndim)
+    layout = StoreLayout(
+        grid=grid,
+        classes=tuple((name, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i, name in enumerate(classes)),
+        georef=georef,
+        provenance={"raymask_version": __version__, "identity": {"origin": origin}, "origin": origin},
+        volume=volume,
+    )
+    store = MaskStore.create(path, layout)
+    measure: Measure = None
+    if volume is not None:
+        measure = volume.voxel_volume_mm3
+    elif layout.measure == "m2":
+        measure = row_pixel_areas(georef, shape[0])
+    for unit in grid.units():
+        labels = np.asarray(fill(unit.core), dtype=np.uint8)
+        store.write_unit(unit, labels, measure=measure, n_classes=len(classes))
+    store.mark_complete({"classes": class_table(store.totals(), classes, layout.measure), "measure": layout.measure})
+    return store

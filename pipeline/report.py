@@ -66,6 +66,7 @@ def store_info(store: MaskStore) -> dict[str, Any]:
         "units_done": int(store.units_done().sum()),
         "units_total": int(store.units_done().size),
         "stats": meta.get("stats"),
+        "regions": {k: v for k, v in (meta.get("regions") or {}).items() if k != "token"} or None,
         "model": meta.get("model"),
         "source": meta.get("source"),
         "raymask_version": meta.get("raymask_version"),
@@ -89,6 +90,12 @@ def render_info(info: dict[str, Any]) -> str:
         f"model      {info['model']['kind']} ({info['model']['identity']})",
         f"source     {', '.join(info['source']['paths'])} bands {info['source']['bands']}",
     ]
+    regions = info.get("regions")
+    if regions:
+        lines.append(
+            f"regions    {regions['count']:,} ({regions['connectivity']}-connected; classes "
+            f"{', '.join(regions['classes'])}): raymask regions {info['path']}"
+        )
     stats = info.get("stats")
     if stats:
         lines += ["", _class_table(stats["classes"], stats.get("measure"))]

@@ -10,6 +10,7 @@ import pytest
 import zarr
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from pyproj import CRS
 from scipy import ndimage
 
 from pipeline.config import RegionsConfig
@@ -24,9 +25,7 @@ from pipeline.stats import NODATA
 from pipeline.store import MaskStore
 from pipeline.volume import VolumeGeometry
 
-BNG = Georef(
-    'PROJCS["OSGB 1936 / British National Grid",AUTHORITY["EPSG","27700"]]', (1000.0, 10.0, 0.0, 2000.0, 0.0, -10.0)
-)
+BNG = Georef(CRS.from_epsg(27700).to_wkt(), (1000.0, 10.0, 0.0, 2000.0, 0.0, -10.0))
 
 
 def label(mask: np.ndarray, chunk: tuple[int, ...], connectivity: int, path: Path,

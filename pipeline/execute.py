@@ -229,8 +229,13 @@ def _stored_source(store: MaskStore) -> tuple[Source | None, list[str]]:
     if image:
         return StoreArraySource(store=str(store.path.absolute()), array=image), []
     job = store.meta.get("job") or {}
+    paths = (store.meta.get("source") or {}).get("paths") or []
     try:
         config = JobConfig.model_validate(job)
+        if paths:  # the paths as the job resolved them: the config's may be relative to its cwd
+            config = config.model_copy(
+                update={"source": config.source.model_copy(update={"path": paths if len(paths) > 1 else paths[0]})}
+            )
         opened = open_input(config.source, store_path=store.path.absolute())
     except Exception as exc:
         return None, [f"no mean intensities: the source cannot be opened ({' '.join(str(exc).split())[:120]})"]

@@ -140,7 +140,8 @@ def label_task(task: LabelTask) -> tuple[int, int]:
     intensity = None
     if task.source is not None and labelled.count:
         intensity, _ = task.source.read(task.box)
-    stats = region_stats(labelled, task.box.start, measure=task.measure, intensity=intensity)
+    bands = len(task.source.bands) if task.source is not None else 0
+    stats = region_stats(labelled, task.box.start, measure=task.measure, intensity=intensity, bands=bands)
     arrays: dict[str, Any] = stats.to_arrays()
     for axis in range(mask.ndim):
         for side, (ids, cls) in enumerate(zip(face_slices(labelled.ids, axis), face_slices(mask, axis))):

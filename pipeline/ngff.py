@@ -66,7 +66,10 @@ def regions_image_attrs(volume: dict[str, Any]) -> dict[str, Any]:
                     "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": spacing}]}],
                 }
             ],
-            "image-label": {"source": {"image": "../../"}},
+            "image-label": {
+                "colors": [{"label-value": 0, "rgba": [0, 0, 0, 0]}],  # 0: no region, transparent
+                "source": {"image": "../../"},
+            },
         }
     }
 

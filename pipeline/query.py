@@ -14,6 +14,7 @@ centre lies inside the shape (see ``pipeline.selection``).
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, cast
@@ -383,6 +384,7 @@ class StoreView:
 
     def _reduce(self, window: Box, selector: Selector | None) -> dict[str, Any]:
         import dask
+        from rasterio.errors import NotGeoreferencedWarning
 
         mask = self._store.mask
         grid = TileGrid.create(self.shape, chunk=tuple(mask.chunks), halo=(0,) * len(self.shape),
@@ -400,7 +402,10 @@ class StoreView:
             rows = measure[box.start[0] : box.stop[0]] if isinstance(measure, np.ndarray) else measure
             return count_classes(labels, n, rows)
 
-        parts = dask.compute(*[dask.delayed(one)(b) for b in blocks], scheduler="threads") if blocks else ()
+        with warnings.catch_warnings():  # here, not in the threads: the filters are process-wide
+            # rasterize's scratch raster says it has no geotransform; the zone's transform is passed explicitly
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            parts = dask.compute(*[dask.delayed(one)(b) for b in blocks], scheduler="threads") if blocks else ()
         total = merge(parts, n)
         return {
             "store": str(self.path),

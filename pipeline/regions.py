@@ -141,11 +141,13 @@ def region_stats(
     *,
     measure: np.ndarray | float | None = None,
     intensity: np.ndarray | None = None,
+    bands: int = 0,
 ) -> RegionStats:
     """Summarise a labelled chunk whose first pixel is at global index ``origin``.
 
     ``measure`` is m² per pixel for each row of a 2-D chunk, or one value per pixel or voxel, or
-    None; ``intensity`` is ``(bands, *chunk shape)`` source values, or None.
+    None; ``intensity`` is ``(bands, *chunk shape)`` source values, or None (then ``bands`` zero
+    columns, so that chunks with and without regions fold together).
     """
     ids = chunk.ids
     n = chunk.count
@@ -173,9 +175,9 @@ def region_stats(
         shape[axis] = ids.shape[axis]
         coord = np.broadcast_to(np.arange(ids.shape[axis], dtype=np.float64).reshape(shape), ids.shape).reshape(-1)
         index_sum[:, axis] = np.bincount(flat, weights=coord, minlength=n + 1)[1:] + pixels * float(origin[axis])
-    bands = 0 if intensity is None else intensity.shape[0]
+    bands = bands if intensity is None else intensity.shape[0]
     intensity_sum = np.zeros((n, bands), dtype=np.float64)
-    for b in range(bands):
+    for b in range(0 if intensity is None else bands):
         assert intensity is not None
         values = np.asarray(intensity[b], dtype=np.float64).reshape(-1)
         intensity_sum[:, b] = np.bincount(flat, weights=values, minlength=n + 1)[1:]

@@ -117,6 +117,12 @@ def test_ct_regions_equal_scipy_with_volumes_patient_positions_and_hu(ct) -> Non
     affine = np.asarray(store.meta["volume"]["affine"])
     patient = centre @ affine[:3, :3].T + affine[:3, 3]
     np.testing.assert_allclose(frame[["centroid_x_mm", "centroid_y_mm", "centroid_z_mm"]], patient, atol=1e-6)
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    group = zarr.open_group(str(ct), mode="r")
+    Image.from_zarr(group)  # the whole NGFF image with both label images validates
+    ImageLabel.from_zarr(group["labels/regions"])
     bone = store.regions("bone", min_volume=1000.0)
     assert len(bone) >= 1 and (bone["volume_mm3"] >= 1000).all() and set(bone["class_name"]) == {"bone"}
 

@@ -122,3 +122,59 @@ def test_a_killed_predict_actor_is_replaced_and_the_mask_is_byte_identical(
     capsys.readouterr()
     assert json.loads((disturbed / "zarr.json").read_text())["attributes"]["raymask"]["status"] == "complete"
     assert chunk_bytes(disturbed) == chunk_bytes(tmp_path / "clean.zarr")
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_driver_killed_while_labelling_regions_resumes_with_the_regions_only(
+    tmp_path: Path, make_geotiff: GeoTiffFactory, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from scipy import ndimage
+
+    from pipeline.query import open_store
+    from tests.test_region_stores import assert_store_equals_scipy
+
+    rng = np.random.default_rng(11)
+    image = ndimage.uniform_filter(rng.random((2, 1536, 1536)), size=(1, 7, 7)).astype(np.float32)
+    path = make_geotiff(image)
+    store = tmp_path / "labelled.zarr"
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"source: {{path: '{path}'}}\n"
+        "model: {kind: ndvi, red: 1, nir: 2, water_below: -0.05, vegetation_above: 0.05}\n"
+        "tiling: {chunk: 48, chunks_per_unit: 8}\n"  # 1024 chunks to label, in 16 work units
+        f"output: {{path: '{store}', preview: false}}\n"
+        "regions: {connectivity: 8}\n"
+    )
+    scratch = tmp_path / ".labelled.zarr.regions" / "chunks"
+    ray_tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress", "--set", "runtime.address=local"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "RAY_TMPDIR": ray_tmp},
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and driver.poll() is None:
+            if scratch.exists() and len(list(scratch.glob("*.npz"))) >= 50:
+                break
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        kill_all(lambda: processes_mentioning(ray_tmp))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
+    labelled_at_kill = len(list(scratch.glob("*.npz")))
+    assert 50 <= labelled_at_kill < 1024, f"kill did not land while labelling ({labelled_at_kill} chunks)"
+    meta = json.loads((store / "zarr.json").read_text())["attributes"]["raymask"]
+    assert meta["status"] == "incomplete" and "regions" not in meta  # all units done, not complete
+
+    assert main(["run", str(config), "--json", "--no-progress"]) == 0
+    resumed = json.loads(capsys.readouterr().out)
+    assert resumed["status"] == "complete" and resumed["units_run"] == 0 and resumed["units_skipped"] == 16
+    view = open_store(store)
+    assert_store_equals_scipy(view._store, view.mask.values, 8)
+    assert not scratch.parent.exists()

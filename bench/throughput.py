@@ -108,6 +108,7 @@ def end_to_end(image: Path, model_path: Path, work: Path, *, chunk: int, halo: i
             },
             "tiling": {"chunk": chunk, "halo": halo},
             "output": {"path": str(work / f"out-{threads}.zarr"), "preview": False},
+            "regions": {"enabled": False},  # tiles/s of prediction; bench/regions_memory.py times labelling
             "runtime": {"actor_cpus": 1.0, "threads": threads, "batch_size": 1},
         }
     )

@@ -1,10 +1,11 @@
 """Peak memory and time of labelling connected regions in a large mask store, at two sizes.
 
 For each size a synthetic mask store is written chunk by chunk (never whole): 4 x 4 px blobs on a
-16 px lattice (many small regions) and a network of lines that spans the whole image, touches
-all four edges and crosses every chunk cut (one region). Labelling then runs in a fresh process
-with the in-process executor (the same per-chunk steps a Ray task runs), and that process's peak
-resident memory (ru_maxrss) is recorded. The region count is checked against the known answer.
+16 px lattice (many small regions, a row of them cut by every chunk cut) and a network of lines
+that spans the whole image, touches all four edges and crosses every chunk cut (one region).
+Labelling then runs in a fresh process with the in-process executor (the same per-chunk steps a
+Ray task runs), and that process's peak resident memory (ru_maxrss) is recorded. The region
+count is checked against the known answer.
 
     python bench/regions_memory.py                    # 10000 and 20000 px, chunk 1024
     python bench/regions_memory.py --sizes 4000 8000  # quicker
@@ -29,32 +30,37 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-LATTICE, BLOB, OFFSET, LINE_EVERY = 16, 4, 4, 512
+LATTICE, BLOB, LINE_EVERY, LINE_AT = 16, 4, 512, 8
+
+
+def blob_axis(index: np.ndarray) -> np.ndarray:
+    """Blob rows (or columns): 4 of every 16, straddling each multiple of 16, so every chunk cut
+    (chunks are multiples of 16) cuts a row of blobs in two and the merge has work to do."""
+    return ((index + BLOB // 2) % LATTICE) < BLOB
 
 
 def fill(box) -> np.ndarray:  # type: ignore[no-untyped-def]
     """Class 1 blobs, class 2 line network, class 0 elsewhere, for one chunk (global coordinates)."""
-    rows = np.arange(box.start[0], box.stop[0])[:, None]
-    cols = np.arange(box.start[1], box.stop[1])[None, :]
-    blob = ((rows % LATTICE) >= OFFSET) & ((rows % LATTICE) < OFFSET + BLOB)
-    blob = blob & ((cols % LATTICE) >= OFFSET) & ((cols % LATTICE) < OFFSET + BLOB)
-    out = np.where(blob, 1, 0).astype(np.uint8)
-    out[((rows % LINE_EVERY == 0) | (rows == fill.size - 1))[:, 0], :] = 2  # type: ignore[attr-defined]
-    out[:, ((cols % LINE_EVERY == 0) | (cols == fill.size - 1))[0]] = 2  # type: ignore[attr-defined]
+    rows = np.arange(box.start[0], box.stop[0])
+    cols = np.arange(box.start[1], box.stop[1])
+    out = np.where(blob_axis(rows)[:, None] & blob_axis(cols)[None, :], 1, 0).astype(np.uint8)
+    out[rows % LINE_EVERY == LINE_AT, :] = 2  # lines across the whole image: they reach all four edges
+    out[:, cols % LINE_EVERY == LINE_AT] = 2
     return out
 
 
 def expected_blobs(size: int) -> int:
-    """Blobs with at least one pixel left beside the last row's and column's line (at size - 1)."""
-    return len(np.arange(OFFSET, size - 1, LATTICE)) ** 2
+    """Runs of blob rows times runs of blob columns (lines sit between blobs, never beside them)."""
+    on = blob_axis(np.arange(size))
+    runs = int(on[0]) + int((on[1:] & ~on[:-1]).sum())
+    return runs * runs
 
 
 def build(path: Path, size: int, chunk: int) -> None:
+    from pyproj import CRS
+
     from pipeline.georef import Georef
     from pipeline.masks import store_from_blocks
-
-    fill.size = size  # type: ignore[attr-defined]
-    from pyproj import CRS
 
     georef = Georef(CRS.from_epsg(32630).to_wkt(), (400000.0, 1.0, 0.0, 5800000.0, 0.0, -1.0))
     store_from_blocks(path, (size, size), (chunk, chunk), ["background", "blob", "network"], fill, georef=georef,
@@ -72,7 +78,7 @@ def label(path: Path) -> dict[str, float]:
     summary = label_store(store, spec, source=None, executor=SerialExecutor())
     seconds = time.perf_counter() - started
     peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    return {"seconds": seconds, "peak_mb": peak_mb, **{k: v for k, v in summary["per_class"].items()}}
+    return {"seconds": seconds, "peak_mb": peak_mb, "crossing": summary["crossing"], **summary["per_class"]}
 
 
 def main() -> None:
@@ -113,10 +119,10 @@ def main() -> None:
         f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}"
     )
     print(f"\nmachine: {machine}")
-    print("| mask | chunk | regions | labelling time | peak memory (labelling process) |")
-    print("|---|---|---|---|---|")
+    print("| mask | chunk | regions | crossing chunk cuts | labelling time | peak memory (labelling process) |")
+    print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['size']:,} x {r['size']:,} | {r['chunk']} | {r['blob'] + r['network']:,} "
+        print(f"| {r['size']:,} x {r['size']:,} | {r['chunk']} | {r['blob'] + r['network']:,} | {r['crossing']:,} "
               f"| {r['seconds']:.0f} s | {r['peak_mb']:.0f} MB |")  # fmt: skip
 
 

@@ -241,6 +241,7 @@ def label_store(
         "connectivity": spec.connectivity,
         "classes": [names[i] for i in spec.classes],
         "count": plan.n_regions,
+        "crossing": plan.n_components,  # regions that span more than one chunk
         "per_class": {names[c]: int(n) for c, n in enumerate(per_class) if c in spec.classes},
         "table": REGION_TABLE,
         "array": VOLUME_REGIONS if volume else "regions",

@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml constraints.txt
 demo: $(STAMP)
 	$(VENV)/bin/raymask run configs/aerial-vegetation.yaml --overwrite
 	$(VENV)/bin/raymask info out/aber-vegetation.zarr
+	$(VENV)/bin/raymask regions out/aber-vegetation.zarr --class vegetation --min-area 1000 --limit 5
+	$(VENV)/bin/raymask query out/aber-vegetation.zarr --bbox -4.09,52.40,-4.06,52.42 --crs EPSG:4326
 	$(VENV)/bin/raymask run configs/ct-tissue.yaml --overwrite
+	$(VENV)/bin/raymask regions out/ct-tissue.zarr --class bone --limit 5
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline workers tests bench tools
@@ -30,6 +33,7 @@ test: $(STAMP) lint
 
 bench: $(STAMP)
 	$(PY) bench/throughput.py
+	$(PY) bench/regions_memory.py
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache .hypothesis

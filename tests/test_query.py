@@ -18,9 +18,8 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.execute import run_job
 from pipeline.query import open_store
-from pipeline.regions import structure
 from pipeline.stats import NODATA
-from tests.conftest import ROOT, S2
+from tests.conftest import ROOT, S2, scipy_table
 
 
 def run_demo(config: str, out: Path, *overrides: str) -> Path:
@@ -48,19 +47,6 @@ def cli(capsys, *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     captured = capsys.readouterr()
     return code, captured.out, captured.err
-
-
-def scipy_table(mask: np.ndarray, connectivity: int) -> tuple[list[tuple], np.ndarray]:
-    struct = structure(mask.ndim, connectivity)
-    rows, labels, offset = [], np.zeros(mask.shape, dtype=np.int64), 0
-    for cls in np.unique(mask[mask != NODATA]):
-        lab, n = ndimage.label(mask == cls, structure=struct)
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)
-        for i, box in enumerate(ndimage.find_objects(lab)):
-            rows.append((int(cls), int(sizes[i + 1]), *[(s.start, s.stop) for s in box]))
-        labels[lab > 0] = lab[lab > 0] + offset
-        offset += n
-    return sorted(rows), labels
 
 
 def table_rows(frame, axes: list[str], size: str) -> list[tuple]:

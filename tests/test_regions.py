@@ -20,6 +20,7 @@ from pipeline.regions import (
     structure,
 )
 from pipeline.stats import NODATA
+from tests.conftest import scipy_table
 
 
 def chunked_regions(
@@ -70,25 +71,15 @@ def assert_same_partition(ours: np.ndarray, mask: np.ndarray, connectivity: int)
     assert len(np.unique(pairs[0])) == len(np.unique(pairs[1])) == pairs.shape[1] == offset
 
 
-def scipy_regions(mask: np.ndarray, connectivity: int) -> list[tuple]:
-    """(class, size, bbox start, bbox stop) of every region scipy.ndimage.label finds, sorted."""
-    struct = structure(mask.ndim, connectivity)
-    found = []
-    for cls in np.unique(mask):
-        if cls == NODATA:
-            continue
-        lab, n = ndimage.label(mask == cls, structure=struct)
-        sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
-        for i, box in enumerate(ndimage.find_objects(lab)):
-            found.append((int(cls), int(sizes[i]), tuple(s.start for s in box), tuple(s.stop for s in box)))
-    return sorted(found)
-
-
 def table_rows(table: RegionStats) -> list[tuple]:
     return sorted(
-        (int(c), int(p), tuple(a.tolist()), tuple(b.tolist()))
+        (int(c), int(p), *[(int(x), int(y)) for x, y in zip(a, b)])
         for c, p, a, b in zip(table.classes, table.pixels, table.start, table.stop)
     )
+
+
+def scipy_regions(mask: np.ndarray, connectivity: int) -> list[tuple]:
+    return scipy_table(mask, connectivity)[0]
 
 
 def assert_table_matches(table: RegionStats, ours: np.ndarray, mask: np.ndarray) -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,30 @@ def units_done(store: Path) -> int:
         return int((zarr.open_array(str(store / "units" / "pixels"), mode="r")[..., 0] >= 0).sum())
     except Exception:  # the store may not exist yet, or be mid-creation
         return 0
+
+
+def kill_driver_when(config: Path, ready: Callable[[], bool], *, timeout: float) -> None:
+    """Run ``raymask run CONFIG`` as its own process with its own Ray; SIGKILL it and every Ray
+    process it started as soon as ``ready()`` (or the driver ends, or ``timeout``)."""
+    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    driver = subprocess.Popen(
+        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress", "--set", "runtime.address=local"],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+        env={**os.environ, "RAY_TMPDIR": ray_tmp},
+    )
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready() and time.monotonic() < deadline and driver.poll() is None:
+            time.sleep(0.05)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        kill_all(lambda: processes_mentioning(ray_tmp))
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 def unet_job(tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, *, store: str, seed: int) -> Path:
@@ -56,25 +81,7 @@ def test_a_killed_driver_resumes_and_ends_byte_identical(
     killed = tmp_path / "killed.zarr"
     total = (512 // 64) * (448 // 64)
 
-    ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress", "--set", "runtime.address=local"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, "RAY_TMPDIR": ray_tmp},
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while units_done(killed) < 8 and time.monotonic() < deadline and driver.poll() is None:
-            time.sleep(0.05)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-        kill_all(lambda: processes_mentioning(ray_tmp))
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    kill_driver_when(config, lambda: units_done(killed) >= 8, timeout=180)
     done_at_kill = units_done(killed)
     assert 0 < done_at_kill < total, f"kill did not land mid-run ({done_at_kill}/{total})"
     assert json.loads((killed / "zarr.json").read_text())["attributes"]["raymask"]["status"] == "incomplete"
@@ -146,27 +153,7 @@ def test_a_driver_killed_while_labelling_regions_resumes_with_the_regions_only(
         "regions: {connectivity: 8}\n"
     )
     scratch = tmp_path / ".labelled.zarr.regions" / "chunks"
-    ray_tmp = tempfile.mkdtemp(prefix="rl", dir="/tmp")
-    driver = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress", "--set", "runtime.address=local"],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-        env={**os.environ, "RAY_TMPDIR": ray_tmp},
-    )
-    try:
-        deadline = time.monotonic() + 240
-        while time.monotonic() < deadline and driver.poll() is None:
-            if scratch.exists() and len(list(scratch.glob("*.npz"))) >= 50:
-                break
-            time.sleep(0.05)
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(driver.pid, signal.SIGKILL)
-        driver.wait(timeout=30)
-        kill_all(lambda: processes_mentioning(ray_tmp))
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    kill_driver_when(config, lambda: scratch.exists() and len(list(scratch.glob("*.npz"))) >= 50, timeout=240)
     labelled_at_kill = len(list(scratch.glob("*.npz")))
     assert 50 <= labelled_at_kill < 1024, f"kill did not land while labelling ({labelled_at_kill} chunks)"
     meta = json.loads((store / "zarr.json").read_text())["attributes"]["raymask"]

@@ -6,6 +6,7 @@ the PIDs of its processes (never `ray stop`, which would end every Ray on the ma
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import socket
@@ -23,10 +24,14 @@ from tests.conftest import DATA, ROOT, kill_all, processes_mentioning
 BIN = Path(sys.executable).parent
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: every socket stays bound until all are chosen, so the OS cannot
+    hand the same port out twice (it did: gcs_server and object_manager once got one port)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def clean_env() -> dict[str, str]:
@@ -39,17 +44,17 @@ def clean_env() -> dict[str, str]:
 @pytest.fixture(scope="module")
 def ray_head() -> Iterator[str]:
     temp = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    dashboard = free_port()
+    dashboard, gcs, agent, agent_grpc, metrics, runtime_env, node_manager, object_manager = free_ports(8)
     command = [
-        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={free_port()}",
+        str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs}",
         "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard}", f"--temp-dir={temp}",
         "--num-cpus=2", "--include-dashboard=true", "--disable-usage-stats",
         # Every port explicit and free: the session's own local Ray already holds Ray's defaults
         # (52365 for the dashboard agent among them), and a head whose agent cannot bind never
         # accepts a job ("No available agent").
-        f"--dashboard-agent-listen-port={free_port()}", f"--dashboard-agent-grpc-port={free_port()}",
-        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}",
-        f"--node-manager-port={free_port()}", f"--object-manager-port={free_port()}",
+        f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+        f"--node-manager-port={node_manager}", f"--object-manager-port={object_manager}",
     ]  # fmt: skip
     started = subprocess.run(command, env=clean_env(), capture_output=True, text=True, timeout=180)
     try:

@@ -151,7 +151,7 @@ def render_regions(view: Any, frame: Any, matched: int) -> str:
     )
     lines = [
         f"store        {view.path}",
-        f"regions      {info.get('count')} ({info.get('connectivity')}-connected; classes "
+        f"regions      {info.get('count', 0):,} ({info.get('connectivity')}-connected; classes "
         f"{', '.join(info.get('classes') or [])}); {matched} match",
         "",
         header,

@@ -152,7 +152,7 @@ def render_regions(view: Any, frame: Any, matched: int) -> str:
     lines = [
         f"store        {view.path}",
         f"regions      {info.get('count', 0):,} ({info.get('connectivity')}-connected; classes "
-        f"{', '.join(info.get('classes') or [])}); {matched} match",
+        f"{', '.join(info.get('classes') or [])}); {matched:,} match",
         "",
         header,
         "-" * len(header),

@@ -358,12 +358,12 @@ def _cmd_regions(args: argparse.Namespace) -> int:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
-    from pipeline.query import open_store, require_complete
+    from pipeline.query import incomplete_warnings, open_store
     from pipeline.report import render_point, render_query
     from pipeline.selection import parse_numbers
 
     view = open_store(args.store)
-    for warning in require_complete(view):
+    for warning in incomplete_warnings(view):
         print(f"raymask: warning: {warning}", file=sys.stderr)
     ndim = len(view.shape)
     if args.bbox:
@@ -376,11 +376,11 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_zones(args: argparse.Namespace) -> int:
-    from pipeline.query import open_store, require_complete
+    from pipeline.query import incomplete_warnings, open_store
     from pipeline.report import render_zones
 
     view = open_store(args.store)
-    for warning in require_complete(view):
+    for warning in incomplete_warnings(view):
         print(f"raymask: warning: {warning}", file=sys.stderr)
     results = view.zones(args.geojson, crs=args.crs)
     print(json.dumps(results, indent=2) if args.json else render_zones(results, view.measure))

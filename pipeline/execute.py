@@ -149,12 +149,17 @@ def finalize(job: Job, store: MaskStore) -> dict[str, dict[str, Any]]:
     unit = store.meta.get("measure")
     table = class_table(store.totals(), [n for n, _ in job.model.classes], unit)
     if job.regions is not None:
-        counts = (store.regions_info or {}).get("per_class", {})
-        for name, row in table.items():
-            if name in counts:
-                row["regions"] = counts[name]
+        with_region_counts(table, (store.regions_info or {}).get("per_class", {}))
     store.mark_complete({"classes": table, "measure": unit})
     return table
+
+
+def with_region_counts(table: dict[str, dict[str, Any]], per_class: dict[str, int]) -> None:
+    """Put each labelled class's region count into its class-table row (and take stale ones out)."""
+    for name, row in table.items():
+        row.pop("regions", None)
+        if name in per_class:
+            row["regions"] = per_class[name]
 
 
 def regions_pending(job: Job, store: MaskStore) -> bool:
@@ -214,10 +219,7 @@ def label_existing(
             ray.shutdown()
     stats = store.meta.get("stats")
     if stats:  # keep the per-class region counts in the statistics in step with the new table
-        for name, row in stats.get("classes", {}).items():
-            row.pop("regions", None)
-            if name in summary["per_class"]:
-                row["regions"] = summary["per_class"][name]
+        with_region_counts(stats.get("classes", {}), summary["per_class"])
         store.update_meta(stats=stats)
     return summary, notes
 

@@ -32,10 +32,10 @@ from pipeline import ngff
 from pipeline.config import RegionsConfig
 from pipeline.errors import ConfigError
 from pipeline.geometry import Box, TileGrid
-from pipeline.georef import Georef, row_pixel_areas
 from pipeline.inputs import Source
 from pipeline.region_table import TableContext, columns
 from pipeline.regions import (
+    Merge,
     RegionStats,
     cut_pairs,
     cuts,
@@ -47,7 +47,6 @@ from pipeline.regions import (
     relabel_table,
     structure,
 )
-from pipeline.stats import Measure
 from pipeline.store import REGION_TABLE, VOLUME_REGIONS, MaskStore
 
 TABLE_CHUNK = 65_536
@@ -179,13 +178,12 @@ def label_store(
     grid = TileGrid.create(shape, chunk=chunk, halo=(0,) * ndim, stride=(1,) * ndim, chunks_per_unit=(1,) * ndim)
     indices = list(np.ndindex(*grid.grid_shape))
     boxes = [grid.chunk_box(i) for i in indices]
-    flat = {index: i for i, index in enumerate(indices)}
     scratch = store.path.with_name(f".{store.path.name}.regions")
     shutil.rmtree(scratch, ignore_errors=True)
     (scratch / "chunks").mkdir(parents=True)
     volume = store.is_volume
     zarr.create_array(str(scratch / "local"), shape=shape, chunks=chunk, dtype="uint32", fill_value=0)
-    row_measure = store_measure(store)
+    row_measure = store.pixel_measure()
     bands = tuple(source.bands) if source is not None else ()
 
     def measure_for(box: Box) -> np.ndarray | float | None:
@@ -202,13 +200,15 @@ def label_store(
     for c, n in _bar(executor.map(label_task, label_items), len(boxes), "regions: label", progress):
         counts[c] = n
 
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    flat = {index: i for i, index in enumerate(indices)}
+
     def face(index: tuple[int, ...], axis: int, side: int) -> tuple[np.ndarray, np.ndarray]:
         c = flat[index]
         with np.load(scratch / "chunks" / f"{c}.npz") as data:
             ids = data[f"face{axis}{side}"].astype(np.int64)
             return np.where(ids > 0, ids + offsets[c], 0), data[f"class{axis}{side}"]
 
-    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     pairs = [np.zeros((0, 2), dtype=np.int64)]
     pairs += [
         cut_pairs(grid, axis, layer, face, connectivity=spec.connectivity) for axis, layer in cuts(grid.grid_shape)
@@ -230,12 +230,12 @@ def label_store(
     context = TableContext(
         ndim=ndim,
         measure=meta.get("measure"),
-        georef=Georef(meta.get("crs"), tuple(meta["transform"]) if meta.get("transform") else None),  # type: ignore[arg-type]
+        georef=store.georef,
         affine=np.asarray(meta["volume"]["affine"]) if volume else None,
         bands=bands,
         modality=modality,
     )
-    per_class = _write_table(scratch / "table", plan, boxes, scratch, context, len(bands), token, spec)
+    per_class = _write_table(scratch / "table", plan, scratch, context, len(bands), token, spec)
     names = [c["name"] for c in meta["classes"]]
     summary = {
         "connectivity": spec.connectivity,
@@ -251,20 +251,6 @@ def label_store(
     store.install_regions(scratch / ("regions-group" if volume else "regions"), scratch / "table", summary)
     shutil.rmtree(scratch, ignore_errors=True)
     return summary
-
-
-def store_measure(store: MaskStore) -> Measure:
-    """What one pixel measures: m² per row (maps), mm² (medical images), mm³ (volumes), or None."""
-    meta = store.meta
-    unit = meta.get("measure")
-    if unit == "mm3":
-        return float(np.prod(meta["volume"]["spacing_mm"]))
-    if unit == "mm2":
-        return float(meta["pixel_area_mm2"])
-    if unit == "m2":
-        georef = Georef(meta.get("crs"), tuple(meta["transform"]))  # type: ignore[arg-type]
-        return row_pixel_areas(georef, int(meta["shape"][0]))
-    return None
 
 
 def _create_regions_array(
@@ -285,9 +271,8 @@ def _create_regions_array(
 
 
 def _write_table(
-    path: Path, plan: Any, boxes: list[Box], scratch: Path, context: TableContext, bands: int, token: str,
-    spec: RegionSpec,
-) -> np.ndarray:  # fmt: skip
+    path: Path, plan: Merge, scratch: Path, context: TableContext, bands: int, token: str, spec: RegionSpec
+) -> np.ndarray:
     """Stream the region table into ``path``: interior regions chunk by chunk, then crossing ones."""
     n = plan.n_regions
     group = zarr.open_group(str(path), mode="w", zarr_format=3)
@@ -312,7 +297,7 @@ def _write_table(
         np.add.at(per_class, part.classes, 1)
         written += len(part)
 
-    for c, _box in enumerate(boxes):
+    for c in range(len(plan.offsets) - 1):
         with np.load(scratch / "chunks" / f"{c}.npz") as data:
             stats = RegionStats.from_arrays(data)
         local, final = plan.crossing_in(c)

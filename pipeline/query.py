@@ -24,7 +24,6 @@ import zarr
 
 from pipeline.errors import QueryError
 from pipeline.geometry import Box, TileGrid
-from pipeline.georef import Georef, row_pixel_areas
 from pipeline.selection import (
     PIXEL_TRANSFORM,
     Zone,
@@ -62,8 +61,7 @@ class StoreView:
         self.classes: list[str] = [c["name"] for c in meta["classes"]]
         self.shape: tuple[int, ...] = tuple(meta["shape"])
         self.measure: str | None = meta.get("measure")
-        transform = meta.get("transform")
-        self.georef = Georef(meta.get("crs"), tuple(transform) if transform else None)  # type: ignore[arg-type]
+        self.georef = store.georef
         volume = meta.get("volume")
         self.affine: np.ndarray | None = np.asarray(volume["affine"]) if volume else None
         self.spacing: tuple[float, ...] | None = tuple(volume["spacing_mm"]) if volume else None
@@ -391,7 +389,7 @@ class StoreView:
                                stride=(1,) * len(self.shape), chunks_per_unit=(1,) * len(self.shape))  # fmt: skip
         blocks = [b for b in _chunks_in(grid, window)]
         n = len(self.classes)
-        measure = self._measure()
+        measure = self._store.pixel_measure()
 
         def one(box: Box) -> ChunkStats:
             labels = np.asarray(mask[box.slices()])
@@ -416,15 +414,6 @@ class StoreView:
             "pixels": int(total.pixels.sum()),
             "classes": class_table(total, self.classes, self.measure),
         }
-
-    def _measure(self) -> np.ndarray | float | None:
-        if self.measure == "mm3":
-            return float(np.prod(self.spacing or (1.0,)))
-        if self.measure == "mm2":
-            return float(self.meta.get("pixel_area_mm2") or np.nan)
-        if self.measure == "m2":
-            return row_pixel_areas(self.georef, self.shape[0])
-        return None
 
     def _region_row(self, rid: int) -> dict[str, Any]:
         table = self._store.region_table()
@@ -480,7 +469,7 @@ def _geojson_crs(declared: str | None) -> str:
     return declared
 
 
-def require_complete(view: StoreView) -> list[str]:
+def incomplete_warnings(view: StoreView) -> list[str]:
     """Warnings for a store that is not complete (unwritten chunks read as nodata)."""
     return [] if view.status == COMPLETE else [f"{view.path} is {view.status}: unwritten chunks read as nodata"]
 

@@ -1,7 +1,7 @@
 """The region table's columns, from folded per-region sums (pure: no I/O).
 
 One row per region, stored in the store's ``region_table`` group as one 1-D zarr array per
-column (the documented format; :data:`COLUMN_DOCS` says what each column holds):
+column (the documented format, also in the README):
 
 * ``id`` (the value in the ``regions`` array), ``class`` (class id), ``pixels`` or ``voxels``;
 * the area or volume in the store's measure: ``area_m2``/``area_ha`` (maps), ``area_mm2``
@@ -134,25 +134,3 @@ def _patient_columns(stats: RegionStats, centroid: np.ndarray, affine: np.ndarra
 def _apply(affine: np.ndarray, index: np.ndarray) -> np.ndarray:
     index = np.asarray(index, dtype=np.float64)
     return index @ affine[:3, :3].T + affine[:3, 3]
-
-
-COLUMN_DOCS = {
-    "id": "region id: the value of its pixels in the regions array",
-    "class": "class id (see the store's classes)",
-    "pixels": "pixel count",
-    "voxels": "voxel count",
-    "area_m2": "area in m² (planar for projected CRSs, geodesic for geographic ones)",
-    "area_ha": "area in hectares",
-    "area_mm2": "area in mm² (from the image's pixel spacing)",
-    "volume_mm3": "volume in mm³",
-    "volume_ml": "volume in mL",
-    "*_start, *_stop": "bounding box in array indices, half-open, per axis (slice, row, col)",
-    "centroid_row, centroid_col, centroid_slice": "mean array index of the region's pixels",
-    "x_min, y_min, x_max, y_max": "bounding box in the map CRS: outer pixel edges",
-    "centroid_x, centroid_y": "centroid in the map CRS (of pixel centres)",
-    "lon_min, lat_min, lon_max, lat_max": "bounding box in WGS84 degrees, from the box's corners",
-    "centroid_lon, centroid_lat": "centroid in WGS84 degrees",
-    "centroid_x_mm, centroid_y_mm, centroid_z_mm": "centroid in DICOM patient coordinates (LPS), mm",
-    "x_min_mm .. z_max_mm": "bounding box of voxel centres in patient coordinates (LPS), mm",
-    "mean_hu, mean_value, mean_bN": "mean source value over the region (HU for CT; per band)",
-}

@@ -36,7 +36,7 @@ import zarr.errors
 from pipeline import ngff
 from pipeline.errors import StoreError
 from pipeline.geometry import TileGrid, WorkUnit
-from pipeline.georef import Georef, cf_grid_mapping, pixel_centres
+from pipeline.georef import Georef, cf_grid_mapping, pixel_centres, row_pixel_areas
 from pipeline.stats import NODATA, ChunkStats, Measure, count_classes
 from pipeline.volume import VolumeGeometry
 
@@ -223,6 +223,23 @@ class MaskStore:
     def image(self) -> zarr.Array | None:
         path = self.meta.get("arrays", {}).get("image")
         return cast(zarr.Array, self.group[path]) if path else None
+
+    @property
+    def georef(self) -> Georef:
+        transform = self.meta.get("transform")
+        return Georef(self.meta.get("crs"), tuple(transform) if transform else None)  # type: ignore[arg-type]
+
+    def pixel_measure(self) -> Measure:
+        """What one pixel measures: m² per row (maps), mm² (medical images), mm³ (volumes), or None."""
+        meta = self.meta
+        unit = meta.get("measure")
+        if unit == "mm3":
+            return float(np.prod(meta["volume"]["spacing_mm"]))
+        if unit == "mm2":
+            return float(meta["pixel_area_mm2"])
+        if unit == "m2":
+            return row_pixel_areas(self.georef, int(meta["shape"][0]))
+        return None
 
     @property
     def is_volume(self) -> bool:

@@ -35,8 +35,8 @@ def label(mask: np.ndarray, chunk: tuple[int, ...], connectivity: int, path: Pat
     if mask.ndim == 3:
         eye = ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))
         volume = VolumeGeometry(mask.shape, (2.0, 0.5, 0.5), (-10.0, 20.0, 30.0), eye)  # type: ignore[arg-type]
-    store = store_from_blocks(path, mask.shape, chunk, classes, lambda box: mask[box.slices()], georef=georef,
-                              volume=volume)  # fmt: skip
+    store_from_blocks(path, mask.shape, chunk, classes, lambda box: mask[box.slices()], georef=georef,
+                      volume=volume)  # fmt: skip
     store = MaskStore.open(path, mode="r+")
     spec = resolve(RegionsConfig(connectivity=connectivity), mask.ndim, classes)  # type: ignore[arg-type]
     label_store(store, spec, source=None, executor=executor or SerialExecutor())

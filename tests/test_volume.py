@@ -81,6 +81,9 @@ def test_volume_store_is_valid_ome_zarr_with_the_patient_affine(capsys: pytest.C
     assert info["stats"]["classes"]["bone"]["volume_ml"] > 0
     assert info["shape"] == [20, 512, 512]
 
+    assert main(["export", "ct.zarr", "ct.tif"]) == 1  # one CT run serves both: GeoTIFF export refuses a volume
+    assert "a volume store; GeoTIFF export takes 2-D masks" in capsys.readouterr().err
+
 
 def test_several_series_in_one_folder_are_refused_with_the_list(tmp_path: Path) -> None:
     folder = tmp_path / "mixed"
@@ -192,19 +195,6 @@ def test_a_2d_network_runs_slice_by_slice_on_a_volume(
         with torch.inference_mode():
             expected = net(torch.from_numpy(padded[None, None].astype(np.float32)))[0].max(0).indices.numpy()
         np.testing.assert_array_equal(labels[k], expected[: plane.shape[0], : plane.shape[1]])
-
-
-def test_geotiff_export_refuses_a_volume(capsys: pytest.CaptureFixture[str]) -> None:
-    run(
-        capsys,
-        str(ROOT / "configs" / "ct-tissue.yaml"),
-        "--set",
-        f"source.path={CT_SERIES}",
-        "--set",
-        "output.path=ct.zarr",
-    )
-    assert main(["export", "ct.zarr", "ct.tif"]) == 1
-    assert "a volume store; GeoTIFF export takes 2-D masks" in capsys.readouterr().err
 
 
 def test_single_frame_dicom_is_a_2d_image_with_mm2_areas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24"
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[dev]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,bench]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -32,7 +32,7 @@ test: $(STAMP) lint
 	$(VENV)/bin/pytest -q
 
 bench: $(STAMP)
-	$(PY) bench/throughput.py
+	$(PY) bench/peers.py
 	$(PY) bench/regions_memory.py
 
 clean:

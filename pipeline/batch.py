@@ -9,8 +9,8 @@ outside the root, and two inputs that would share a name are refused before anyt
 Decisions come from the stores themselves: complete and made by the same job (config, model and
 source content) -> skipped; incomplete of the same job -> resumed; complete but the source changed
 -> a new version is built beside it (``NAME.zarr.next``) and swapped in only once complete, so the
-previous store stays readable until then. All inputs stream through one Ray Data pipeline and one
-actor pool (a model is loaded once per actor for the whole batch); a failing input is recorded with
+previous store stays readable until then. All inputs stream through one pool of
+workers (a model is loaded once per actor for the whole batch); a failing input is recorded with
 its message and traceback and never stops the others.
 """
 
@@ -31,8 +31,10 @@ from pipeline.config import BatchConfig, SourceConfig
 from pipeline.errors import ConfigError, RaymaskError, SourceError
 from pipeline.execute import (
     Job,
+    choose_engine,
     connect,
     create_store,
+    executor_for,
     finalize,
     label_regions,
     measure_of,
@@ -41,8 +43,9 @@ from pipeline.execute import (
     same_job,
     unwrap,
 )
+from pipeline.plan import Target
 from pipeline.store import COMPLETE, MaskStore
-from pipeline.stream import Target, stream
+from pipeline.stream import stream
 
 REPORT = "batch-report.json"
 _GLOB_CHARS = set("*?[")
@@ -184,14 +187,16 @@ def _run(
     from pipeline.ingest import ingest_series
     from pipeline.plan import pending_units
 
-    owns_ray = connect(config.runtime.address)
+    pending = sum(int((~store.units_done()).sum()) for _, store, _ in planned.values())
+    engine = choose_engine(config.runtime, pending)
+    owns_ray = connect(config.runtime.address, progress=progress) if engine == "ray" else False
     try:
         targets: dict[int, Target] = {}
         units: list[tuple[int, tuple[int, ...]]] = []
         for key, (job, store, _) in planned.items():
             try:
                 if job.info.series is not None:
-                    ingest_series(store, job.info.series, progress=False)
+                    ingest_series(store, job.info.series, executor=executor_for(engine), progress=False)
             except Exception as exc:
                 _fail(results[key], unwrap(exc))
                 continue
@@ -202,7 +207,10 @@ def _run(
             results[key].units_run = len(todo)
             units.extend((key, u.index) for u in todo)
         if units:
-            rows = stream(targets, units, model=config.model, runtime=config.runtime, isolate=True, progress=progress)
+            rows = stream(
+                targets, units, model=config.model, runtime=config.runtime, engine=engine, isolate=True,
+                progress=progress,
+            )  # fmt: skip
             for row in rows:
                 error = str(row["error"])
                 result = results[int(row["key"])]
@@ -213,7 +221,7 @@ def _run(
             if results[key].status == "failed" or not regions_pending(job, store):
                 continue
             try:
-                label_regions(job, store, progress=False)
+                label_regions(job, store, engine=engine, progress=False)
             except Exception as exc:
                 _fail(results[key], exc)
     finally:

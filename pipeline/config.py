@@ -158,6 +158,10 @@ class TorchScriptModelConfig(_Frozen):
     )
     normalize: Normalize | None = None
     scale: float = Field(default=1.0, gt=0, description="Multiply raw values by this before normalize.")
+    precision: Literal["float32", "bfloat16", "float16"] = Field(
+        default="float32",
+        description="Autocast the network to bfloat16 or float16 (GPUs); tiling is then not guaranteed exact.",
+    )
 
 
 ModelConfig = Annotated[
@@ -219,18 +223,40 @@ class RuntimeConfig(_Frozen):
 
     address: str | None = Field(
         default=None,
-        description='null: embedded local Ray (or RAY_ADDRESS); "auto" or ray://HOST:10001 joins a cluster.',
+        description='null: embedded local Ray (or RAY_ADDRESS); "auto" or ray://HOST:10001 joins a cluster; '
+        '"local" always starts a local Ray.',
     )
-    actors: int | None = Field(default=None, ge=1, description="Predict actors; default one per GPU, else cores // 2.")
-    batch_size: int = Field(default=4, ge=1, description="Tiles per model call.")
-    actor_cpus: float = Field(default=1.0, gt=0, description="CPUs reserved by each predict actor.")
-    threads: int | None = Field(
-        default=None, ge=1, description="Torch threads per actor; default the cluster's CPUs divided among the actors."
+    engine: Literal["auto", "ray", "process"] = Field(
+        default="auto",
+        description='"ray": Ray actors; "process": the whole job in this process, no Ray (one machine, same bytes); '
+        '"auto": "process" for jobs of at most small_job_units work units when no cluster is named and no Ray '
+        "is running here, Ray otherwise.",
     )
+    small_job_units: int = Field(
+        default=32, ge=0, description='Work units up to which engine "auto" runs the job in this process.'
+    )
+    actors: int | None = Field(
+        default=None,
+        ge=1,
+        description="Predict actors; default one per GPU, else one per actor_cpus CPUs of each node.",
+    )
+    batch_size: int = Field(default=4, ge=1, description="Windows per model call.")
+    actor_cpus: float | Literal["auto"] = Field(
+        default="auto",
+        description='CPUs reserved by each actor (model, reads and writes); "auto": a CPU node\'s CPUs (at most 16), '
+        "or a GPU node's CPUs shared among its GPUs.",
+    )
+    threads: int | None = Field(default=None, ge=1, description="Torch threads per actor; default its actor_cpus.")
     gpus_per_actor: float | Literal["auto"] = Field(
-        default="auto", description='"auto": 1 when the cluster has GPUs, else 0.'
+        default="auto", description='"auto": 1 when the cluster has GPUs, else 0; a fraction shares a GPU among actors.'
     )
-    io_cpus: float = Field(default=0.25, gt=0, le=1, description="CPUs reserved by each read or write task.")
+    io_threads: int = Field(default=2, ge=1, description="Threads per actor that read windows and write chunks.")
+    prefetch: int = Field(
+        default=2, ge=1, description="Batches each actor reads ahead (and keeps on the device) while the model runs."
+    )
+    max_retries: int = Field(
+        default=3, ge=0, description="Times a work unit is retried after the worker running it died."
+    )
 
 
 class JobConfig(_Frozen):

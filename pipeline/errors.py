@@ -63,3 +63,27 @@ class ClusterError(TransientError, ConnectionError):
 
 class QueryError(PermanentError, ValueError):
     """A query (box, point, zones, CRS, class name) cannot be answered as asked."""
+
+
+class WorkerError(TransientError):
+    """A worker process died (killed, out of memory, a crash in native code) more often than retries allow."""
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception's message with its whitespace folded, for a report line."""
+    return " ".join(str(exc).split()) or exc.__class__.__name__
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a report, then the traceback."""
+    import traceback
+
+    return f"{one_line(exc)}\n{''.join(traceback.format_exception(exc))}"
+
+
+def rebuild(name: str, message: str) -> Exception:
+    """The raymask error class called ``name`` with ``message`` (a worker's error, carried as text)."""
+    cls = globals().get(name)
+    if isinstance(cls, type) and issubclass(cls, RaymaskError):
+        return cls(message)
+    return RuntimeError(message)

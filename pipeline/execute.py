@@ -15,6 +15,7 @@ import logging
 import os
 import re
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,17 +24,17 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__, errors
-from pipeline.config import JobConfig, RegionsConfig
+from pipeline.config import JobConfig, RegionsConfig, RuntimeConfig
 from pipeline.errors import ClusterError, ConfigError, RaymaskError, StoreError, StoreExists
 from pipeline.geometry import TileGrid, WorkUnit
 from pipeline.georef import row_pixel_areas
 from pipeline.ingest import ingest_series
 from pipeline.inputs import InputInfo, Source, open_input
-from pipeline.labelling import RayExecutor, RegionSpec, label_store, resolve
-from pipeline.plan import pending_units
+from pipeline.labelling import Executor, RayExecutor, RegionSpec, SerialExecutor, label_store, resolve
+from pipeline.plan import Target, pending_units, pick_engine
 from pipeline.stats import Measure, class_table
 from pipeline.store import COMPLETE, MaskStore, StoreLayout
-from pipeline.stream import Target, stream
+from pipeline.stream import StreamClock, local_cpus, stream
 from workers.models.registry import ModelSpec, describe
 
 
@@ -75,10 +76,24 @@ class RunSummary:
     measure: str | None
     preview: str | None = None
     notes: list[str] = field(default_factory=list)
+    engine: str = "process"  # where the units ran: "process" (this one) or "ray"
+    timings: Timings = field(default_factory=lambda: Timings())
 
     @property
     def units_per_s(self) -> float:
-        return self.units_run / self.seconds if self.seconds > 0 else 0.0
+        """The steady rate: units over the time spent computing them (start-ups excluded)."""
+        return self.units_run / self.timings.compute_s if self.timings.compute_s > 0 else 0.0
+
+
+@dataclass
+class Timings:
+    """Where a run's wall time went, in seconds; ``total_s`` is the whole command after parsing."""
+
+    startup_s: float = 0.0  # connecting to Ray or starting a local one (0 in process)
+    workers_s: float = 0.0  # starting workers and loading the model
+    compute_s: float = 0.0  # reading, predicting and writing the units
+    regions_s: float = 0.0  # labelling connected regions
+    total_s: float = 0.0
 
 
 def prepare(config: JobConfig) -> Job:
@@ -179,12 +194,17 @@ def regions_pending(job: Job, store: MaskStore) -> bool:
     return False
 
 
-def label_regions(job: Job, store: MaskStore, *, progress: bool) -> None:
-    """Connected regions of the finished mask, one Ray task per chunk (see pipeline.labelling)."""
+def label_regions(job: Job, store: MaskStore, *, engine: str = "ray", progress: bool) -> None:
+    """Connected regions of the finished mask, one task per chunk (see pipeline.labelling)."""
     assert job.regions is not None
     try:
         label_store(
-            store, job.regions, source=job.source, executor=RayExecutor(), progress=progress, modality=job.info.modality
+            store,
+            job.regions,
+            source=job.source,
+            executor=executor_for(engine),
+            progress=progress,
+            modality=job.info.modality,
         )
     except Exception as exc:
         raise unwrap(exc) from exc
@@ -251,6 +271,15 @@ def same_job(store: MaskStore, job: Job) -> bool:
     return bool(store.meta.get("identity") == _identity(job))
 
 
+def choose_engine(runtime: RuntimeConfig, n_units: int) -> str:
+    """``process`` or ``ray`` for a job of ``n_units`` units here and now (see plan.pick_engine)."""
+    import ray
+
+    return pick_engine(
+        runtime, n_units, ray_running=ray.is_initialized(), ray_address=os.environ.get("RAY_ADDRESS") or None
+    )
+
+
 def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True) -> RunSummary:
     started = time.perf_counter()
     job = prepare(config)
@@ -258,18 +287,26 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     todo = pending_units(job.grid, store.units_done())
     measure = measure_of(job)
     need_regions = regions_pending(job, store)
+    engine = choose_engine(config.runtime, len(todo))
+    timings = Timings()
+    clock = StreamClock()
     if todo or need_regions:
-        owns_ray = connect(config.runtime.address)
+        mark = time.perf_counter()
+        owns_ray = connect(config.runtime.address, progress=progress) if engine == "ray" else False
+        timings.startup_s = time.perf_counter() - mark
         try:
             if todo:
-                _predict(job, store, todo, measure, progress=progress)
+                _predict(job, store, todo, measure, engine=engine, clock=clock, progress=progress)
             if need_regions:
-                label_regions(job, store, progress=progress)
+                mark = time.perf_counter()
+                label_regions(job, store, engine=engine, progress=progress)
+                timings.regions_s = time.perf_counter() - mark
         finally:
             if owns_ray:
                 import ray
 
                 ray.shutdown()
+    timings.workers_s, timings.compute_s = clock.workers_s, clock.compute_s
     table = finalize(job, store)
     unit = store.meta.get("measure")
     summary = RunSummary(
@@ -279,60 +316,90 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
         units_run=len(todo),
         units_skipped=skipped,
         chunks=int(np.prod(job.grid.grid_shape)),
-        seconds=time.perf_counter() - started,
+        seconds=0.0,
         exact=job.exact,
         classes=table,
         measure=unit,
+        engine=engine,
+        timings=timings,
     )
     summary.notes.extend(job.info.notes)
     if unit is None and job.info.modality is None:
         summary.notes.append("the source has no CRS: statistics are in pixels only")
-    if not job.exact:
+    if job.model.mixed_precision:
+        summary.notes.append(
+            f"mixed precision ({config.model.precision}): tiled output is not guaranteed to equal whole-image inference"  # type: ignore[union-attr]
+        )
+    elif not job.exact:
         summary.notes.append(
             f"tiling is not exact: halo {job.context_halo} < receptive radius {job.model.receptive_radius}"
             if job.model.receptive_radius is not None
             else "tiling exactness unknown: the model declares no receptive_radius"
         )
+    if clock.actors_started > (clock.placement.actors if clock.placement else 0):
+        summary.notes.append(
+            f"{clock.actors_started - clock.placement.actors} worker(s) died and were replaced; "  # type: ignore[union-attr]
+            "their units were recomputed"
+        )
     if config.output.preview:
         from pipeline.preview import write_preview
 
         summary.preview = str(write_preview(store, job.source))
+    timings.total_s = summary.seconds = time.perf_counter() - started
     return summary
 
 
-def _predict(job: Job, store: MaskStore, todo: list[WorkUnit], measure: Measure, *, progress: bool) -> None:
+def _predict(
+    job: Job, store: MaskStore, todo: list[WorkUnit], measure: Measure, *, engine: str, clock: StreamClock,
+    progress: bool,
+) -> None:  # fmt: skip
     if job.info.series is not None:
         try:
-            ingest_series(store, job.info.series, progress=progress)
+            ingest_series(store, job.info.series, executor=executor_for(engine), progress=progress)
         except Exception as exc:
             raise unwrap(exc) from exc
     target = Target(job.source, job.grid, job.config.tiling.edge, str(store.path), measure, len(job.model.classes))
     rows = stream(
-        {0: target}, [(0, u.index) for u in todo], model=job.config.model, runtime=job.config.runtime, progress=progress
+        {0: target},
+        [(0, u.index) for u in todo],
+        model=job.config.model,
+        runtime=job.config.runtime,
+        engine=engine,
+        progress=progress,
+        clock=clock,
     )
-    try:
-        for _ in rows:
-            pass
-    except Exception as exc:
-        raise unwrap(exc) from exc
+    for _ in rows:
+        pass
 
 
-def connect(address: str | None) -> bool:
+def executor_for(engine: str) -> Executor:
+    """Where per-chunk tasks (DICOM ingest, region labelling) run: Ray tasks, or this process."""
+    return RayExecutor() if engine == "ray" else SerialExecutor()
+
+
+def connect(address: str | None, *, progress: bool = False) -> bool:
     """Join ``address`` (or RAY_ADDRESS), or start an embedded Ray; True if this call started it."""
     import ray
-    from ray.data import DataContext
 
-    ctx = DataContext.get_current()
-    ctx.enable_progress_bars = False  # raymask draws its own bar: tiles, tiles/s, ETA
-    ctx.print_on_execution_start = False
-    logging.getLogger("ray.data").setLevel(logging.CRITICAL)  # raymask reports failures itself
     if ray.is_initialized():
         return False
     target = address or os.environ.get("RAY_ADDRESS") or None
     if target and target not in ("auto", "local"):
         probe(target)
+    local = target in (None, "local")
+    if progress and sys.stderr.isatty():  # starting a local Ray takes seconds: say so rather than sit silent
+        print(
+            f"raymask: {'starting a local Ray' if local else f'joining the Ray cluster at {target}'}...",
+            file=sys.stderr,
+        )
+    options: dict[str, Any] = {"num_cpus": local_cpus()} if local else {}
     try:
-        ray.init(address=target, include_dashboard=False, logging_level=logging.ERROR, log_to_driver=True)
+        ray.init(
+            address=target,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            **options,
+        )
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
         raise ClusterError(f"cannot reach a Ray cluster at {target!r}: {' '.join(str(exc).split())[:200]}") from exc
     return True

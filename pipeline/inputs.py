@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -19,7 +19,7 @@ from pipeline.errors import SourceError
 from pipeline.geometry import Box
 from pipeline.georef import Georef
 from pipeline.sources.dicom import DicomFrameSource, Series, discover
-from pipeline.sources.geotiff import is_remote, open_source
+from pipeline.sources.geotiff import is_remote, open_source, shadowed_alpha
 from pipeline.sources.store_array import StoreArraySource
 from pipeline.store import VOLUME_IMAGE
 from pipeline.volume import VolumeGeometry
@@ -32,8 +32,11 @@ class Source(Protocol):
     @property
     def bands(self) -> tuple[int, ...]: ...
 
-    def read(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
-        """``(bands, *box.shape)`` float32 values and ``box.shape`` validity."""
+    def read(self, box: Box, *, cache: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """``(bands, *box.shape)`` values (the source's dtype) and ``box.shape`` validity.
+
+        ``cache``: a dict private to the calling thread where the source may keep files open.
+        """
         ...
 
 
@@ -61,7 +64,12 @@ def open_input(config: SourceConfig, *, store_path: Path) -> OpenedInput:
     if _is_dicom(config):
         return _open_dicom(config, store_path)
     source, info = open_source(config)
-    opened = InputInfo(shape=info.shape, bands=info.bands, dtypes=info.dtypes, georef=info.georef)
+    notes = tuple(
+        f"{path}: its nodata value shadows its alpha band; validity comes from the nodata value (GDAL's rule)"
+        for path in dict.fromkeys(source.paths)
+        if not is_remote(path) and shadowed_alpha(path)
+    )
+    opened = InputInfo(shape=info.shape, bands=info.bands, dtypes=info.dtypes, georef=info.georef, notes=notes)
     return OpenedInput(source=source, info=opened, fingerprint=source.fingerprint())
 
 

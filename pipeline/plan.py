@@ -1,10 +1,43 @@
-"""Work units from the tile grid and the store's state: what is left to do."""
+"""Planning, pure: what is left to do, how it is grouped into model calls and leases, and how many
+actors of which size a cluster gets. No Ray, zarr, rasterio or torch here; property-tested.
+"""
 
 from __future__ import annotations
+
+import math
+from collections.abc import Callable, Hashable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
 from pipeline.geometry import TileGrid, WorkUnit
+from pipeline.stats import Measure
+
+if TYPE_CHECKING:  # sources open files; planning only names them
+    from pipeline.config import RuntimeConfig
+    from pipeline.inputs import Source
+
+T = TypeVar("T")
+
+# A CPU actor runs one model with intra-op threads; past ~16 threads a small CNN stops scaling,
+# so bigger nodes get several actors instead of one very wide one.
+MAX_AUTO_ACTOR_CPUS = 16
+
+
+@dataclass(frozen=True)
+class Target:
+    """One input's part of a run: where its pixels come from and where its labels go."""
+
+    source: Source
+    grid: TileGrid
+    edge: str
+    store: str
+    measure: Measure
+    n_classes: int
+
+
+Item = tuple[int, tuple[int, ...]]  # (target key, unit index)
 
 
 def pending_units(grid: TileGrid, done: np.ndarray) -> list[WorkUnit]:
@@ -12,3 +45,98 @@ def pending_units(grid: TileGrid, done: np.ndarray) -> list[WorkUnit]:
     if done.shape != grid.unit_grid_shape:
         raise ValueError(f"done-mask shape {done.shape} does not match the unit grid {grid.unit_grid_shape}")
     return [unit for unit in grid.units() if not done[unit.index]]
+
+
+def group_batches(items: Sequence[T], key: Callable[[T], Hashable], size: int) -> list[list[T]]:
+    """Consecutive runs of items with equal ``key`` (a window shape), cut at ``size``.
+
+    Guarantees: the groups, concatenated, are ``items`` in order; every group is non-empty, at
+    most ``size`` long, and its items share one key (so their windows stack into one tensor).
+    """
+    if size < 1:
+        raise ValueError("batch size must be >= 1")
+    groups: list[list[T]] = []
+    last: Hashable = object()
+    for item in items:
+        k = key(item)
+        if groups and k == last and len(groups[-1]) < size:
+            groups[-1].append(item)
+        else:
+            groups.append([item])
+        last = k
+    return groups
+
+
+def lease_size(remaining: int, actors: int, batch_size: int) -> int:
+    """Units handed to an actor at once: a few model calls' worth, but small enough near the end
+    that every actor still gets a share (each actor holds two leases, so the next one is read
+    while the current one runs)."""
+    if remaining <= 0:
+        return 0
+    fair = math.ceil(remaining / (2 * max(1, actors)))
+    return max(1, min(4 * batch_size, fair))
+
+
+@dataclass(frozen=True)
+class Placement:
+    """How many actors, and what each one reserves and uses."""
+
+    actors: int
+    cpus: float
+    gpus: float
+    threads: int
+
+    @property
+    def device(self) -> str:
+        return "cuda" if self.gpus > 0 else "cpu"
+
+
+def place_actors(
+    *,
+    node_cpus: Sequence[float],
+    node_gpus: Sequence[float],
+    actors: int | None,
+    actor_cpus: float | str,
+    gpus_per_actor: float | str,
+    threads: int | None,
+) -> Placement:
+    """Actors for a cluster whose alive nodes have ``node_cpus`` and ``node_gpus``.
+
+    GPU clusters: one actor per GPU (or per ``gpus_per_actor`` of one, which may be a fraction),
+    each with its node's CPUs shared among the node's actors, for reading and writing.
+    CPU clusters: one actor per node (nodes wider than MAX_AUTO_ACTOR_CPUS get several), each
+    reserving its CPUs, with as many torch threads: one wide actor beats several narrow ones on a
+    CNN, and reads and writes run in the actor's own threads, so nothing else needs a CPU.
+    """
+    total_gpus = float(sum(node_gpus))
+    gpus = (1.0 if total_gpus >= 1 else 0.0) if gpus_per_actor == "auto" else float(gpus_per_actor)
+    if gpus > 0:
+        per_node = [math.floor(g / gpus + 1e-9) for g in node_gpus]
+        fitting = sum(per_node)
+        count = actors or max(1, fitting)
+        if actor_cpus == "auto":
+            shares = [c / n for c, n in zip(node_cpus, per_node) if n > 0]
+            cpus = max(1.0, math.floor(min(shares))) if shares else 1.0
+        else:
+            cpus = float(actor_cpus)
+    else:
+        smallest = max(1.0, math.floor(min(node_cpus))) if node_cpus else 1.0
+        cpus = min(smallest, MAX_AUTO_ACTOR_CPUS) if actor_cpus == "auto" else float(actor_cpus)
+        fitting = sum(math.floor(c / cpus + 1e-9) for c in node_cpus)
+        count = actors or max(1, fitting)
+    return Placement(actors=count, cpus=cpus, gpus=gpus, threads=threads or max(1, int(cpus)))
+
+
+def pick_engine(runtime: RuntimeConfig, n_units: int, *, ray_running: bool, ray_address: str | None) -> str:
+    """What ``runtime.engine: auto`` means: ``process`` or ``ray``.
+
+    A small job on one machine finishes before a local Ray would have started (several seconds),
+    and writes the same bytes in this process; anything bigger, anything aimed at a cluster
+    (``runtime.address`` or RAY_ADDRESS), and anything run where Ray is already up (a Ray job, a
+    test session) goes to Ray.
+    """
+    if runtime.engine != "auto":
+        return runtime.engine
+    if runtime.address or ray_address or ray_running or n_units > runtime.small_job_units:
+        return "ray"
+    return "process"

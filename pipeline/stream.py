@@ -1,141 +1,286 @@
-"""The Ray Data pipeline: read tasks -> predict actor pool -> write tasks, over one or many inputs.
+"""Run work units on workers, in this process or on Ray actors, and yield one small row per unit.
 
-Rows carry only an input key and a unit index in, and counts out; pixels go from the source to
-the actors to the store without passing through the driver. With ``isolate`` (batch runs), a
-failure while reading, predicting or writing one input's unit becomes an error row for that
-input instead of stopping the pipeline, so one bad file never stops the others.
+Why not one Ray task per tile: measured on 2 cores (bench/RESULTS.md), scheduling a read task,
+a batch on an actor pool and a write task for every 512 px tile through Ray Data cost 0.2-0.45 s
+per tile, whatever the model, and moved every window through the object store twice. Here each
+worker (``workers.unit_worker.UnitWorker``, one model per actor, a GPU each where there are GPUs)
+is given *leases*, short lists of units, and runs read -> predict -> write for them itself,
+pipelined in its own threads; the driver only hands out leases and counts rows. Each actor holds
+two leases, so it starts reading the next one while the model finishes the current one.
 
-Fault tolerance is Ray Data's: a read or write task whose worker dies is retried (Ray's default,
-3 times), and a dead predict actor is restarted and its batches re-run, without limit. Every
-stage is idempotent (chunks are rewritten whole), so a retry is harmless.
+Fault tolerance: when an actor's process dies (killed, out of memory, a native crash), the units
+of its leases that had not reported are put back at the front of the queue and a new actor takes
+its place; a unit whose workers died more than ``runtime.max_retries`` times fails with a
+WorkerError. Units are written whole and rewritten with the same bytes, so a retry is harmless.
 """
 
 from __future__ import annotations
 
-import traceback
+import os
+import time
+import warnings
+from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass
-from functools import partial
+from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
+from pipeline.config import ModelConfig, RuntimeConfig, TorchScriptModelConfig
+from pipeline.errors import ConfigError, WorkerError, describe, rebuild
+from pipeline.plan import Item, Placement, Target, lease_size, place_actors
+from pipeline.sources.geotiff import WORKER_QUIET
 
-from pipeline.config import ModelConfig, RuntimeConfig
-from pipeline.geometry import TileGrid, inside_image, pad_to_window
-from pipeline.inputs import Source
-from pipeline.stats import Measure
-from pipeline.store import MaskStore
+Row = dict[str, Any]
 
 
-@dataclass(frozen=True)
-class Target:
-    """One input's part of a stream: where its pixels come from and where its labels go."""
+@dataclass
+class StreamClock:
+    """What a run's summary reports apart: worker start-up (model loading) and steady work."""
 
-    source: Source
-    grid: TileGrid
-    edge: str
-    store: str
-    measure: Measure
-    n_classes: int
+    workers_s: float = 0.0
+    compute_s: float = 0.0
+    actors_started: int = 0
+    placement: Placement | None = None
+    notes: list[str] = field(default_factory=list)
+
+
+def local_cpus() -> int:
+    """CPUs this process may use (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
 
 
 def stream(
     targets: dict[int, Target],
-    units: list[tuple[int, tuple[int, ...]]],
+    units: list[Item],
     *,
     model: ModelConfig,
     runtime: RuntimeConfig,
+    engine: str,
     isolate: bool = False,
     progress: bool = True,
-) -> Iterator[dict[str, Any]]:
-    """Yield one small row per finished unit: ``key``, ``unit``, ``error`` ("" when it landed)."""
-    import ray
-    import ray.data
-    from ray.data import ActorPoolStrategy, Dataset
-    from tqdm import tqdm
+    clock: StreamClock | None = None,
+) -> Iterator[Row]:
+    """Yield ``{key, unit, error, error_type}`` per finished unit (``error`` is "" when it landed).
 
-    from workers.predictor import Predictor
-
-    gpus = ray.cluster_resources().get("GPU", 0.0)
-    auto = 1.0 if gpus >= 1 else 0.0
-    gpus_per_actor = auto if runtime.gpus_per_actor == "auto" else float(runtime.gpus_per_actor)
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    actors = runtime.actors or (max(1, int(gpus // gpus_per_actor)) if gpus_per_actor else max(1, int(cpus // 2)))
-    # Torch threads: an actor reserves actor_cpus so the read and write stages keep a CPU, but
-    # those stages mostly wait on I/O; sharing the cores among the actors measured faster
-    # (bench/RESULTS.md: 2 threads 3.96 vs 1 thread 2.52 tiles/s model-only on 2 cores).
-    threads = runtime.threads or max(1, int(cpus // actors))
-    items = [{"key": key, "unit": np.asarray(unit, dtype=np.int64)} for key, unit in units]
-    ds: Dataset = ray.data.from_items(items, override_num_blocks=len(items))
-    ds = ds.map(partial(_read_stage, targets=targets, isolate=isolate), num_cpus=runtime.io_cpus)
-    ds = ds.map_batches(
-        Predictor,
-        fn_constructor_kwargs={"model": model, "threads": threads, "isolate": isolate},
-        batch_size=runtime.batch_size,
-        compute=ActorPoolStrategy(size=actors),
-        num_cpus=runtime.actor_cpus,
-        num_gpus=gpus_per_actor,
-    )
-    ds = ds.map(partial(_write_stage, targets=targets, isolate=isolate), num_cpus=runtime.io_cpus)
-    bar = tqdm(total=len(items), unit="tile", desc="raymask", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    Without ``isolate`` the first failed unit stops the run with its error (the raymask error
+    class it was raised as, one line); with it (batch runs), failures are rows like the others.
+    """
+    clock = clock or StreamClock()
+    run = _in_process if engine == "process" else _on_ray
+    rows = run(targets, units, model, runtime, clock)
+    bar = _Bar(len(units), progress)
+    started = time.perf_counter()
     try:
-        for row in ds.iter_rows():
-            bar.update(1)
+        for row in rows:
+            if row is None:  # workers are up: start the bar's clock now, so its rate and ETA are the steady ones
+                clock.workers_s = time.perf_counter() - started
+                bar.start()
+                continue
+            bar.update()
+            if row["error"] and not isolate:
+                message = row["error"].partition("\n")[0]
+                raise rebuild(row["error_type"], message)
             yield row
     finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
         bar.close()
+        clock.compute_s = time.perf_counter() - started - clock.workers_s
 
 
-def _read_stage(row: dict[str, Any], *, targets: dict[int, Target], isolate: bool) -> dict[str, Any]:
-    target = targets[int(row["key"])]
-    grid = target.grid
-    unit = grid.unit(tuple(int(i) for i in row["unit"]))
+def _in_process(
+    targets: dict[int, Target], units: list[Item], model: ModelConfig, runtime: RuntimeConfig, clock: StreamClock
+) -> Iterator[Row | None]:
+    from workers.unit_worker import UnitWorker
+
+    cpus = local_cpus()
+    clock.placement = Placement(actors=1, cpus=float(cpus), gpus=0.0, threads=runtime.threads or cpus)
+    with warnings.catch_warnings():  # set here, before the worker's threads start (filters are process-wide)
+        for category in WORKER_QUIET:
+            warnings.simplefilter("ignore", category)
+        worker = UnitWorker(
+            targets,
+            model,
+            threads=clock.placement.threads,
+            device=_local_device(runtime, model),
+            batch_size=runtime.batch_size,
+            prefetch=runtime.prefetch,
+            io_threads=runtime.io_threads,
+        )
+        try:
+            yield None
+            yield from worker.process(units)
+        finally:
+            worker.close()
+
+
+def _local_device(runtime: RuntimeConfig, model: ModelConfig) -> str:
+    """The GPU when this machine has one and the model can use it (index models are numpy: CPU)."""
+    no_gpu = runtime.gpus_per_actor != "auto" and float(runtime.gpus_per_actor) == 0
+    if no_gpu or not isinstance(model, TorchScriptModelConfig):
+        return "cpu"
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _placement(runtime: RuntimeConfig) -> Placement:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    cpus = [float(n["Resources"].get("CPU", 0)) for n in nodes]
+    gpus = [float(n["Resources"].get("GPU", 0)) for n in nodes]
+    placement = place_actors(
+        node_cpus=cpus,
+        node_gpus=gpus,
+        actors=runtime.actors,
+        actor_cpus=runtime.actor_cpus,
+        gpus_per_actor=runtime.gpus_per_actor,
+        threads=runtime.threads,
+    )
+    fits = any(c >= placement.cpus and g >= placement.gpus for c, g in zip(cpus, gpus))
+    if not fits:  # Ray would wait for such a node forever
+        raise ConfigError(
+            f"runtime: an actor needs {placement.cpus:g} CPUs and {placement.gpus:g} GPUs, but no node of the "
+            f"cluster has that much (nodes: {', '.join(f'{c:g} CPU/{g:g} GPU' for c, g in zip(cpus, gpus))}); "
+            "lower runtime.actor_cpus or runtime.gpus_per_actor"
+        )
+    return placement
+
+
+class _Actor:
+    """One live actor and the leases it holds: each a generator of rows and its unreported units."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+        self.leases: dict[Any, set[Item]] = {}
+
+
+def _on_ray(
+    targets: dict[int, Target],
+    units: list[Item],
+    model: ModelConfig,
+    runtime: RuntimeConfig,
+    clock: StreamClock,
+) -> Iterator[Row | None]:
+    import ray
+    from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
+
+    from workers.unit_worker import UnitWorker
+
+    placement = clock.placement = _placement(runtime)
+    worker_cls = ray.remote(UnitWorker)
+    targets_ref = ray.put(targets)
+
+    def start() -> _Actor:
+        clock.actors_started += 1
+        handle = worker_cls.options(  # type: ignore[attr-defined]
+            num_cpus=placement.cpus,
+            num_gpus=placement.gpus,
+            max_concurrency=3,  # two leases at once, plus the ready() probe
+            max_restarts=0,  # a dead actor is replaced here, with its units requeued
+            scheduling_strategy="SPREAD",
+        ).remote(
+            targets_ref,
+            model,
+            threads=placement.threads,
+            device=placement.device,
+            batch_size=runtime.batch_size,
+            prefetch=runtime.prefetch,
+            io_threads=runtime.io_threads,
+            quiet=True,
+        )
+        return _Actor(handle)
+
+    queue: deque[Item] = deque(units)
+    attempts: dict[Item, int] = {}
+    actors = [start() for _ in range(min(placement.actors, max(1, len(units))))]
+    owner: dict[Any, _Actor] = {}
+
+    def give(actor: _Actor) -> None:
+        size = lease_size(len(queue), len(actors), runtime.batch_size)
+        lease = [queue.popleft() for _ in range(min(size, len(queue)))]
+        if lease:
+            generator = actor.handle.process.options(num_returns="streaming").remote(lease)
+            actor.leases[generator] = set(lease)
+            owner[generator] = actor
+
+    def lost(actor: _Actor, cause: BaseException) -> Iterator[Row]:
+        """The actor died: requeue what it had not reported, or fail units that used up their retries."""
+        ray.kill(actor.handle, no_restart=True)
+        actors.remove(actor)
+        for generator, pending in actor.leases.items():
+            owner.pop(generator, None)
+            for item in sorted(pending):
+                attempts[item] = attempts.get(item, 0) + 1
+                if attempts[item] > runtime.max_retries:
+                    error = WorkerError(
+                        f"work unit {list(item[1])}: its worker died {attempts[item]} times "
+                        f"(last: {' '.join(str(cause).split())[:160]}); out of memory?"
+                    )
+                    yield {"key": item[0], "unit": item[1], "error": describe(error), "error_type": "WorkerError"}
+                else:
+                    queue.appendleft(item)
+        actor.leases.clear()
+        if queue:
+            replacement = start()
+            actors.append(replacement)
+            for _ in range(2):
+                give(replacement)
+
     try:
-        data, valid = target.source.read(inside_image(unit.read, grid.shape))
-    except Exception as exc:
-        if not isolate:
-            raise
-        return _error_row(row, len(grid.shape), exc)
-    return {
-        "key": row["key"],
-        "unit": row["unit"],
-        "error": "",
-        "image": pad_to_window(data, unit.read, grid.shape, edge=target.edge),
-        "valid": pad_to_window(valid, unit.read, grid.shape, edge=target.edge),
-        "core_start": np.subtract(unit.core.start, unit.read.start),
-        "core_stop": np.subtract(unit.core.stop, unit.read.start),
-    }
+        ray.get([actor.handle.ready.remote() for actor in actors])  # models loaded
+        yield None
+        for actor in actors:
+            for _ in range(2):
+                give(actor)
+        while owner:
+            ready, _ = ray.wait(list(owner), num_returns=1)
+            generator = ready[0]
+            actor = owner[generator]
+            try:
+                row: Row = ray.get(next(generator))  # type: ignore[call-overload,assignment,arg-type]
+            except StopIteration:
+                del owner[generator]
+                actor.leases.pop(generator, None)
+                give(actor)
+                continue
+            except (RayActorError, WorkerCrashedError) as exc:
+                yield from lost(actor, exc)
+                continue
+            except RayTaskError as exc:  # raised outside a unit's own try: every unreported unit of the lease fails
+                del owner[generator]
+                for item in sorted(actor.leases.pop(generator, set())):
+                    yield {"key": item[0], "unit": item[1], "error": describe(exc), "error_type": "RuntimeError"}
+                give(actor)
+                continue
+            item = (int(row["key"]), tuple(int(i) for i in row["unit"]))
+            actor.leases[generator].discard(item)
+            yield row
+    finally:
+        for actor in actors:
+            ray.kill(actor.handle, no_restart=True)
 
 
-def _write_stage(row: dict[str, Any], *, targets: dict[int, Target], isolate: bool) -> dict[str, Any]:
-    result = {"key": row["key"], "unit": row["unit"], "error": str(row["error"])}
-    if result["error"]:
-        return result
-    target = targets[int(row["key"])]
-    unit = target.grid.unit(tuple(int(i) for i in row["unit"]))
-    try:
-        store = MaskStore.open(target.store, mode="r+")
-        store.write_unit(unit, row["labels"], measure=target.measure, n_classes=target.n_classes)
-    except Exception as exc:
-        if not isolate:
-            raise
-        result["error"] = describe(exc)
-    return result
+class _Bar:
+    """tqdm over units, started when the first unit lands (so its rate and ETA are steady-state)."""
 
+    def __init__(self, total: int, enabled: bool) -> None:
+        from tqdm import tqdm
 
-def _error_row(row: dict[str, Any], ndim: int, exc: BaseException) -> dict[str, Any]:
-    empty = (0,) * ndim
-    return {
-        "key": row["key"],
-        "unit": row["unit"],
-        "error": describe(exc),
-        "image": np.zeros((1, *empty), dtype=np.float32),
-        "valid": np.zeros(empty, dtype=bool),
-        "core_start": np.zeros(ndim, dtype=np.int64),
-        "core_stop": np.zeros(ndim, dtype=np.int64),
-    }
+        self.bar = tqdm(
+            total=total, unit="tile", desc="raymask: starting workers", disable=not enabled, dynamic_ncols=True
+        )
 
+    def start(self) -> None:
+        self.bar.set_description("raymask")
+        self.bar.reset(total=self.bar.total)
 
-def describe(exc: BaseException) -> str:
-    """One line for the report, then the traceback."""
-    return f"{' '.join(str(exc).split())}\n{''.join(traceback.format_exception(exc))}"
+    def update(self) -> None:
+        self.bar.update(1)
+
+    def close(self) -> None:
+        self.bar.close()

@@ -54,6 +54,24 @@ def processes_mentioning(text: str) -> list[int]:
     return found
 
 
+def descendants(root: int) -> list[int]:
+    """Every process below ``root`` (children, their children, ...), from /proc."""
+    children: dict[int, list[int]] = {}
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            try:
+                parent = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(parent, []).append(int(proc.name))
+    found, todo = [], list(children.get(root, []))
+    while todo:
+        pid = todo.pop()
+        found.append(pid)
+        todo.extend(children.get(pid, []))
+    return found
+
+
 def kill_all(pids_of: Callable[[], list[int]], timeout: float = 30.0) -> None:
     """SIGKILL every process ``pids_of`` names until none is left (workers can outlive a killed driver)."""
     deadline = time.monotonic() + timeout

@@ -19,7 +19,7 @@ import pytest
 import zarr
 
 from pipeline.cli import main
-from tests.conftest import GeoTiffFactory, kill_all, processes_mentioning
+from tests.conftest import GeoTiffFactory, descendants, kill_all, processes_mentioning
 
 
 def chunk_bytes(store: Path) -> dict[str, bytes]:
@@ -36,7 +36,7 @@ def units_done(store: Path) -> int:
 
 def kill_driver_when(config: Path, ready: Callable[[], bool], *, timeout: float) -> None:
     """Run ``raymask run CONFIG`` as its own process with its own Ray; SIGKILL it and every Ray
-    process it started as soon as ``ready()`` (or the driver ends, or ``timeout``)."""
+    process it started, all at once, as soon as ``ready()`` (or the driver ends, or ``timeout``)."""
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
     driver = subprocess.Popen(
         [sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress", "--set", "runtime.address=local"],
@@ -51,8 +51,12 @@ def kill_driver_when(config: Path, ready: Callable[[], bool], *, timeout: float)
         while not ready() and time.monotonic() < deadline and driver.poll() is None:
             time.sleep(0.05)
     finally:
+        tree = descendants(driver.pid)  # Ray's processes too: workers rename themselves (ray::...)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(driver.pid, signal.SIGKILL)
+        for pid in tree:  # the machine is lost at once, as when a node dies
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         driver.wait(timeout=30)
         kill_all(lambda: processes_mentioning(ray_tmp))
         shutil.rmtree(ray_tmp, ignore_errors=True)
@@ -112,7 +116,7 @@ def test_a_killed_predict_actor_is_replaced_and_the_mask_is_byte_identical(
     deadline = time.monotonic() + 120
     while units_done(disturbed) < 8 and time.monotonic() < deadline and worker.is_alive():
         time.sleep(0.05)
-    actors = processes_mentioning("MapBatches(Predictor)")
+    actors = processes_mentioning("ray::UnitWorker")
     assert actors, "no predict actor process found"
     for pid in actors:
         os.kill(pid, signal.SIGKILL)  # a real process death, mid-run

@@ -284,7 +284,7 @@ class DicomFrameSource:
     def bands(self) -> tuple[int, ...]:
         return tuple(range(1, samples_per_pixel(self.frame.path) + 1))
 
-    def read(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
+    def read(self, box: Box, *, cache: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
         pixels = _pixels(self.frame.path)
         raw = pixels[self.frame.index] if self.frame.index is not None else pixels
         planes = raw[None] if raw.ndim == 2 else np.moveaxis(raw, -1, 0)  # colour: (rows, cols, samples)

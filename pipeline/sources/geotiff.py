@@ -13,10 +13,12 @@ import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
-from rasterio.errors import NotGeoreferencedWarning, RasterioError
+from rasterio.enums import ColorInterp, MaskFlags
+from rasterio.errors import NodataShadowWarning, NotGeoreferencedWarning, RasterioError
 from rasterio.windows import Window
 
 from pipeline.config import SourceConfig
@@ -25,7 +27,8 @@ from pipeline.geometry import Box
 from pipeline.georef import Georef
 
 # GDAL's block cache defaults to 5 % of RAM per process; a long tiled read then grows to
-# gigabytes. Each worker reads one window at a time, so a small cache keeps memory flat.
+# gigabytes. A worker reads a few windows at a time, so a small cache keeps memory flat
+# (workers set it for their whole process; one-off reads here set it around the read).
 GDAL_CACHEMAX_MB = 64
 _REMOTE_PREFIXES = ("/vsi", "s3://", "gs://", "http://", "https://", "az://")
 
@@ -54,18 +57,22 @@ class RasterSource:
     def label(self) -> str:
         return self.paths[0] if len(self.paths) == 1 else f"{self.paths[0]} (+{len(self.paths) - 1} band files)"
 
-    def read(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
-        """Pixels of ``box`` (inside the image) as float32 ``(bands, h, w)`` and validity ``(h, w)``."""
+    def read(self, box: Box, *, cache: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Pixels of ``box`` (inside the image) as ``(bands, h, w)`` in the file's dtype (float32 when
+        band files differ) and validity ``(h, w)``.
+
+        ``cache`` keeps datasets open between calls (one dict per thread: a GDAL dataset handle
+        must not be shared by threads); without it each call opens and closes the files.
+        """
         (row0, col0), (rows, cols) = box.start, box.shape
         window = Window(col0, row0, cols, rows)  # type: ignore[call-arg]
-        with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX_MB):
-            if len(self.paths) == 1:
-                data, masks = _read(self.paths[0], list(self.bands), window)
-            else:
-                parts = [_read(self.paths[b - 1], [1], window) for b in self.bands]
-                data = np.concatenate([p[0] for p in parts])
-                masks = np.concatenate([p[1] for p in parts])
-        return data, np.all(masks > 0, axis=0)
+        if len(self.paths) == 1:
+            data, valid = _read(self.paths[0], list(self.bands), window, cache)
+        else:
+            parts = [_read(self.paths[b - 1], [1], window, cache) for b in self.bands]
+            data = np.concatenate([p[0] for p in parts])
+            valid = np.concatenate([p[1] for p in parts])
+        return data, np.asarray(np.all(valid, axis=0))
 
     def fingerprint(self) -> str:
         """Content hash of local files (path-independent); grid description for remote ones."""
@@ -88,13 +95,62 @@ def open_raster(path: str) -> rasterio.DatasetReader:
         return rasterio.open(path)
 
 
-def _read(path: str, bands: list[int], window: Window) -> tuple[np.ndarray, np.ndarray]:
+def _read(path: str, bands: list[int], window: Window, cache: dict[str, Any] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Values and per-band validity ``(bands, h, w)`` of one file.
+
+    With a ``cache`` the caller is a worker thread: it must not touch the warning filters (they
+    are process-wide and not thread-safe); the worker set them once for its process (WORKER_QUIET).
+    """
     try:
-        with open_raster(path) as src, warnings.catch_warnings():
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            return src.read(bands, window=window, out_dtype="float32"), src.read_masks(bands, window=window)
+        if cache is None:
+            with rasterio.Env(GDAL_CACHEMAX=GDAL_CACHEMAX_MB), open_raster(path) as src, warnings.catch_warnings():
+                for category in WORKER_QUIET:
+                    warnings.simplefilter("ignore", category)
+                return _read_open(src, bands, window)
+        src = cache.get(path)
+        if src is None:
+            src = cache[path] = rasterio.open(path)
+        return _read_open(src, bands, window)
     except RasterioError as exc:
         raise SourceError(f"{path}: read failed at {window} ({_short(exc)})") from exc
+
+
+# Warnings a read may raise that raymask handles itself: a plain image has no georeference (the
+# summary says statistics are in pixels), and a nodata value shadows an alpha band (GDAL's rule;
+# open_source notes it once per job instead of once per window).
+WORKER_QUIET: tuple[type[Warning], ...] = (NotGeoreferencedWarning, NodataShadowWarning)
+
+
+def _read_open(src: rasterio.DatasetReader, bands: list[int], window: Window) -> tuple[np.ndarray, np.ndarray]:
+    """GDAL's per-band masks, computed here where that is the same thing and cheaper.
+
+    A band whose only mask is "all valid" needs no mask read; an integer band whose only mask
+    is its nodata value is valid where the value differs (GDAL's own rule for integer types,
+    without decoding the window a second time). Anything else (alpha bands, internal masks,
+    float nodata with its NaN rules) is GDAL's ``read_masks``.
+    """
+    data = src.read(bands, window=window)
+    flags = [src.mask_flag_enums[b - 1] for b in bands]
+    if all(f == [MaskFlags.all_valid] for f in flags):
+        return data, np.ones(data.shape, dtype=bool)
+    nodata = [src.nodatavals[b - 1] for b in bands]
+    if all(f == [MaskFlags.nodata] for f in flags) and all(_fits(v, data.dtype) for v in nodata):
+        return data, data != np.asarray(nodata, dtype=data.dtype).reshape(-1, 1, 1)
+    return data, src.read_masks(bands, window=window) > 0
+
+
+def _fits(value: float | None, dtype: np.dtype) -> bool:
+    """Whether ``value`` is an integer that ``dtype`` (an integer type) holds exactly."""
+    if value is None or not np.issubdtype(dtype, np.integer) or not float(value).is_integer():
+        return False
+    info = np.iinfo(dtype)
+    return bool(info.min <= value <= info.max)
+
+
+def shadowed_alpha(path: str) -> bool:
+    """Whether GDAL takes validity from the nodata value although the file also has an alpha band."""
+    with open_raster(path) as src:
+        return src.nodata is not None and ColorInterp.alpha in src.colorinterp
 
 
 def open_source(config: SourceConfig) -> tuple[RasterSource, RasterInfo]:

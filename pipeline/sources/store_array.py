@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import zarr
@@ -25,6 +26,12 @@ class StoreArraySource:
     def bands(self) -> tuple[int, ...]:
         return (1,)
 
-    def read(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
-        data = np.asarray(zarr.open_array(f"{self.store}/{self.array}", mode="r")[box.slices()], dtype=np.float32)
+    def read(self, box: Box, *, cache: dict[str, Any] | None = None) -> tuple[np.ndarray, np.ndarray]:
+        path = f"{self.store}/{self.array}"
+        array = cache.get(path) if cache is not None else None
+        if array is None:
+            array = zarr.open_array(path, mode="r")
+            if cache is not None:
+                cache[path] = array
+        data = np.asarray(array[box.slices()], dtype=np.float32)
         return data[None], np.ones(box.shape, dtype=bool)

@@ -39,7 +39,11 @@ DEFAULT_COLORS = (
 
 class Segmenter(Protocol):
     def predict(self, images: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        """``(N, bands, H, W)`` float32 and ``(N, H, W)`` validity -> ``(N, H, W)`` uint8 class ids."""
+        """``(N, bands, H, W)`` values (any dtype) and ``(N, H, W)`` validity -> ``(N, H, W)`` uint8 class ids.
+
+        Models that can overlap batches (on a GPU) also offer ``launch(images, valid)``, which takes
+        lists of windows and returns a callable that waits for the labels.
+        """
         ...
 
 
@@ -53,13 +57,14 @@ class ModelSpec:
     receptive_radius: int | None  # None: unknown, so no tiling can be promised exact
     identity: str
     dims: int | None = None  # spatial dimensions the network takes; None: per pixel, any
+    mixed_precision: bool = False  # autocast: tiles and whole image may round differently
 
     @property
     def pixelwise(self) -> bool:
         return self.receptive_radius == 0
 
     def exact_with(self, halo: int) -> bool:
-        return self.receptive_radius is not None and halo >= self.receptive_radius
+        return self.receptive_radius is not None and halo >= self.receptive_radius and not self.mixed_precision
 
 
 def describe(config: ModelConfig, n_bands: int) -> ModelSpec:
@@ -79,7 +84,7 @@ def describe(config: ModelConfig, n_bands: int) -> ModelSpec:
     return _describe_torchscript(config, n_bands)
 
 
-def build(config: ModelConfig, *, device: str = "cpu") -> Segmenter:
+def build(config: ModelConfig, *, device: str = "cpu", in_flight: int = 2) -> Segmenter:
     if isinstance(config, NdviModelConfig):
         from workers.models.indices import NdviModel
 
@@ -94,7 +99,7 @@ def build(config: ModelConfig, *, device: str = "cpu") -> Segmenter:
         return HuTissueModel(config)
     from workers.models.torchscript import TorchScriptModel
 
-    return TorchScriptModel(config, device=device)
+    return TorchScriptModel(config, device=device, in_flight=in_flight)
 
 
 def _describe_torchscript(config: TorchScriptModelConfig, n_bands: int) -> ModelSpec:
@@ -116,7 +121,15 @@ def _describe_torchscript(config: TorchScriptModelConfig, n_bands: int) -> Model
         raise ConfigError(f"model.classes: {len(classes)} classes, at most 255 fit a uint8 mask with 255 as nodata")
     settings = _config_hash(config.model_copy(update={"path": ""}))
     identity = f"{digest[:16]}-{settings}"
-    return ModelSpec("torchscript", classes, config.stride, config.receptive_radius, identity, dims=config.dims)
+    return ModelSpec(
+        "torchscript",
+        classes,
+        config.stride,
+        config.receptive_radius,
+        identity,
+        dims=config.dims,
+        mixed_precision=config.precision != "float32",
+    )
 
 
 def _check_positions(config: ModelConfig, n_bands: int, **positions: int) -> None:

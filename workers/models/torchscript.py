@@ -1,17 +1,29 @@
-"""TorchScript model files: N x bands x (Z x) H x W in, N x classes x (Z x) H x W logits out."""
+"""TorchScript model files: N x bands x (Z x) H x W in, N x classes x (Z x) H x W logits out.
+
+A batch goes to the device in one copy, in the source's own dtype (a uint8 image moves a quarter
+of the bytes of its float32 form): on a GPU it is stacked straight into page-locked memory and
+copied with ``non_blocking``, so the copy and the next batch's stacking overlap the previous
+batch's kernels. Scaling, normalisation and the neutral fill of invalid pixels then run on the
+device, in float32, in the same order as before the network existed: scale, normalise, fill.
+``launch`` returns before the labels are back, so a worker keeps two batches in flight.
+"""
 
 from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 
 from pipeline.config import TorchScriptModelConfig
 from pipeline.errors import ModelError
-from workers.preprocess import normalise
+
+AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TorchScriptModel:
-    def __init__(self, config: TorchScriptModelConfig, *, device: str = "cpu") -> None:
+    def __init__(self, config: TorchScriptModelConfig, *, device: str = "cpu", in_flight: int = 2) -> None:
         self.config = config
         self.device = torch.device(device)
         try:
@@ -22,26 +34,45 @@ class TorchScriptModel:
             ) from exc
         self.module = module.eval()
         self.dtype = next((p.dtype for p in self.module.parameters()), torch.float32)
+        self.staging = PinnedStaging(slots=in_flight + 1) if self.device.type == "cuda" else None
+
+    # -- the worker's interface ---------------------------------------------------------------
+
+    def launch(self, images: Sequence[np.ndarray], valid: Sequence[np.ndarray]) -> Callable[[], np.ndarray]:
+        """Start labelling a batch of equal-shape windows; call the result to get ``(N, *spatial)`` uint8."""
+        with torch.inference_mode():
+            labels = self._forward(images, valid).max(dim=1).indices.to(torch.uint8)  # max(1) == argmax, faster
+        return lambda: labels.cpu().numpy()
+
+    def predict(self, images: np.ndarray, valid: np.ndarray) -> np.ndarray:
+        return self.launch(list(images), list(valid))()
 
     def logits(self, images: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Raw logits as float32 ``(N, classes, *spatial)``; invalid pixels are filled before the model."""
         with torch.inference_mode():
-            return self._forward(images, valid).float().cpu().numpy()
+            return self._forward(list(images), list(valid)).float().cpu().numpy()
 
-    def predict(self, images: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        with torch.inference_mode():
-            # max(1).indices equals argmax and is several times faster on CPU torch.
-            labels = self._forward(images, valid).max(dim=1).indices
-        return labels.to(torch.uint8).cpu().numpy()
+    # -- inside ----------------------------------------------------------------------------------
 
-    def _forward(self, images: np.ndarray, valid: np.ndarray) -> torch.Tensor:
+    def _to_device(self, arrays: Sequence[np.ndarray]) -> torch.Tensor:
+        """Stack ``arrays`` into one tensor on the device: one host copy, one transfer."""
+        if self.staging is None:
+            return torch.from_numpy(np.stack(arrays))
+        host = self.staging.take((len(arrays), *arrays[0].shape), arrays[0].dtype)
+        np.stack(arrays, out=host.numpy())
+        return host.to(self.device, non_blocking=True)
+
+    def _forward(self, images: Sequence[np.ndarray], valid: Sequence[np.ndarray]) -> torch.Tensor:
         """Run the network; a 2-D network on volumes ``(N, C, Z, Y, X)`` runs on every slice."""
-        x = normalise(images, valid, scale=self.config.scale, normalize=self.config.normalize)
+        x = self._prepare(self._to_device(images), valid)
         slicewise = self.config.dims == 2 and x.ndim == 5
         if slicewise:
             n, c, z, h, w = x.shape
-            x = x.transpose(0, 2, 1, 3, 4).reshape(n * z, c, h, w)
-        out = self.module(torch.from_numpy(np.ascontiguousarray(x)).to(self.device, self.dtype))
+            x = x.transpose(1, 2).reshape(n * z, c, h, w)
+        autocast = AUTOCAST.get(self.config.precision)
+        context = torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
+        with context:
+            out = self.module(x.to(self.dtype))
         expected = (x.shape[0], len(self.config.classes), *x.shape[2:])
         if tuple(out.shape) != expected:
             raise ModelError(
@@ -50,3 +81,43 @@ class TorchScriptModel:
         if slicewise:
             out = out.reshape(n, z, -1, h, w).transpose(1, 2)
         return out
+
+    def _prepare(self, raw: torch.Tensor, valid: Sequence[np.ndarray]) -> torch.Tensor:
+        """``(x * scale - mean) / std`` per band in float32, then 0 at invalid pixels."""
+        x = raw.to(torch.float32)
+        if self.config.scale != 1.0:
+            x = x * self.config.scale
+        norm = self.config.normalize
+        if norm is not None:
+            bands = x.shape[1]
+            if len(norm.mean) != bands:
+                raise ModelError(f"model.normalize has {len(norm.mean)} values for {bands} bands")
+            per_band = (1, bands) + (1,) * (x.ndim - 2)
+            mean = torch.tensor(norm.mean, dtype=torch.float32, device=x.device).reshape(per_band)
+            std = torch.tensor(norm.std, dtype=torch.float32, device=x.device).reshape(per_band)
+            x = (x - mean) / std
+        if all(v.all() for v in valid):
+            return x
+        mask = self._to_device(valid).unsqueeze(1)
+        return torch.where(mask, x, torch.zeros((), dtype=torch.float32, device=x.device))
+
+
+class PinnedStaging:
+    """Page-locked host buffers, reused in turn: ``slots`` must exceed the batches in flight, so a
+    buffer is never refilled while its copy to the device may still be running."""
+
+    def __init__(self, slots: int, *, pin: bool = True) -> None:
+        self.slots = slots
+        self.pin = pin  # False only where there is no accelerator to pin for (tests of the rotation)
+        self.buffers: dict[tuple[tuple[int, ...], str], list[torch.Tensor]] = {}
+        self.turn: dict[tuple[tuple[int, ...], str], int] = {}
+
+    def take(self, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+        key = (shape, np.dtype(dtype).str)
+        ring = self.buffers.setdefault(key, [])
+        turn = self.turn.get(key, 0)
+        self.turn[key] = (turn + 1) % self.slots
+        if len(ring) <= turn:
+            buffer = torch.from_numpy(np.empty(shape, dtype=dtype))
+            ring.append(buffer.pin_memory() if self.pin else buffer)
+        return ring[turn]

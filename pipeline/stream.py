@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline.config import ModelConfig, RuntimeConfig, TorchScriptModelConfig
 from pipeline.errors import ConfigError, WorkerError, describe, rebuild
-from pipeline.plan import Item, Placement, Target, lease_size, place_actors
+from pipeline.plan import Item, Placement, Target, batch_for, lease_size, place_actors, square_order
 from pipeline.sources.geotiff import WORKER_QUIET
 
 Row = dict[str, Any]
@@ -68,6 +68,7 @@ def stream(
     class it was raised as, one line); with it (batch runs), failures are rows like the others.
     """
     clock = clock or StreamClock()
+    units = square_order(units)
     run = _in_process if engine == "process" else _on_ray
     rows = run(targets, units, model, runtime, clock)
     bar = _Bar(len(units), progress)
@@ -97,7 +98,9 @@ def _in_process(
     from workers.unit_worker import UnitWorker
 
     cpus = local_cpus()
-    clock.placement = Placement(actors=1, cpus=float(cpus), gpus=0.0, threads=runtime.threads or cpus)
+    device = _local_device(runtime, model)
+    clock.placement = Placement(actors=1, cpus=float(cpus), gpus=1.0 if device == "cuda" else 0.0,
+                                threads=runtime.threads or cpus)  # fmt: skip
     with warnings.catch_warnings():  # set here, before the worker's threads start (filters are process-wide)
         for category in WORKER_QUIET:
             warnings.simplefilter("ignore", category)
@@ -105,8 +108,8 @@ def _in_process(
             targets,
             model,
             threads=clock.placement.threads,
-            device=_local_device(runtime, model),
-            batch_size=runtime.batch_size,
+            device=device,
+            batch_size=batch_for(runtime.batch_size, device),
             prefetch=runtime.prefetch,
             io_threads=runtime.io_threads,
         )
@@ -172,6 +175,7 @@ def _on_ray(
     from workers.unit_worker import UnitWorker
 
     placement = clock.placement = _placement(runtime)
+    batch = batch_for(runtime.batch_size, placement.device)
     worker_cls = ray.remote(UnitWorker)
     targets_ref = ray.put(targets)
 
@@ -188,7 +192,7 @@ def _on_ray(
             model,
             threads=placement.threads,
             device=placement.device,
-            batch_size=runtime.batch_size,
+            batch_size=batch,
             prefetch=runtime.prefetch,
             io_threads=runtime.io_threads,
             quiet=True,
@@ -201,7 +205,7 @@ def _on_ray(
     owner: dict[Any, _Actor] = {}
 
     def give(actor: _Actor) -> None:
-        size = lease_size(len(queue), len(actors), runtime.batch_size)
+        size = lease_size(len(queue), len(actors), batch)
         lease = [queue.popleft() for _ in range(min(size, len(queue)))]
         if lease:
             generator = actor.handle.process.options(num_returns="streaming").remote(lease)

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.plan import group_batches, lease_size, place_actors
+from pipeline.plan import batch_for, group_batches, lease_size, place_actors, square_order
 
 
 @given(
@@ -39,7 +39,7 @@ def test_leases_are_bounded_and_leave_every_actor_a_share(remaining: int, actors
     if remaining == 0:
         assert size == 0
         return
-    assert 1 <= size <= max(1, 4 * batch)
+    assert 1 <= size <= max(16, 4 * batch)  # one square of units, or four model calls
     assert size <= max(1, -(-remaining // (2 * actors)))  # two leases per actor never exceed what is left
 
 
@@ -88,3 +88,29 @@ def test_auto_placement_always_fits_the_nodes(cpus: list[int], gpus: list[int]) 
         assert p.gpus == 0.0
         assert p.cpus <= min(cpus) or min(cpus) < 1
         assert p.actors == sum(int(np.floor(c / p.cpus)) for c in cpus)
+
+
+@given(rows=st.integers(1, 13), cols=st.integers(1, 13), side=st.integers(1, 5), inputs=st.integers(1, 3))
+def test_square_order_is_a_permutation_that_visits_squares(rows: int, cols: int, side: int, inputs: int) -> None:
+    items = [(k, (r, c)) for k in range(inputs) for r in range(rows) for c in range(cols)]
+    ordered = square_order(list(reversed(items)), side)
+    assert sorted(ordered) == sorted(items)
+    assert [k for k, _ in ordered] == sorted(k for k, _ in ordered)  # inputs one after another
+    squares = [(k, r // side, c // side) for k, (r, c) in ordered]
+    seen: list[tuple[int, int, int]] = []
+    for square in squares:  # each square's units come in one run
+        if not seen or seen[-1] != square:
+            assert square not in seen
+            seen.append(square)
+
+
+def test_square_order_keeps_leading_axes_outermost() -> None:
+    items = [(0, (z, r, c)) for z in range(2) for r in range(5) for c in range(5)]
+    ordered = square_order(items, 2)
+    assert [i[1][0] for i in ordered] == sorted(i[1][0] for i in ordered)
+    assert ordered[:4] == [(0, (0, 0, 0)), (0, (0, 0, 1)), (0, (0, 1, 0)), (0, (0, 1, 1))]
+
+
+@pytest.mark.parametrize(("asked", "device", "expected"), [("auto", "cpu", 1), ("auto", "cuda", 8), (3, "cpu", 3)])
+def test_batch_size_auto_is_one_window_on_cpus_and_eight_on_gpus(asked: object, device: str, expected: int) -> None:
+    assert batch_for(asked, device) == expected  # type: ignore[arg-type]

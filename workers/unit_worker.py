@@ -14,15 +14,14 @@ jobs; the bytes written are the same either way.
 
 from __future__ import annotations
 
-import os
 import sys
 import threading
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -30,11 +29,12 @@ from pipeline.config import ModelConfig
 from pipeline.errors import describe
 from pipeline.geometry import WorkUnit, inside_image, pad_to_window
 from pipeline.plan import Item, Target, group_batches
-from pipeline.sources.geotiff import GDAL_CACHEMAX_MB, WORKER_QUIET
+from pipeline.sources.geotiff import WORKER_QUIET
 from pipeline.stats import NODATA
 from pipeline.store import MaskStore
 from workers.models.registry import Segmenter, build
 
+T = TypeVar("T")
 Row = dict[str, Any]  # {"key": int, "unit": tuple, "error": str, "error_type": str}
 
 
@@ -57,21 +57,24 @@ class UnitWorker:
         device: str = "cpu",
         batch_size: int = 4,
         prefetch: int = 2,
-        io_threads: int = 2,
+        io_threads: int = 1,
         in_flight: int = 2,
         quiet: bool = False,
     ) -> None:
         if quiet:  # a Ray actor: its own process, whose warning filters are its own
             quiet_worker_warnings()
-        os.environ.setdefault("GDAL_CACHEMAX", str(GDAL_CACHEMAX_MB))  # before this process's first GDAL read
         self.targets = targets
         self.batch_size = batch_size
         self.prefetch = prefetch
         self.in_flight = in_flight
         self.model: Segmenter = build(model, device=device, in_flight=in_flight)
         _limit_threads(threads)
-        self.readers = ThreadPoolExecutor(io_threads, thread_name_prefix="raymask-read")
-        self.writers = ThreadPoolExecutor(io_threads, thread_name_prefix="raymask-write")
+        self.readers: Executor = (
+            ThreadPoolExecutor(io_threads, thread_name_prefix="raymask-read") if io_threads else _Inline()
+        )
+        self.writers: Executor = (
+            ThreadPoolExecutor(io_threads, thread_name_prefix="raymask-write") if io_threads else _Inline()
+        )
         self._local = threading.local()
         self._stores: dict[int, MaskStore] = {}
         self._stores_lock = threading.Lock()
@@ -182,6 +185,18 @@ class UnitWorker:
     def close(self) -> None:
         self.readers.shutdown(wait=True)
         self.writers.shutdown(wait=True)
+
+
+class _Inline(Executor):
+    """Runs each call at once in the calling thread (``io_threads: 0``)."""
+
+    def submit(self, fn: Callable[..., T], /, *args: Any, **kwargs: Any) -> Future[T]:
+        future: Future[T] = Future()
+        try:
+            future.set_result(fn(*args, **kwargs))
+        except BaseException as exc:
+            future.set_exception(exc)
+        return future
 
 
 def quiet_worker_warnings() -> None:

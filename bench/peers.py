@@ -13,7 +13,7 @@ receptive radius is measured here from gradients, and the jobs use 512 px chunks
 
 Every method runs as its own command, and its wall time and the peak of its memory (PSS summed
 over its whole process tree: driver, Ray's raylet and GCS, workers; sampled from /proc every
-0.2 s) are measured from outside. Throughput is always 512 x 512 output tiles per second, so the
+0.5 s) are measured from outside. Throughput is always 512 x 512 output tiles per second, so the
 rows compare directly:
 
 - model alone: the TorchScript forward pass plus ``max(1).indices`` on 640 x 640 windows (a chunk
@@ -114,7 +114,7 @@ def measure(argv: list[str], *, env: dict[str, str] | None = None) -> Measured:
         nonlocal peak
         while not done.is_set():
             peak = max(peak, tree_pss_mb(proc.pid))
-            done.wait(0.2)
+            done.wait(0.5)  # reading smaps costs CPU: sample no more often than the peak needs
 
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()

@@ -1,12 +1,10 @@
-"""Run a job: check everything on the driver, then stream read -> predict -> write through Ray Data.
+"""Run a job: check everything on the driver, then run its work units on workers (pipeline.stream).
 
-The driver sends only unit indices into the dataset and receives only per-unit counts back;
-pixels are read by CPU tasks, labelled by an actor pool (one model per actor, a GPU each when
-the cluster has GPUs) and written by CPU tasks straight into the store.
-
-Resources: every stage reserves a fraction of a CPU except the actors, which reserve
-``runtime.actor_cpus``. With 2 CPUs, two 1-CPU actors would starve the read stage and Ray Data
-would deadlock, so the default pool is ``cores // 2`` actors (at least 1) on CPU clusters.
+The driver opens the input and the model's description, creates or resumes the store, and hands
+unit indices to workers: Ray actors, or this process for small jobs (``runtime.engine``). Workers
+read, predict and write each unit straight into the store and report one small row per unit, so
+pixels never pass through the driver. Then regions are labelled (one task per chunk) and the
+statistics summed from the store before it is marked complete.
 """
 
 from __future__ import annotations
@@ -78,6 +76,7 @@ class RunSummary:
     notes: list[str] = field(default_factory=list)
     engine: str = "process"  # where the units ran: "process" (this one) or "ray"
     timings: Timings = field(default_factory=lambda: Timings())
+    workers: dict[str, Any] = field(default_factory=dict)  # actors, cpus, gpus and threads each, processes started
 
     @property
     def units_per_s(self) -> float:
@@ -323,6 +322,10 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
         engine=engine,
         timings=timings,
     )
+    if clock.placement is not None:
+        p = clock.placement
+        summary.workers = {"actors": p.actors, "cpus": p.cpus, "gpus": p.gpus, "threads": p.threads,
+                           "started": clock.actors_started or 1}  # fmt: skip
     summary.notes.extend(job.info.notes)
     if unit is None and job.info.modality is None:
         summary.notes.append("the source has no CRS: statistics are in pixels only")
@@ -368,8 +371,11 @@ def _predict(
         progress=progress,
         clock=clock,
     )
-    for _ in rows:
-        pass
+    try:
+        for _ in rows:
+            pass
+    except Exception as exc:  # a worker that could not start (its model failed to load) fails through Ray
+        raise unwrap(exc) from exc
 
 
 def executor_for(engine: str) -> Executor:
@@ -422,9 +428,9 @@ def probe(address: str, timeout: float = 5.0) -> None:
 def unwrap(exc: BaseException) -> Exception:
     """Find the raymask error inside Ray's wrappers, so the user sees the real one-line message.
 
-    Ray Data re-raises a failed task as ``RayTaskError(UserCodeException)`` that keeps the
-    original only as text in its message, so the error's class and message are read back from
-    the traceback's last ``pipeline.errors.Name: message`` line.
+    Ray re-raises a failed task (DICOM ingest, region labelling) as a ``RayTaskError`` that may
+    keep the original only as text in its message, so the error's class and message are read
+    back from the traceback's last ``pipeline.errors.Name: message`` line.
     """
     seen: set[int] = set()
     current: BaseException | None = exc

@@ -16,6 +16,7 @@ WorkerError. Units are written whole and rewritten with the same bytes, so a ret
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import warnings
@@ -202,6 +203,7 @@ def _on_ray(
     queue: deque[Item] = deque(units)
     attempts: dict[Item, int] = {}
     actors = [start() for _ in range(min(placement.actors, max(1, len(units))))]
+    clock.placement = dataclasses.replace(placement, actors=len(actors))  # no more actors than units
     owner: dict[Any, _Actor] = {}
 
     def give(actor: _Actor) -> None:

@@ -22,7 +22,7 @@ from pipeline.cli import main
 from pipeline.config import RuntimeConfig, config_from_dict, load_config
 from pipeline.execute import prepare
 from pipeline.plan import Target, pick_engine
-from tests.conftest import ROOT, GeoTiffFactory, processes_mentioning
+from tests.conftest import ROOT, S2, GeoTiffFactory, processes_mentioning
 from tests.test_resume import chunk_bytes, unet_job, units_done
 from workers.models.torchscript import PinnedStaging, TorchScriptModel
 from workers.unit_worker import UnitWorker
@@ -276,3 +276,20 @@ def test_a_unit_whose_workers_keep_dying_fails_with_a_worker_error_and_resumes_l
     assert main(["run", str(config), "--json", "--set", f"output.path={tmp_path}/clean.zarr"]) == 0
     capsys.readouterr()
     assert chunk_bytes(store) == chunk_bytes(tmp_path / "clean.zarr")
+
+
+@pytest.mark.parametrize("engine", ["process", "ray"])
+def test_a_model_that_cannot_load_is_one_line_on_either_engine(tmp_path: Path, engine: str) -> None:
+    model = tmp_path / "broken.pt"
+    model.write_bytes(b"not a TorchScript archive")
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        f"source: {{path: '{S2}', bands: [3, 8]}}\n"
+        f"model: {{kind: torchscript, path: '{model}', classes: [a, b], stride: 1, receptive_radius: 0}}\n"
+        f"output: {{path: '{tmp_path}/broken.zarr', preview: false}}\n"
+        f"runtime: {{engine: {engine}}}\n"
+    )
+    result = run_cli("run", str(config), "--no-progress")
+    assert result.returncode == 1, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("raymask: error: ") and "not a TorchScript file" in lines[0], lines

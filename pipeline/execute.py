@@ -201,7 +201,7 @@ def label_regions(job: Job, store: MaskStore, *, engine: str = "ray", progress: 
             store,
             job.regions,
             source=job.source,
-            executor=executor_for(engine),
+            executor=executor_for(engine, int(np.prod(job.grid.grid_shape)), small=job.config.runtime.small_job_units),
             progress=progress,
             modality=job.info.modality,
         )
@@ -378,9 +378,15 @@ def _predict(
         raise unwrap(exc) from exc
 
 
-def executor_for(engine: str) -> Executor:
-    """Where per-chunk tasks (DICOM ingest, region labelling) run: Ray tasks, or this process."""
-    return RayExecutor() if engine == "ray" else SerialExecutor()
+def executor_for(engine: str, tasks: int | None = None, *, small: int = 32) -> Executor:
+    """Where per-chunk tasks (DICOM ingest, region labelling) run: Ray tasks, or this process.
+
+    A handful of tasks runs here even on Ray: each Ray task would start a worker process of its
+    own (about a second each on a small machine) for milliseconds of work.
+    """
+    if engine == "ray" and (tasks is None or tasks > small):
+        return RayExecutor()
+    return SerialExecutor()
 
 
 def connect(address: str | None, *, progress: bool = False) -> bool:

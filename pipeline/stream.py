@@ -196,7 +196,7 @@ def _on_ray(
             batch_size=batch,
             prefetch=runtime.prefetch,
             io_threads=runtime.io_threads,
-            quiet=True,
+            actor=True,
         )
         return _Actor(handle)
 
@@ -238,7 +238,9 @@ def _on_ray(
                 give(replacement)
 
     try:
-        ray.get([actor.handle.ready.remote() for actor in actors])  # models loaded
+        for failure in ray.get([actor.handle.ready.remote() for actor in actors]):  # models loaded
+            if failure is not None:
+                raise rebuild(*failure)
         yield None
         for actor in actors:
             for _ in range(2):

@@ -59,15 +59,23 @@ class UnitWorker:
         prefetch: int = 2,
         io_threads: int = 1,
         in_flight: int = 2,
-        quiet: bool = False,
+        actor: bool = False,
     ) -> None:
-        if quiet:  # a Ray actor: its own process, whose warning filters are its own
+        if actor:  # a Ray actor: its own process, whose warning filters are its own
             quiet_worker_warnings()
         self.targets = targets
         self.batch_size = batch_size
         self.prefetch = prefetch
         self.in_flight = in_flight
-        self.model: Segmenter = build(model, device=device, in_flight=in_flight)
+        # An actor whose constructor raises dies, and Ray prints its traceback on the driver's
+        # console; an actor reports the failure through ready() instead, as one line.
+        self.failure: tuple[str, str] | None = None
+        try:
+            self.model: Segmenter = build(model, device=device, in_flight=in_flight)
+        except Exception as exc:
+            if not actor:
+                raise
+            self.failure = (exc.__class__.__name__, describe(exc).partition("\n")[0])
         _limit_threads(threads)
         self.readers: Executor = (
             ThreadPoolExecutor(io_threads, thread_name_prefix="raymask-read") if io_threads else _Inline()
@@ -80,9 +88,9 @@ class UnitWorker:
         self._stores_lock = threading.Lock()
         self._model_lock = threading.Lock()  # two leases may run at once (Ray); the model takes one batch at a time
 
-    def ready(self) -> bool:
-        """Returns once the model is loaded (Ray: the actor is constructed)."""
-        return True
+    def ready(self) -> tuple[str, str] | None:
+        """Returns once the model is loaded: None, or why it could not be (error class, message)."""
+        return self.failure
 
     def add_targets(self, targets: dict[int, Target]) -> None:
         self.targets.update(targets)

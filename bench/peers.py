@@ -369,7 +369,10 @@ def main() -> None:
         unet = f"{{kind: torchscript, path: '{model}', classes: [a, b, c], stride: 8, receptive_radius: {radius}}}"
         ndvi = "{kind: ndvi, red: 1, nir: 4}"
         say(f"machine: {platform.machine()}, {os.cpu_count()} cores, {_memory_gb():.0f} GB; {_versions()}")
-        say(f"model: MONAI UNet 16-32-64-128, 3 stride-2 levels, BatchNorm, TorchScript; receptive radius {radius} px")
+        say(
+            f"model: MONAI UNet 16-32-64-128, 3 stride-2 levels, 2 residual units, BatchNorm, TorchScript; "
+            f"receptive radius {radius} px"
+        )
         say(f"jobs: {CHUNK} px chunks + {HALO} px halo ({WINDOW} px windows), {THREADS} torch threads, regions off")
         say()
         say("| size | method | tiles/s | vs model alone | wall s | peak memory (PSS, all processes) | notes |")

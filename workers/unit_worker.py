@@ -92,9 +92,6 @@ class UnitWorker:
         """Returns once the model is loaded: None, or why it could not be (error class, message)."""
         return self.failure
 
-    def add_targets(self, targets: dict[int, Target]) -> None:
-        self.targets.update(targets)
-
     def process(self, items: Sequence[Item]) -> Iterator[Row]:
         """Compute and write every unit of ``items``; yield one row per unit as it lands.
 
@@ -130,6 +127,8 @@ class UnitWorker:
                 try:
                     labels = collect()
                 except Exception as exc:
+                    for w in done:
+                        w.image = w.valid = None
                     writes.extend(self.writers.submit(_error_row, w.item, exc) for w in done)
                 else:
                     writes.extend(self.writers.submit(self._write, w, labels[j]) for j, w in enumerate(done))
@@ -181,6 +180,8 @@ class UnitWorker:
             self._store(key).write_unit(unit, labels, measure=target.measure, n_classes=target.n_classes)
         except Exception as exc:
             return _error_row(window.item, exc)
+        finally:
+            window.image = window.valid = None  # a lease's memory is the windows in flight, not all it read
         return {"key": key, "unit": index, "error": "", "error_type": ""}
 
     def _store(self, key: int) -> MaskStore:

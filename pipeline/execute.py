@@ -410,6 +410,9 @@ def connect(address: str | None, *, progress: bool = False) -> bool:
             address=target,
             include_dashboard=False,
             logging_level=logging.ERROR,
+            # Workers report through their rows; Ray's forwarded logs (a raylet's "a worker died")
+            # would land on stdout, inside the JSON that `raymask run --json` prints there.
+            log_to_driver=False,
             **options,
         )
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:

@@ -7,6 +7,7 @@ and exit with status 1; usage errors exit with 2, as argparse does.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -272,7 +273,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.report import render_summary, summary_json
 
     config = load_config(args.config, args.overrides)
-    summary = run_job(config, overwrite=args.overwrite, progress=not (args.no_progress or args.json))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the summary only (Ray prints raylet errors there)
+        summary = run_job(config, overwrite=args.overwrite, progress=not (args.no_progress or args.json))
     if args.json:
         print(json.dumps(summary_json(summary), indent=2))
     else:
@@ -300,7 +302,8 @@ def _cmd_batch(args: argparse.Namespace) -> int:
     from pipeline.config import load_batch_config
     from pipeline.report import render_batch
 
-    report = run_batch(load_batch_config(args.config, args.overrides), progress=not (args.no_progress or args.json))
+    with contextlib.redirect_stdout(sys.stderr):  # stdout carries the report only
+        report = run_batch(load_batch_config(args.config, args.overrides), progress=not (args.no_progress or args.json))
     print(json.dumps(report.to_json(), indent=2) if args.json else render_batch(report, REPORT))
     return 0 if report.ok else 1
 

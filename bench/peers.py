@@ -234,15 +234,22 @@ def role_plain(scene: Path, model: Path, out: Path) -> dict:
     return {}
 
 
-def role_monai(scene: Path, model: Path, out: Path) -> dict:
+def _whole_scene(scene: Path, model: Path):  # type: ignore[no-untyped-def]
+    """The model (THREADS torch threads) and the whole scene as one float tensor, as the peers take it."""
     import rasterio
     import torch
-    from monai.inferers import sliding_window_inference
 
     torch.set_num_threads(THREADS)
     module = torch.jit.load(str(model)).eval()
     with rasterio.open(scene) as src:
-        image = torch.from_numpy(src.read()[None]).float()
+        return module, torch.from_numpy(src.read()[None]).float()
+
+
+def role_monai(scene: Path, model: Path, out: Path) -> dict:
+    import torch
+    from monai.inferers import sliding_window_inference
+
+    module, image = _whole_scene(scene, model)
     with torch.inference_mode():
         logits = sliding_window_inference(
             image, roi_size=(WINDOW, WINDOW), sw_batch_size=4, predictor=module, overlap=0.25, mode="gaussian"
@@ -255,13 +262,9 @@ def role_monai(scene: Path, model: Path, out: Path) -> dict:
 
 def role_whole(scene: Path, model: Path, out: Path) -> dict:
     """One whole-image pass; saves labels and the gap between the two best logits (for near-ties)."""
-    import rasterio
     import torch
 
-    torch.set_num_threads(THREADS)
-    module = torch.jit.load(str(model)).eval()
-    with rasterio.open(scene) as src:
-        image = torch.from_numpy(src.read()[None]).float()
+    module, image = _whole_scene(scene, model)
     with torch.inference_mode():
         logits = module(image)[0]
     top = logits.topk(2, dim=0)

@@ -196,7 +196,7 @@ def _run(
         for key, (job, store, _) in planned.items():
             try:
                 if job.info.series is not None:
-                    ingest_series(store, job.info.series, executor=executor_for(engine), progress=False)
+                    ingest_series(store, job.info.series, executor=executor_for(engine, config.runtime), progress=False)
             except Exception as exc:
                 _fail(results[key], unwrap(exc))
                 continue

@@ -201,7 +201,7 @@ def label_regions(job: Job, store: MaskStore, *, engine: str = "ray", progress: 
             store,
             job.regions,
             source=job.source,
-            executor=executor_for(engine, int(np.prod(job.grid.grid_shape)), small=job.config.runtime.small_job_units),
+            executor=executor_for(engine, job.config.runtime),
             progress=progress,
             modality=job.info.modality,
         )
@@ -325,7 +325,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     if clock.placement is not None:
         p = clock.placement
         summary.workers = {"actors": p.actors, "cpus": p.cpus, "gpus": p.gpus, "threads": p.threads,
-                           "started": clock.actors_started or 1}  # fmt: skip
+                           "replaced": clock.replaced}  # fmt: skip
     summary.notes.extend(job.info.notes)
     if unit is None and job.info.modality is None:
         summary.notes.append("the source has no CRS: statistics are in pixels only")
@@ -339,11 +339,8 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
             if job.model.receptive_radius is not None
             else "tiling exactness unknown: the model declares no receptive_radius"
         )
-    if clock.actors_started > (clock.placement.actors if clock.placement else 0):
-        summary.notes.append(
-            f"{clock.actors_started - clock.placement.actors} worker(s) died and were replaced; "  # type: ignore[union-attr]
-            "their units were recomputed"
-        )
+    if clock.replaced:
+        summary.notes.append(f"{clock.replaced} worker(s) died and were replaced; their units were recomputed")
     if config.output.preview:
         from pipeline.preview import write_preview
 
@@ -358,7 +355,7 @@ def _predict(
 ) -> None:  # fmt: skip
     if job.info.series is not None:
         try:
-            ingest_series(store, job.info.series, executor=executor_for(engine), progress=progress)
+            ingest_series(store, job.info.series, executor=executor_for(engine, job.config.runtime), progress=progress)
         except Exception as exc:
             raise unwrap(exc) from exc
     target = Target(job.source, job.grid, job.config.tiling.edge, str(store.path), measure, len(job.model.classes))
@@ -378,15 +375,10 @@ def _predict(
         raise unwrap(exc) from exc
 
 
-def executor_for(engine: str, tasks: int | None = None, *, small: int = 32) -> Executor:
-    """Where per-chunk tasks (DICOM ingest, region labelling) run: Ray tasks, or this process.
-
-    A handful of tasks runs here even on Ray: each Ray task would start a worker process of its
-    own (about a second each on a small machine) for milliseconds of work.
-    """
-    if engine == "ray" and (tasks is None or tasks > small):
-        return RayExecutor()
-    return SerialExecutor()
+def executor_for(engine: str, runtime: RuntimeConfig) -> Executor:
+    """Where per-chunk tasks (DICOM ingest, region labelling) run: Ray tasks (a handful of them in
+    this process, as for small jobs), or this process."""
+    return RayExecutor(serial_up_to=runtime.small_job_units) if engine == "ray" else SerialExecutor()
 
 
 def connect(address: str | None, *, progress: bool = False) -> bool:

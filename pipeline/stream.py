@@ -22,7 +22,7 @@ import time
 import warnings
 from collections import deque
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ModelConfig, RuntimeConfig, TorchScriptModelConfig
@@ -39,9 +39,8 @@ class StreamClock:
 
     workers_s: float = 0.0
     compute_s: float = 0.0
-    actors_started: int = 0
     placement: Placement | None = None
-    notes: list[str] = field(default_factory=list)
+    replaced: int = 0  # actors started in place of ones that died
 
 
 def local_cpus() -> int:
@@ -181,7 +180,6 @@ def _on_ray(
     targets_ref = ray.put(targets)
 
     def start() -> _Actor:
-        clock.actors_started += 1
         handle = worker_cls.options(  # type: ignore[attr-defined]
             num_cpus=placement.cpus,
             num_gpus=placement.gpus,
@@ -232,6 +230,7 @@ def _on_ray(
                     queue.appendleft(item)
         actor.leases.clear()
         if queue:
+            clock.replaced += 1
             replacement = start()
             actors.append(replacement)
             for _ in range(2):

@@ -149,18 +149,22 @@ def test_gdal_masks_and_the_fast_validity_agree(tmp_path: Path, make_geotiff: Ge
             assert values.dtype == data.dtype
 
 
-@pytest.mark.parametrize(("batch_size", "in_flight", "prefetch"), [(1, 1, 1), (4, 2, 2), (3, 3, 1)])
+@pytest.mark.parametrize(
+    ("batch_size", "in_flight", "prefetch", "io_threads"), [(1, 1, 1, 1), (4, 2, 2, 2), (3, 3, 1, 0)]
+)
 def test_the_worker_pipeline_writes_every_unit_once_whatever_its_depth(
-    tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, batch_size: int, in_flight: int, prefetch: int
-) -> None:
-    """Batches of equal windows, several in flight, reads ahead: the same mask as one-at-a-time."""
+    tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, batch_size: int, in_flight: int, prefetch: int,
+    io_threads: int,
+) -> None:  # fmt: skip
+    """Batches of equal windows, several in flight, reads ahead (or inline, io_threads 0): the same
+    mask as one window at a time."""
     from pipeline.execute import create_store, measure_of
     from pipeline.plan import pending_units
 
     image = make_geotiff(np.random.default_rng(1).normal(size=(3, 150, 130)).astype(np.float32))
     model = scripted_unet(3, 3)
     results = {}
-    for name, depth in (("reference", (1, 1, 1)), ("tested", (batch_size, in_flight, prefetch))):
+    for name, depth in (("reference", (1, 1, 1, 1)), ("tested", (batch_size, in_flight, prefetch, io_threads))):
         config = config_from_dict({
             "source": {"path": str(image)},
             "model": {"kind": "torchscript", "path": str(model), "classes": ["a", "b", "c"], "stride": 4,
@@ -171,7 +175,9 @@ def test_the_worker_pipeline_writes_every_unit_once_whatever_its_depth(
         job = prepare(config)
         store = create_store(job)
         target = Target(job.source, job.grid, "replicate", str(store.path), measure_of(job), 3)
-        worker = UnitWorker({0: target}, config.model, batch_size=depth[0], in_flight=depth[1], prefetch=depth[2])
+        worker = UnitWorker(
+            {0: target}, config.model, batch_size=depth[0], in_flight=depth[1], prefetch=depth[2], io_threads=depth[3]
+        )
         units = [(0, u.index) for u in pending_units(job.grid, store.units_done())]
         rows = list(worker.process(units))
         worker.close()
@@ -231,8 +237,12 @@ def test_autocast_runs_on_the_cpu_and_is_reported_not_exact(
     labels = np.asarray(zarr.open_array(str(tmp_path / "bf16.zarr" / "mask"))[:])
     reference = TorchScriptModel(job.config.model.model_copy(update={"precision": "float32"}))  # type: ignore[union-attr]
     with rasterio.open(image) as src:
-        want = reference.predict(src.read()[None], np.ones((1, 96, 96), dtype=bool))[0]
+        pixels, valid = src.read()[None], np.ones((1, 96, 96), dtype=bool)
+    want = reference.predict(pixels, valid)[0]
     assert (labels == want).mean() > 0.9  # bfloat16 rounds: close to float32, not equal by promise
+    autocast = TorchScriptModel(job.config.model).logits(pixels, valid)  # type: ignore[arg-type]
+    exact = reference.logits(pixels, valid)
+    assert 0 < np.abs(autocast - exact).max() < 0.5  # the network really ran in bfloat16
 
 
 def test_staging_buffers_rotate_so_a_buffer_in_flight_is_never_refilled() -> None:
@@ -293,3 +303,16 @@ def test_a_model_that_cannot_load_is_one_line_on_either_engine(tmp_path: Path, e
     assert result.returncode == 1, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("raymask: error: ") and "not a TorchScript file" in lines[0], lines
+
+
+def _pid(_: int) -> int:
+    return os.getpid()
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_handful_of_chunk_tasks_runs_in_the_driver_and_more_go_to_ray() -> None:
+    from pipeline.labelling import RayExecutor
+
+    executor = RayExecutor(serial_up_to=2)
+    assert set(executor.map(_pid, [1, 2])) == {os.getpid()}
+    assert os.getpid() not in set(executor.map(_pid, [1, 2, 3]))

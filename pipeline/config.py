@@ -245,8 +245,8 @@ class RuntimeConfig(_Frozen):
     )
     actor_cpus: float | Literal["auto"] = Field(
         default="auto",
-        description='CPUs reserved by each actor (model, reads and writes); "auto": a CPU node\'s CPUs (at most 16), '
-        "or a GPU node's CPUs shared among its GPUs.",
+        description='CPUs reserved by each actor (model, reads and writes); "auto": 1 on CPU nodes (one '
+        "single-threaded actor per CPU: fastest, one model's memory each), a GPU node's CPUs shared among its GPUs.",
     )
     threads: int | None = Field(default=None, ge=1, description="Torch threads per actor; default its actor_cpus.")
     gpus_per_actor: float | Literal["auto"] = Field(

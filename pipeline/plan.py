@@ -20,10 +20,6 @@ if TYPE_CHECKING:  # sources open files; planning only names them
 
 T = TypeVar("T")
 
-# A CPU actor runs one model with intra-op threads; past ~16 threads a small CNN stops scaling,
-# so bigger nodes get several actors instead of one very wide one.
-MAX_AUTO_ACTOR_CPUS = 16
-
 
 @dataclass(frozen=True)
 class Target:
@@ -133,9 +129,12 @@ def place_actors(
 
     GPU clusters: one actor per GPU (or per ``gpus_per_actor`` of one, which may be a fraction),
     each with its node's CPUs shared among the node's actors, for reading and writing.
-    CPU clusters: one actor per node (nodes wider than MAX_AUTO_ACTOR_CPUS get several), each
-    reserving its CPUs, with as many torch threads: one wide actor beats several narrow ones on a
-    CNN, and reads and writes run in the actor's own threads, so nothing else needs a CPU.
+    CPU clusters: one actor per CPU, each with one torch thread. Narrow actors beat one wide one
+    (bench/RESULTS.md: on 2 cores two 1-thread actors ran the benchmark U-Net 15-25 % faster end to
+    end than one 2-thread actor, and the ``ndvi`` pipeline ceiling 15 % faster): a single-threaded
+    forward pass has no barrier to wait at when a read or a write takes its core for a moment, and
+    each actor's reads and writes overlap the other's model. The price is one model's memory per
+    CPU; ``actor_cpus`` trades it back.
     """
     total_gpus = float(sum(node_gpus))
     gpus = (1.0 if total_gpus >= 1 else 0.0) if gpus_per_actor == "auto" else float(gpus_per_actor)
@@ -149,8 +148,7 @@ def place_actors(
         else:
             cpus = float(actor_cpus)
     else:
-        smallest = max(1.0, math.floor(min(node_cpus))) if node_cpus else 1.0
-        cpus = min(smallest, MAX_AUTO_ACTOR_CPUS) if actor_cpus == "auto" else float(actor_cpus)
+        cpus = 1.0 if actor_cpus == "auto" else float(actor_cpus)
         fitting = sum(math.floor(c / cpus + 1e-9) for c in node_cpus)
         count = actors or max(1, fitting)
     return Placement(actors=count, cpus=cpus, gpus=gpus, threads=threads or max(1, int(cpus)))

@@ -200,9 +200,11 @@ def _on_ray(
 
     queue: deque[Item] = deque(units)
     attempts: dict[Item, int] = {}
-    actors = [start() for _ in range(min(placement.actors, max(1, len(units))))]
-    clock.placement = dataclasses.replace(placement, actors=len(actors))  # no more actors than units
+    actors = [start() for _ in range(min(placement.actors, max(1, len(units))))]  # no more actors than units
+    working: set[_Actor] = set()  # loaded and given work; the summary reports the most at once
+    clock.placement = dataclasses.replace(placement, actors=0)
     owner: dict[Any, _Actor] = {}
+    loading: dict[Any, _Actor] = {}  # ready() probes of actors still loading their model
 
     def give(actor: _Actor) -> None:
         size = lease_size(len(queue), len(actors), batch)
@@ -216,6 +218,7 @@ def _on_ray(
         """The actor died: requeue what it had not reported, or fail units that used up their retries."""
         ray.kill(actor.handle, no_restart=True)
         actors.remove(actor)
+        working.discard(actor)
         for generator, pending in actor.leases.items():
             owner.pop(generator, None)
             for item in sorted(pending):
@@ -233,19 +236,40 @@ def _on_ray(
             clock.replaced += 1
             replacement = start()
             actors.append(replacement)
-            for _ in range(2):
-                give(replacement)
+            loading[replacement.handle.ready.remote()] = replacement
 
+    # Work starts on each actor as soon as its model is loaded: actors start at different times on
+    # a cluster, and one that cannot be placed (more asked for than the nodes hold, an autoscaler
+    # that never delivers) must not hold up the others.
+    loading.update({actor.handle.ready.remote(): actor for actor in actors})
+    started, load_deaths, peak = False, 0, 0
     try:
-        for failure in ray.get([actor.handle.ready.remote() for actor in actors]):  # models loaded
-            if failure is not None:
-                raise rebuild(*failure)
-        yield None
-        for actor in actors:
-            for _ in range(2):
-                give(actor)
-        while owner:
-            ready, _ = ray.wait(list(owner), num_returns=1)
+        while owner or (queue and loading):
+            ready, _ = ray.wait([*loading, *owner], num_returns=1)
+            if ready[0] in loading:
+                actor = loading.pop(ready[0])
+                try:
+                    failure = ray.get(ready[0])
+                except (RayActorError, WorkerCrashedError) as exc:  # died while loading
+                    load_deaths += 1
+                    if load_deaths > runtime.max_retries:
+                        raise WorkerError(
+                            f"{model.path or model.kind}: a worker died while loading the model, {load_deaths} "
+                            f"times (last: {' '.join(str(exc).split())[:160]}); out of memory?"
+                        ) from None
+                    yield from lost(actor, exc)
+                    continue
+                if failure is not None:
+                    raise rebuild(*failure)
+                working.add(actor)
+                peak = max(peak, len(working))
+                clock.placement = dataclasses.replace(placement, actors=peak)
+                if not started:
+                    started = True
+                    yield None
+                for _ in range(2):
+                    give(actor)
+                continue
             generator = ready[0]
             actor = owner[generator]
             try:

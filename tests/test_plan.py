@@ -58,15 +58,17 @@ def test_fractional_gpus_put_several_actors_on_one_gpu() -> None:
     assert (placement.actors, placement.gpus, placement.cpus) == (4, 0.25, 4.0)
 
 
-def test_cpu_clusters_get_one_wide_actor_per_node() -> None:
+def test_cpu_clusters_get_one_single_threaded_actor_per_cpu() -> None:
     laptop = place_actors(
         node_cpus=[2], node_gpus=[0], actors=None, actor_cpus="auto", gpus_per_actor="auto", threads=None
     )
-    assert (laptop.actors, laptop.cpus, laptop.threads, laptop.gpus, laptop.device) == (1, 2.0, 2, 0.0, "cpu")
-    wide = place_actors(
-        node_cpus=[64, 8], node_gpus=[0, 0], actors=None, actor_cpus="auto", gpus_per_actor=0, threads=None
+    assert (laptop.actors, laptop.cpus, laptop.threads, laptop.gpus, laptop.device) == (2, 1.0, 1, 0.0, "cpu")
+    nodes = place_actors(
+        node_cpus=[64, 8.5], node_gpus=[0, 0], actors=None, actor_cpus="auto", gpus_per_actor=0, threads=None
     )
-    assert (wide.actors, wide.cpus) == (9, 8.0)  # 8 per actor fits both nodes: 8 + 1
+    assert (nodes.actors, nodes.cpus, nodes.threads) == (72, 1.0, 1)  # a half CPU left over holds no actor
+    wide = place_actors(node_cpus=[64, 8], node_gpus=[0, 0], actors=None, actor_cpus=8, gpus_per_actor=0, threads=None)
+    assert (wide.actors, wide.cpus, wide.threads) == (9, 8.0, 8)  # 8 per actor fits both nodes: 8 + 1
     asked = place_actors(node_cpus=[8], node_gpus=[0], actors=3, actor_cpus=2.0, gpus_per_actor="auto", threads=1)
     assert (asked.actors, asked.cpus, asked.threads) == (3, 2.0, 1)
 

@@ -254,8 +254,8 @@ def _on_ray(
                     load_deaths += 1
                     if load_deaths > runtime.max_retries:
                         raise WorkerError(
-                            f"{model.path or model.kind}: a worker died while loading the model, {load_deaths} "
-                            f"times (last: {' '.join(str(exc).split())[:160]}); out of memory?"
+                            f"{getattr(model, 'path', model.kind)}: a worker died while loading the model "
+                            f"{load_deaths} times (last: {' '.join(str(exc).split())[:160]}); out of memory?"
                         ) from None
                     yield from lost(actor, exc)
                     continue

@@ -73,6 +73,7 @@ class MaskStore:
     def __init__(self, path: Path, group: zarr.Group) -> None:
         self.path = path
         self.group = group
+        self._writing: dict[str, zarr.Array] = {}  # arrays write_unit writes, opened once (their metadata is fixed)
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -304,14 +305,16 @@ class MaskStore:
 
         ``measure`` is m² per pixel for each image row, or one mm³ per voxel, or None.
         """
-        mask = self.mask
+        if not self._writing:  # each open reads and parses the array's metadata again: three a unit
+            self._writing = {"mask": self.mask, "measure": self._units("measure"), "pixels": self._units("pixels")}
+        mask = self._writing["mask"]
         for chunk in unit.chunks:
             mask[chunk.slices()] = labels[chunk.within(unit.core)]
         if isinstance(measure, np.ndarray):
             measure = measure[unit.core.start[0] : unit.core.stop[0]]
         stats = count_classes(labels, n_classes, measure)
-        self._units("measure")[unit.index] = stats.measure
-        self._units("pixels")[unit.index] = stats.pixels
+        self._writing["measure"][unit.index] = stats.measure
+        self._writing["pixels"][unit.index] = stats.pixels
         return stats
 
     def update_meta(self, **changes: Any) -> None:

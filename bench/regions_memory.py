@@ -59,8 +59,8 @@ def expected_blobs(size: int) -> int:
 def build(path: Path, size: int, chunk: int) -> None:
     from pyproj import CRS
 
-    from pipeline.georef import Georef
-    from pipeline.masks import store_from_blocks
+    from pipeline.core.georef import Georef
+    from pipeline.store.blocks import store_from_blocks
 
     georef = Georef(CRS.from_epsg(32630).to_wkt(), (400000.0, 1.0, 0.0, 5800000.0, 0.0, -1.0))
     store_from_blocks(path, (size, size), (chunk, chunk), ["background", "blob", "network"], fill, georef=georef,
@@ -69,7 +69,8 @@ def build(path: Path, size: int, chunk: int) -> None:
 
 def label(path: Path) -> dict[str, float]:
     from pipeline.config import RegionsConfig
-    from pipeline.labelling import SerialExecutor, label_store, resolve
+    from pipeline.jobs.executors import SerialExecutor
+    from pipeline.jobs.regions import label_store, resolve
     from pipeline.store import MaskStore
 
     store = MaskStore.open(path, mode="r+")

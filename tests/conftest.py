@@ -194,8 +194,8 @@ def scipy_table(mask: np.ndarray, connectivity: int) -> tuple[list[tuple], np.nd
     axis)`` and one label image with every class's regions numbered apart."""
     from scipy import ndimage
 
-    from pipeline.regions import structure
-    from pipeline.stats import NODATA
+    from pipeline.core.regions import structure
+    from pipeline.core.stats import NODATA
 
     struct = structure(mask.ndim, connectivity)
     rows, labels, offset = [], np.zeros(mask.shape, dtype=np.int64), 0

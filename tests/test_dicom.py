@@ -13,9 +13,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from pipeline.core.volume import GeometryError, PlaneGeometry, order_planes
 from pipeline.errors import SourceError
 from pipeline.sources.dicom import decode_frames, discover
-from pipeline.volume import GeometryError, PlaneGeometry, order_planes
 from tests.conftest import CT_SERIES, EDGE_CASES
 
 

@@ -20,8 +20,8 @@ from rasterio.enums import ColorInterp
 
 from pipeline.cli import main
 from pipeline.config import RuntimeConfig, config_from_dict, load_config
-from pipeline.execute import prepare
-from pipeline.plan import Target, pick_engine
+from pipeline.core.plan import Target, pick_engine
+from pipeline.jobs.run import prepare
 from tests.conftest import ROOT, S2, GeoTiffFactory, processes_mentioning
 from tests.test_resume import chunk_bytes, unet_job, units_done
 from workers.models.torchscript import PinnedStaging, TorchScriptModel
@@ -126,7 +126,7 @@ def test_a_healthy_run_prints_the_summary_and_nothing_else(tmp_path: Path, engin
 
 def test_gdal_masks_and_the_fast_validity_agree(tmp_path: Path, make_geotiff: GeoTiffFactory) -> None:
     """The integer-nodata shortcut equals GDAL's read_masks; float nodata and alpha still go to GDAL."""
-    from pipeline.geometry import Box
+    from pipeline.core.geometry import Box
     from pipeline.sources.geotiff import RasterSource
 
     rng = np.random.default_rng(2)
@@ -158,8 +158,8 @@ def test_the_worker_pipeline_writes_every_unit_once_whatever_its_depth(
 ) -> None:  # fmt: skip
     """Batches of equal windows, several in flight, reads ahead (or inline, io_threads 0): the same
     mask as one window at a time."""
-    from pipeline.execute import create_store, measure_of
-    from pipeline.plan import pending_units
+    from pipeline.core.plan import pending_units
+    from pipeline.jobs.run import create_store, measure_of
 
     image = make_geotiff(np.random.default_rng(1).normal(size=(3, 150, 130)).astype(np.float32))
     model = scripted_unet(3, 3)
@@ -192,8 +192,8 @@ def test_a_failing_model_call_fails_only_its_units(tmp_path: Path, make_geotiff:
     """A window the model cannot take (the wrong band count) is an error row naming the model file."""
     import torch
 
-    from pipeline.execute import create_store, measure_of
-    from pipeline.plan import pending_units
+    from pipeline.core.plan import pending_units
+    from pipeline.jobs.run import create_store, measure_of
     from tests.conftest import tiny_unet
 
     model = tmp_path / "four-band.pt"
@@ -311,7 +311,7 @@ def _pid(_: int) -> int:
 
 @pytest.mark.usefixtures("ray_session")
 def test_a_handful_of_chunk_tasks_runs_in_the_driver_and_more_go_to_ray() -> None:
-    from pipeline.labelling import RayExecutor
+    from pipeline.jobs.executors import RayExecutor
 
     executor = RayExecutor(serial_up_to=2)
     assert set(executor.map(_pid, [1, 2])) == {os.getpid()}

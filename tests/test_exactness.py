@@ -19,8 +19,8 @@ import zarr
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.execute import prepare
-from pipeline.geometry import inside_image, pad_to_window
+from pipeline.core.geometry import inside_image, pad_to_window
+from pipeline.jobs.run import prepare
 from tests.conftest import GeoTiffFactory, tiny_unet
 from workers.models.torchscript import TorchScriptModel
 

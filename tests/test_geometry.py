@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pipeline.geometry import Box, TileGrid, ceil_to, inside_image, pad_to_window
+from pipeline.core.geometry import Box, TileGrid, ceil_to, inside_image, pad_to_window
 
 
 @st.composite

@@ -18,7 +18,7 @@ from pyproj import Geod
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 
 from pipeline.cli import main
-from pipeline.stats import NODATA
+from pipeline.core.stats import NODATA
 from tests.conftest import LANDSAT, RGB_BYTE, ROOT, S2
 from tests.conftest import run_json as run
 

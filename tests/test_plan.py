@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.plan import batch_for, group_batches, lease_size, place_actors, square_order
+from pipeline.core.plan import batch_for, group_batches, lease_size, place_actors, square_order
 
 
 @given(

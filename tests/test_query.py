@@ -16,9 +16,9 @@ from scipy import ndimage
 
 from pipeline.cli import main
 from pipeline.config import load_config
-from pipeline.execute import run_job
+from pipeline.core.stats import NODATA
+from pipeline.jobs.run import run_job
 from pipeline.query import open_store
-from pipeline.stats import NODATA
 from tests.conftest import ROOT, S2, scipy_table
 
 

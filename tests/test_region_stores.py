@@ -14,15 +14,16 @@ from pyproj import CRS
 from scipy import ndimage
 
 from pipeline.config import RegionsConfig
+from pipeline.core.geometry import Box
+from pipeline.core.georef import Georef
+from pipeline.core.stats import NODATA
+from pipeline.core.volume import VolumeGeometry
 from pipeline.errors import ConfigError, StoreError
-from pipeline.geometry import Box
-from pipeline.georef import Georef
-from pipeline.labelling import Executor, RayExecutor, SerialExecutor, label_store, resolve
-from pipeline.masks import store_from_blocks
+from pipeline.jobs.executors import Executor, RayExecutor, SerialExecutor
+from pipeline.jobs.regions import label_store, resolve
 from pipeline.query import open_store
-from pipeline.stats import NODATA
 from pipeline.store import MaskStore
-from pipeline.volume import VolumeGeometry
+from pipeline.store.blocks import store_from_blocks
 from tests.conftest import scipy_table
 
 BNG = Georef(CRS.from_epsg(27700).to_wkt(), (1000.0, 10.0, 0.0, 2000.0, 0.0, -10.0))

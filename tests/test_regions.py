@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy import ndimage
 
-from pipeline.geometry import TileGrid
-from pipeline.regions import (
+from pipeline.core.geometry import TileGrid
+from pipeline.core.regions import (
     RegionStats,
     cut_pairs,
     cuts,
@@ -19,7 +19,7 @@ from pipeline.regions import (
     region_stats,
     structure,
 )
-from pipeline.stats import NODATA
+from pipeline.core.stats import NODATA
 from tests.conftest import scipy_table
 
 

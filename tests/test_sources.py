@@ -12,8 +12,8 @@ import rasterio.shutil
 from affine import Affine
 
 from pipeline.config import SourceConfig
+from pipeline.core.geometry import Box
 from pipeline.errors import SourceError, SourceNotFound
-from pipeline.geometry import Box
 from pipeline.sources.geotiff import open_source
 from tests.conftest import LANDSAT, RGB_BYTE, S2, S2_TINY, GeoTiffFactory
 

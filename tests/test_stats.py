@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from pyproj import CRS, Geod
 
-from pipeline.georef import Georef, pixel_centres, row_pixel_areas
-from pipeline.stats import NODATA, count_classes, merge
+from pipeline.core.georef import Georef, pixel_centres, row_pixel_areas
+from pipeline.core.stats import NODATA, count_classes, merge
 
 
 @given(arrays(np.uint8, st.tuples(st.integers(1, 20), st.integers(1, 20)), elements=st.sampled_from([0, 1, 2, NODATA])))

@@ -233,7 +233,7 @@ def test_single_frame_without_pixel_spacing_counts_pixels(tmp_path: Path, capsys
 
 def test_a_3d_model_without_a_z_halo_is_not_called_exact(tmp_path: Path) -> None:
     from pipeline.config import load_config
-    from pipeline.execute import prepare
+    from pipeline.jobs.run import prepare
 
     write_series(tmp_path / "series", np.zeros((6, 16, 16)))
     model_path = tmp_path / "unet3d.pt"

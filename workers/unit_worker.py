@@ -8,7 +8,7 @@ the writer threads, which crop the core, mark nodata, write the unit's chunks an
 row straight into the store. Per unit, only ``{key, unit, error}`` leaves the worker: pixels
 never travel between processes, and no scheduler sees a task per tile.
 
-The same class runs as a Ray actor (``pipeline.stream``) or in the driver's own process for small
+The same class runs as a Ray actor (``pipeline.jobs.stream``) or in the driver's own process for small
 jobs; the bytes written are the same either way.
 """
 
@@ -26,11 +26,11 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pipeline.config import ModelConfig
+from pipeline.core.geometry import WorkUnit, inside_image, pad_to_window
+from pipeline.core.plan import Item, Target, group_batches
+from pipeline.core.stats import NODATA
 from pipeline.errors import describe
-from pipeline.geometry import WorkUnit, inside_image, pad_to_window
-from pipeline.plan import Item, Target, group_batches
 from pipeline.sources.geotiff import WORKER_QUIET
-from pipeline.stats import NODATA
 from pipeline.store import MaskStore
 from workers.models.registry import Segmenter, build
 

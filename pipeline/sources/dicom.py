@@ -1,7 +1,7 @@
 """DICOM series: discovery, grouping, geometry from headers, and decoding frames to HU.
 
 Headers are read without pixel data on the driver; pixels are decoded once, by Ray tasks that
-ingest the series into the store's ``image`` array (see ``pipeline.ingest``), and tiles are read
+ingest the series into the store's ``image`` array (see ``pipeline.jobs.ingest``), and tiles are read
 from there. A series is grouped by SeriesInstanceUID; when that is empty (as in files whose UIDs
 live only in the file meta), by FrameOfReferenceUID plus orientation and frame size. Enhanced
 multi-frame objects contribute one plane per frame, with position and rescale taken from the
@@ -21,9 +21,9 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
+from pipeline.core.geometry import Box
+from pipeline.core.volume import GeometryError, PlaneGeometry, VolumeGeometry, order_planes
 from pipeline.errors import SourceError, SourceNotFound
-from pipeline.geometry import Box
-from pipeline.volume import GeometryError, PlaneGeometry, VolumeGeometry, order_planes
 
 # Objects that carry no image to segment: skipped with a note.
 _NON_IMAGE_PREFIXES = {

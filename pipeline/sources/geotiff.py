@@ -22,9 +22,9 @@ from rasterio.errors import NodataShadowWarning, NotGeoreferencedWarning, Raster
 from rasterio.windows import Window
 
 from pipeline.config import SourceConfig
+from pipeline.core.geometry import Box
+from pipeline.core.georef import Georef
 from pipeline.errors import SourceError, SourceNotFound
-from pipeline.geometry import Box
-from pipeline.georef import Georef
 
 # GDAL's block cache defaults to 5 % of RAM per process; a long tiled read then grows to
 # gigabytes. 64 MB holds the blocks that neighbouring windows share (work units are visited in

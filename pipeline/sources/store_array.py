@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.geometry import Box
+from pipeline.core.geometry import Box
 
 
 @dataclass(frozen=True)

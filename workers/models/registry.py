@@ -21,20 +21,8 @@ from pipeline.config import (
     RgbVegetationModelConfig,
     TorchScriptModelConfig,
 )
+from pipeline.core.colors import default_color
 from pipeline.errors import ConfigError, ModelError
-
-DEFAULT_COLORS = (
-    "#1f77b4",
-    "#ff7f0e",
-    "#2ca02c",
-    "#d62728",
-    "#9467bd",
-    "#8c564b",
-    "#e377c2",
-    "#7f7f7f",
-    "#bcbd22",
-    "#17becf",
-)
 
 
 class Segmenter(Protocol):
@@ -112,9 +100,7 @@ def _describe_torchscript(config: TorchScriptModelConfig, n_bands: int) -> Model
         )
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     classes = tuple(
-        (c, DEFAULT_COLORS[i % len(DEFAULT_COLORS)])
-        if isinstance(c, str)
-        else (c.name, c.color or DEFAULT_COLORS[i % len(DEFAULT_COLORS)])
+        (c, default_color(i)) if isinstance(c, str) else (c.name, c.color or default_color(i))
         for i, c in enumerate(config.classes)
     )
     if len(classes) > 255:

@@ -12,12 +12,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline import __version__
-from pipeline.geometry import Box, TileGrid
-from pipeline.georef import Georef, row_pixel_areas
-from pipeline.stats import Measure, class_table
+from pipeline.core.colors import default_color
+from pipeline.core.geometry import Box, TileGrid
+from pipeline.core.georef import Georef, row_pixel_areas
+from pipeline.core.stats import Measure, class_table
+from pipeline.core.volume import VolumeGeometry
 from pipeline.store import MaskStore, StoreLayout
-from pipeline.volume import VolumeGeometry
-from workers.models.registry import DEFAULT_COLORS
 
 
 def store_from_blocks(
@@ -37,7 +37,7 @@ def store_from_blocks(
     grid = TileGrid.create(shape, chunk=chunk, halo=(0,) * ndim, stride=(1,) * ndim, chunks_per_unit=(1,) * ndim)
     layout = StoreLayout(
         grid=grid,
-        classes=tuple((name, DEFAULT_COLORS[i % len(DEFAULT_COLORS)]) for i, name in enumerate(classes)),
+        classes=tuple((name, default_color(i)) for i, name in enumerate(classes)),
         georef=georef,
         provenance={"raymask_version": __version__, "identity": {"origin": origin}, "origin": origin},
         volume=volume,

@@ -15,8 +15,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.core.geometry import Box
 from pipeline.errors import QueryError
-from pipeline.geometry import Box
 
 GeoTransform = tuple[float, float, float, float, float, float]
 PIXEL_TRANSFORM: GeoTransform = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)

@@ -269,8 +269,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.execute import run_job
-    from pipeline.report import render_summary, summary_json
+    from pipeline.jobs.report import render_summary, summary_json
+    from pipeline.jobs.run import run_job
 
     config = load_config(args.config, args.overrides)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the summary only (Ray prints raylet errors there)
@@ -284,7 +284,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_submit(args: argparse.Namespace) -> int:
     from pipeline.config import load_config
-    from pipeline.submit import submit
+    from pipeline.jobs.submit import submit
 
     if not args.address:
         raise ConfigError("raymask submit needs --address http://HEAD:8265 (or RAY_API_SERVER_ADDRESS)")
@@ -298,9 +298,9 @@ def _cmd_submit(args: argparse.Namespace) -> int:
 
 
 def _cmd_batch(args: argparse.Namespace) -> int:
-    from pipeline.batch import REPORT, run_batch
     from pipeline.config import load_batch_config
-    from pipeline.report import render_batch
+    from pipeline.jobs.batch import REPORT, run_batch
+    from pipeline.jobs.report import render_batch
 
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the report only
         report = run_batch(load_batch_config(args.config, args.overrides), progress=not (args.no_progress or args.json))
@@ -309,7 +309,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_catalog(args: argparse.Namespace) -> int:
-    from pipeline.catalog import catalog_rows, render, write_table_file
+    from pipeline.store.catalog import catalog_rows, render, write_table_file
 
     rows = catalog_rows(Path(args.root))
     if args.out:
@@ -319,7 +319,7 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
-    from pipeline.report import render_info, store_info
+    from pipeline.jobs.report import render_info, store_info
     from pipeline.store import MaskStore
 
     info = store_info(MaskStore.open(args.store))
@@ -328,12 +328,12 @@ def _cmd_info(args: argparse.Namespace) -> int:
 
 
 def _cmd_regions(args: argparse.Namespace) -> int:
+    from pipeline.jobs.report import regions_json, render_regions
     from pipeline.query import open_store
-    from pipeline.report import regions_json, render_regions
 
     if args.compute:
         from pipeline.config import RegionsConfig
-        from pipeline.execute import label_existing
+        from pipeline.jobs.run import label_existing
 
         classes = [c.strip() for c in args.label_classes.split(",")] if args.label_classes else None
         config = RegionsConfig(connectivity=args.connectivity, classes=classes)
@@ -349,7 +349,7 @@ def _cmd_regions(args: argparse.Namespace) -> int:
     size = "voxels" if "voxels" in frame else "pixels"
     frame = frame.sort_values([size, "id"], ascending=[False, True]) if args.sort == "size" else frame.sort_values("id")
     if args.out:
-        from pipeline.catalog import write_frame
+        from pipeline.store.catalog import write_frame
 
         write_frame(frame, Path(args.out))
     shown = frame if args.limit is None and args.json else frame.head(args.limit or 20)
@@ -361,9 +361,9 @@ def _cmd_regions(args: argparse.Namespace) -> int:
 
 
 def _cmd_query(args: argparse.Namespace) -> int:
+    from pipeline.core.selection import parse_numbers
+    from pipeline.jobs.report import render_point, render_query
     from pipeline.query import incomplete_warnings, open_store
-    from pipeline.report import render_point, render_query
-    from pipeline.selection import parse_numbers
 
     view = open_store(args.store)
     for warning in incomplete_warnings(view):
@@ -379,8 +379,8 @@ def _cmd_query(args: argparse.Namespace) -> int:
 
 
 def _cmd_zones(args: argparse.Namespace) -> int:
+    from pipeline.jobs.report import render_zones
     from pipeline.query import incomplete_warnings, open_store
-    from pipeline.report import render_zones
 
     view = open_store(args.store)
     for warning in incomplete_warnings(view):
@@ -391,7 +391,7 @@ def _cmd_zones(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
-    from pipeline.export import export_geotiff
+    from pipeline.query.export import export_geotiff
     from pipeline.store import COMPLETE, MaskStore
 
     store = MaskStore.open(args.store)
@@ -407,7 +407,3 @@ def _cmd_schema(args: argparse.Namespace) -> int:
 
     print(json.dumps(json_schema(), indent=2))
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,10 +9,11 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 from rasterio.errors import NotGeoreferencedWarning
 
-from pipeline.geometry import Box
-from pipeline.inputs import Source
+from pipeline.core.colors import rgb
+from pipeline.core.geometry import Box
+from pipeline.core.stats import NODATA
 from pipeline.sources.geotiff import open_raster
-from pipeline.stats import NODATA
+from pipeline.sources.inputs import Source
 from pipeline.store import MaskStore
 
 MAX_EDGE = 1024
@@ -44,7 +45,7 @@ def write_preview(store: MaskStore, source: Source) -> Path:
     classes = store.meta["classes"]
     colours = np.zeros((256, 3), dtype=np.float32)
     for cls in classes:
-        colours[cls["id"]] = [int(cls["color"][i : i + 2], 16) for i in (1, 3, 5)]
+        colours[cls["id"]] = rgb(cls["color"])
     overlay = colours[mask]
     blend = np.where((mask != NODATA)[..., None], (1 - ALPHA) * base + ALPHA * overlay, base * 0.5)
     image_out = Image.fromarray(blend.clip(0, 255).astype(np.uint8))

@@ -6,8 +6,8 @@ import json
 from dataclasses import asdict
 from typing import Any
 
-from pipeline.batch import BatchReport
-from pipeline.execute import RunSummary
+from pipeline.jobs.batch import BatchReport
+from pipeline.jobs.run import RunSummary
 from pipeline.store import MaskStore
 
 

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from pipeline.config import ModelConfig, RuntimeConfig, TorchScriptModelConfig
+from pipeline.core.plan import Item, Placement, Target, batch_for, lease_size, place_actors, square_order
 from pipeline.errors import ConfigError, WorkerError, describe, rebuild
-from pipeline.plan import Item, Placement, Target, batch_for, lease_size, place_actors, square_order
 from pipeline.sources.geotiff import WORKER_QUIET
 
 Row = dict[str, Any]

@@ -15,14 +15,14 @@ from typing import Any, Protocol
 import numpy as np
 
 from pipeline.config import SourceConfig
+from pipeline.core.geometry import Box
+from pipeline.core.georef import Georef
+from pipeline.core.volume import VolumeGeometry
 from pipeline.errors import SourceError
-from pipeline.geometry import Box
-from pipeline.georef import Georef
 from pipeline.sources.dicom import DicomFrameSource, Series, discover
 from pipeline.sources.geotiff import is_remote, open_source, shadowed_alpha
 from pipeline.sources.store_array import StoreArraySource
 from pipeline.store import VOLUME_IMAGE
-from pipeline.volume import VolumeGeometry
 
 
 class Source(Protocol):

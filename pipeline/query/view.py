@@ -8,7 +8,7 @@
 
 Queries read only the chunks that the box, point or zone touches, one dask task per chunk
 (the threaded scheduler), and never hold more than a chunk per thread. Pixels count when their
-centre lies inside the shape (see ``pipeline.selection``).
+centre lies inside the shape (see ``pipeline.core.selection``).
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from typing import Any, cast
 import numpy as np
 import zarr
 
-from pipeline.errors import QueryError
-from pipeline.geometry import Box, TileGrid
-from pipeline.selection import (
+from pipeline.core.geometry import Box, TileGrid
+from pipeline.core.selection import (
     PIXEL_TRANSFORM,
     Zone,
     bounding_window,
@@ -37,7 +36,8 @@ from pipeline.selection import (
     pixel_centres,
     voxel_centres,
 )
-from pipeline.stats import NODATA, ChunkStats, class_table, count_classes, merge
+from pipeline.core.stats import NODATA, ChunkStats, class_table, count_classes, merge
+from pipeline.errors import QueryError
 from pipeline.store import COMPLETE, MaskStore
 
 PIXEL, PATIENT = "pixel", "patient"
@@ -119,7 +119,7 @@ class StoreView:
         dims = ("y", "x")
         coords: dict[str, Any] = {}
         if self.georef.transform is not None and not self.georef.is_rotated:
-            from pipeline.georef import pixel_centres as centres
+            from pipeline.core.georef import pixel_centres as centres
 
             y, x = centres(self.georef.transform, (self.shape[0], self.shape[1]))
             coords = {"y": y, "x": x}

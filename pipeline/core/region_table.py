@@ -24,9 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.georef import Georef
-from pipeline.regions import RegionStats
-from pipeline.stats import M2_PER_HA, MM3_PER_ML
+from pipeline.core.georef import Georef
+from pipeline.core.regions import RegionStats
+from pipeline.core.stats import M2_PER_HA, MM3_PER_ML
 
 AXIS_NAMES = {2: ("row", "col"), 3: ("slice", "row", "col")}
 

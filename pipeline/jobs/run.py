@@ -1,4 +1,4 @@
-"""Run a job: check everything on the driver, then run its work units on workers (pipeline.stream).
+"""Run a job: check everything on the driver, then run its work units on workers (pipeline.jobs.stream).
 
 The driver opens the input and the model's description, creates or resumes the store, and hands
 unit indices to workers: Ray actors, or this process for small jobs (``runtime.engine``). Workers
@@ -23,16 +23,17 @@ import numpy as np
 
 from pipeline import __version__, errors
 from pipeline.config import JobConfig, RegionsConfig, RuntimeConfig
+from pipeline.core.geometry import TileGrid, WorkUnit
+from pipeline.core.georef import row_pixel_areas
+from pipeline.core.plan import Target, pending_units, pick_engine
+from pipeline.core.stats import Measure, class_table
 from pipeline.errors import ClusterError, ConfigError, RaymaskError, StoreError, StoreExists
-from pipeline.geometry import TileGrid, WorkUnit
-from pipeline.georef import row_pixel_areas
-from pipeline.ingest import ingest_series
-from pipeline.inputs import InputInfo, Source, open_input
-from pipeline.labelling import Executor, RayExecutor, RegionSpec, SerialExecutor, label_store, resolve
-from pipeline.plan import Target, pending_units, pick_engine
-from pipeline.stats import Measure, class_table
+from pipeline.jobs.executors import Executor, RayExecutor, SerialExecutor
+from pipeline.jobs.ingest import ingest_series
+from pipeline.jobs.regions import RegionSpec, label_store, resolve
+from pipeline.jobs.stream import StreamClock, local_cpus, stream
+from pipeline.sources.inputs import InputInfo, Source, open_input
 from pipeline.store import COMPLETE, MaskStore, StoreLayout
-from pipeline.stream import StreamClock, local_cpus, stream
 from workers.models.registry import ModelSpec, describe
 
 
@@ -194,7 +195,7 @@ def regions_pending(job: Job, store: MaskStore) -> bool:
 
 
 def label_regions(job: Job, store: MaskStore, *, engine: str = "ray", progress: bool) -> None:
-    """Connected regions of the finished mask, one task per chunk (see pipeline.labelling)."""
+    """Connected regions of the finished mask, one task per chunk (see pipeline.jobs.regions)."""
     assert job.regions is not None
     try:
         label_store(
@@ -342,7 +343,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     if clock.replaced:
         summary.notes.append(f"{clock.replaced} worker(s) died and were replaced; their units were recomputed")
     if config.output.preview:
-        from pipeline.preview import write_preview
+        from pipeline.jobs.preview import write_preview
 
         summary.preview = str(write_preview(store, job.source))
     timings.total_s = summary.seconds = time.perf_counter() - started

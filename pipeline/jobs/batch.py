@@ -28,8 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import BatchConfig, SourceConfig
+from pipeline.core.plan import Target
 from pipeline.errors import ConfigError, RaymaskError, SourceError
-from pipeline.execute import (
+from pipeline.jobs.run import (
     Job,
     choose_engine,
     connect,
@@ -43,9 +44,8 @@ from pipeline.execute import (
     same_job,
     unwrap,
 )
-from pipeline.plan import Target
+from pipeline.jobs.stream import stream
 from pipeline.store import COMPLETE, MaskStore
-from pipeline.stream import stream
 
 REPORT = "batch-report.json"
 _GLOB_CHARS = set("*?[")
@@ -184,8 +184,8 @@ def _run(
     config: BatchConfig, planned: dict[int, tuple[Job, MaskStore, Path | None]], results: dict[int, InputResult],
     *, progress: bool,
 ) -> None:  # fmt: skip
-    from pipeline.ingest import ingest_series
-    from pipeline.plan import pending_units
+    from pipeline.core.plan import pending_units
+    from pipeline.jobs.ingest import ingest_series
 
     pending = sum(int((~store.units_done()).sum()) for _, store, _ in planned.values())
     engine = choose_engine(config.runtime, pending)

@@ -1,6 +1,6 @@
 """Label a store's regions chunk by chunk, on Ray workers or in this process.
 
-Steps (``pipeline.regions`` holds the pure parts):
+Steps (``pipeline.core.regions`` holds the pure parts, ``workers.region_tasks`` the per-chunk tasks):
 
 1. **label** (one task per chunk): read the mask chunk (and the source under it, for mean
    intensities), label each class, write the chunk-local ids to a scratch array, and save the
@@ -17,37 +17,34 @@ task rewrites whole files, so a retried task (a dead worker) is harmless.
 
 from __future__ import annotations
 
-import os
 import shutil
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, TypeVar, cast
+from typing import Any, TypeVar
 
 import numpy as np
 import zarr
 
-from pipeline import ngff
 from pipeline.config import RegionsConfig
-from pipeline.errors import ConfigError
-from pipeline.geometry import Box, TileGrid
-from pipeline.inputs import Source
-from pipeline.region_table import TableContext, columns
-from pipeline.regions import (
+from pipeline.core import ngff
+from pipeline.core.geometry import Box, TileGrid
+from pipeline.core.region_table import TableContext, columns
+from pipeline.core.regions import (
     Merge,
     RegionStats,
     cut_pairs,
     cuts,
     default_connectivity,
-    face_slices,
-    label_chunk,
     merge,
-    region_stats,
-    relabel_table,
     structure,
 )
+from pipeline.errors import ConfigError
+from pipeline.jobs.executors import Executor
+from pipeline.sources.inputs import Source
 from pipeline.store import REGION_TABLE, VOLUME_REGIONS, MaskStore
+from workers.region_tasks import LabelTask, RelabelTask, label_task, relabel_task
 
 TABLE_CHUNK = 65_536
 T = TypeVar("T")
@@ -75,96 +72,6 @@ def resolve(config: RegionsConfig, ndim: int, class_names: list[str], *, where: 
             raise ConfigError(f"{where}.classes: no class {unknown[0]!r}; classes: {', '.join(class_names)}")
         ids = tuple(class_names.index(c) for c in config.classes)
     return RegionSpec(connectivity, ids)
-
-
-class Executor(Protocol):
-    def map(self, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
-        """Run ``fn`` on every item; yield the results as they finish (any order)."""
-        ...
-
-
-class SerialExecutor:
-    """Everything in this process (benchmarks, tests of the pure steps, tiny stores)."""
-
-    def map(self, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
-        return (fn(item) for item in items)
-
-
-class RayExecutor:
-    """One Ray task per item (1 CPU each); a task whose worker dies is retried (Ray's default 3 times).
-
-    Up to ``serial_up_to`` items run in this process instead: each Ray task may start a worker
-    process of its own (about a second on a small machine) for milliseconds of work.
-    """
-
-    def __init__(self, num_cpus: float = 1.0, *, serial_up_to: int = 0) -> None:
-        self.num_cpus = num_cpus
-        self.serial_up_to = serial_up_to
-
-    def map(self, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
-        if len(items) <= self.serial_up_to:
-            yield from SerialExecutor().map(fn, items)
-            return
-        import ray
-
-        remote = ray.remote(num_cpus=self.num_cpus, max_retries=3, retry_exceptions=False)(fn)
-        pending = [remote.remote(item) for item in items]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            yield cast(R, ray.get(done[0]))
-
-
-@dataclass(frozen=True)
-class LabelTask:
-    mask: str  # the store's mask array (path)
-    scratch: str
-    chunk: int  # C-order flat chunk index
-    box: Box
-    connectivity: int
-    classes: tuple[int, ...]
-    measure: np.ndarray | float | None
-    source: Source | None
-
-
-@dataclass(frozen=True)
-class RelabelTask:
-    scratch: str
-    regions: str
-    chunk: int
-    box: Box
-    labels: int  # the chunk's local label count
-    interior_before: int  # regions inside earlier chunks
-    crossing_local: np.ndarray  # the chunk's labels that cross a cut, ascending
-    crossing_final: np.ndarray  # and their final ids
-
-
-def label_task(task: LabelTask) -> tuple[int, int]:
-    """Step 1 for one chunk; returns (chunk, label count)."""
-    mask = np.asarray(zarr.open_array(task.mask, mode="r")[task.box.slices()])
-    labelled = label_chunk(mask, connectivity=task.connectivity, classes=set(task.classes))
-    local = zarr.open_array(os.path.join(task.scratch, "local"), mode="r+")
-    local[task.box.slices()] = labelled.ids.astype(np.uint32)
-    intensity = None
-    if task.source is not None and labelled.count:
-        intensity, _ = task.source.read(task.box)
-    bands = len(task.source.bands) if task.source is not None else 0
-    stats = region_stats(labelled, task.box.start, measure=task.measure, intensity=intensity, bands=bands)
-    arrays: dict[str, Any] = stats.to_arrays()
-    for axis in range(mask.ndim):
-        for side, (ids, cls) in enumerate(zip(face_slices(labelled.ids, axis), face_slices(mask, axis))):
-            arrays[f"face{axis}{side}"] = ids.astype(np.uint32)
-            arrays[f"class{axis}{side}"] = cls
-    _save_npz(Path(task.scratch) / "chunks" / f"{task.chunk}.npz", arrays)
-    return task.chunk, labelled.count
-
-
-def relabel_task(task: RelabelTask) -> int:
-    """Step 3 for one chunk."""
-    local = np.asarray(zarr.open_array(os.path.join(task.scratch, "local"), mode="r")[task.box.slices()])
-    table = relabel_table(task.labels, task.interior_before, task.crossing_local, task.crossing_final)
-    regions = zarr.open_array(task.regions, mode="r+")
-    regions[task.box.slices()] = table[local]
-    return task.chunk
 
 
 def label_store(
@@ -321,12 +228,6 @@ def _write_table(
     flush()
     group.attrs.update({"rows": n, "token": token, "connectivity": spec.connectivity, "classes": list(spec.classes)})
     return per_class
-
-
-def _save_npz(path: Path, arrays: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
 
 
 def _bar(items: Iterable[T], total: int, desc: str, progress: bool) -> Iterator[T]:

@@ -11,12 +11,12 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
-from pipeline.geometry import TileGrid, WorkUnit
-from pipeline.stats import Measure
+from pipeline.core.geometry import TileGrid, WorkUnit
+from pipeline.core.stats import Measure
 
 if TYPE_CHECKING:  # sources open files; planning only names them
     from pipeline.config import RuntimeConfig
-    from pipeline.inputs import Source
+    from pipeline.sources.inputs import Source
 
 T = TypeVar("T")
 

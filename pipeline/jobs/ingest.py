@@ -9,14 +9,10 @@ resumed job does not decode again.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
-import numpy as np
-import zarr
-
-from pipeline.labelling import Executor
-from pipeline.sources.dicom import Frame, Series, decode_frames
+from pipeline.jobs.executors import Executor
+from pipeline.sources.dicom import Series
 from pipeline.store import MaskStore
+from workers.ingest import Slab, ingest_slab
 
 
 def ingest_series(store: MaskStore, series: Series, *, executor: Executor, progress: bool = True) -> int:
@@ -30,22 +26,9 @@ def ingest_series(store: MaskStore, series: Series, *, executor: Executor, progr
         raise ValueError(f"{store.path}: not a volume store")
     depth = image.chunks[0]
     array_path = f"{store.path}/{store.meta['arrays']['image']}"
-    slabs = [_Slab(tuple(series.frames[z0 : z0 + depth]), array_path, z0) for z0 in range(0, len(series.frames), depth)]
+    slabs = [Slab(tuple(series.frames[z0 : z0 + depth]), array_path, z0) for z0 in range(0, len(series.frames), depth)]
     with tqdm(total=len(series.frames), unit="slice", desc="ingest", disable=not progress) as bar:
-        for written in executor.map(_ingest_slab, slabs):
+        for written in executor.map(ingest_slab, slabs):
             bar.update(written)
     store.update_meta(image_ingested=True)
     return len(series.frames)
-
-
-@dataclass(frozen=True)
-class _Slab:
-    frames: tuple[Frame, ...]
-    array: str  # the store's image array (path)
-    z0: int
-
-
-def _ingest_slab(slab: _Slab) -> int:
-    values = decode_frames(slab.frames)
-    zarr.open_array(slab.array, mode="r+")[slab.z0 : slab.z0 + len(values)] = values.astype(np.float32)
-    return len(values)

@@ -10,7 +10,7 @@ Layout::
       units/pixels          (uy, ux, class) int64 per work unit; -1 until the unit landed
       units/measure         (uy, ux, class) float64 per work unit: m², mm² or mm³ (attrs measure)
       regions               (y, x) uint32 connected-region ids, 0 = none (volumes: labels/regions/0)
-      region_table/         one 1-D array per column, one row per region (pipeline.region_table)
+      region_table/         one 1-D array per column, one row per region (pipeline.core.region_table)
 
 Each output chunk is written by exactly one task, whole, so there is no read-modify-write and
 a retried task rewrites the same bytes. A unit's ``units/pixels`` row is written after its mask
@@ -33,12 +33,12 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from pipeline import ngff
+from pipeline.core import ngff
+from pipeline.core.geometry import TileGrid, WorkUnit
+from pipeline.core.georef import Georef, cf_grid_mapping, pixel_centres, row_pixel_areas
+from pipeline.core.stats import NODATA, ChunkStats, Measure, count_classes
+from pipeline.core.volume import VolumeGeometry
 from pipeline.errors import StoreError
-from pipeline.geometry import TileGrid, WorkUnit
-from pipeline.georef import Georef, cf_grid_mapping, pixel_centres, row_pixel_areas
-from pipeline.stats import NODATA, ChunkStats, Measure, count_classes
-from pipeline.volume import VolumeGeometry
 
 FORMAT = "raymask-mask-store/1"
 VOLUME_IMAGE = "0"  # the NGFF image's level 0, at the root

@@ -17,8 +17,9 @@ from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
 
+from pipeline.core.colors import rgb
+from pipeline.core.stats import NODATA
 from pipeline.errors import StoreError
-from pipeline.stats import NODATA
 from pipeline.store import MaskStore
 
 
@@ -66,6 +67,6 @@ def export_geotiff(store: MaskStore, out: Path) -> Path:
 
 
 def _colormap(classes: list[dict]) -> dict[int, tuple[int, int, int, int]]:
-    cmap = {c["id"]: (*tuple(int(c["color"][i : i + 2], 16) for i in (1, 3, 5)), 255) for c in classes}
+    cmap = {c["id"]: (*rgb(c["color"]), 255) for c in classes}
     cmap[NODATA] = (0, 0, 0, 0)
     return cmap  # type: ignore[return-value]

@@ -25,8 +25,8 @@ from scipy import ndimage
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from pipeline.geometry import TileGrid
-from pipeline.stats import NODATA
+from pipeline.core.geometry import TileGrid
+from pipeline.core.stats import NODATA
 
 _RANK = {4: 1, 8: 2, 6: 1, 18: 2, 26: 3}
 CONNECTIVITIES = {2: (4, 8), 3: (6, 18, 26)}

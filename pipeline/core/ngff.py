@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline.volume import VolumeGeometry
+from pipeline.core.colors import rgb
+from pipeline.core.volume import VolumeGeometry
 
 NGFF_VERSION = "0.5"
 AXES = ("z", "y", "x")
@@ -42,7 +43,7 @@ def labels_group_attrs(names: list[str]) -> dict[str, Any]:
 
 
 def label_image_attrs(geometry: VolumeGeometry, classes: tuple[tuple[str, str], ...]) -> dict[str, Any]:
-    colors = [{"label-value": i, "rgba": [*_rgb(color), 255]} for i, (_, color) in enumerate(classes)]
+    colors = [{"label-value": i, "rgba": [*rgb(color), 255]} for i, (_, color) in enumerate(classes)]
     properties = [{"label-value": i, "class": name} for i, (name, _) in enumerate(classes)]
     return {
         "ome": {
@@ -85,7 +86,3 @@ def geometry_attrs(geometry: VolumeGeometry) -> dict[str, Any]:
         "axes": list(AXES),
         "space": "DICOM patient coordinates (LPS), mm; affine maps voxel (z, y, x, 1)",
     }
-
-
-def _rgb(color: str) -> list[int]:
-    return [int(color[i : i + 2], 16) for i in (1, 3, 5)]

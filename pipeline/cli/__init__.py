@@ -1,0 +1,5 @@
+"""The ``raymask`` command (``main``)."""
+
+from pipeline.cli.main import main
+
+__all__ = ["main"]

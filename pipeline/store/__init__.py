@@ -1,0 +1,27 @@
+"""The mask store: a zarr v3 group holding the mask, the statistics per work unit, the regions
+and the store's metadata (``mask_store``); stores built from label blocks (``blocks``); folders
+of stores (``catalog``)."""
+
+from pipeline.store.mask_store import (
+    COMPLETE,
+    FORMAT,
+    INCOMPLETE,
+    REGION_TABLE,
+    VOLUME_IMAGE,
+    VOLUME_MASK,
+    VOLUME_REGIONS,
+    MaskStore,
+    StoreLayout,
+)
+
+__all__ = [
+    "COMPLETE",
+    "FORMAT",
+    "INCOMPLETE",
+    "REGION_TABLE",
+    "VOLUME_IMAGE",
+    "VOLUME_MASK",
+    "VOLUME_REGIONS",
+    "MaskStore",
+    "StoreLayout",
+]

@@ -1,0 +1,84 @@
+"""The per-chunk steps of region labelling that run on workers (``pipeline.jobs.regions`` plans
+them and merges on the driver).
+
+1. ``label_task``: read the mask chunk (and the source under it, for mean intensities), label
+   each class, write the chunk-local ids to a scratch array, and save the chunk's region sums and
+   its face slices to a small ``.npz`` file. Only the count comes back.
+3. ``relabel_task``: map local ids to final ids into the new ``regions`` array.
+
+Every task rewrites whole files, so a retried task (a dead worker) is harmless.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+from pipeline.core.geometry import Box
+from pipeline.core.regions import face_slices, label_chunk, region_stats, relabel_table
+from pipeline.sources.inputs import Source
+
+
+@dataclass(frozen=True)
+class LabelTask:
+    mask: str  # the store's mask array (path)
+    scratch: str
+    chunk: int  # C-order flat chunk index
+    box: Box
+    connectivity: int
+    classes: tuple[int, ...]
+    measure: np.ndarray | float | None
+    source: Source | None
+
+
+@dataclass(frozen=True)
+class RelabelTask:
+    scratch: str
+    regions: str
+    chunk: int
+    box: Box
+    labels: int  # the chunk's local label count
+    interior_before: int  # regions inside earlier chunks
+    crossing_local: np.ndarray  # the chunk's labels that cross a cut, ascending
+    crossing_final: np.ndarray  # and their final ids
+
+
+def label_task(task: LabelTask) -> tuple[int, int]:
+    """Step 1 for one chunk; returns (chunk, label count)."""
+    mask = np.asarray(zarr.open_array(task.mask, mode="r")[task.box.slices()])
+    labelled = label_chunk(mask, connectivity=task.connectivity, classes=set(task.classes))
+    local = zarr.open_array(os.path.join(task.scratch, "local"), mode="r+")
+    local[task.box.slices()] = labelled.ids.astype(np.uint32)
+    intensity = None
+    if task.source is not None and labelled.count:
+        intensity, _ = task.source.read(task.box)
+    bands = len(task.source.bands) if task.source is not None else 0
+    stats = region_stats(labelled, task.box.start, measure=task.measure, intensity=intensity, bands=bands)
+    arrays: dict[str, Any] = stats.to_arrays()
+    for axis in range(mask.ndim):
+        for side, (ids, cls) in enumerate(zip(face_slices(labelled.ids, axis), face_slices(mask, axis))):
+            arrays[f"face{axis}{side}"] = ids.astype(np.uint32)
+            arrays[f"class{axis}{side}"] = cls
+    _save_npz(Path(task.scratch) / "chunks" / f"{task.chunk}.npz", arrays)
+    return task.chunk, labelled.count
+
+
+def relabel_task(task: RelabelTask) -> int:
+    """Step 3 for one chunk."""
+    local = np.asarray(zarr.open_array(os.path.join(task.scratch, "local"), mode="r")[task.box.slices()])
+    table = relabel_table(task.labels, task.interior_before, task.crossing_local, task.crossing_final)
+    regions = zarr.open_array(task.regions, mode="r+")
+    regions[task.box.slices()] = table[local]
+    return task.chunk
+
+
+def _save_npz(path: Path, arrays: dict[str, Any]) -> None:
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)

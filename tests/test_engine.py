@@ -333,3 +333,27 @@ def test_actors_the_cluster_cannot_place_do_not_hold_up_the_run(
     assert main(["run", str(config), "--json", "--no-progress", *one]) == 0
     assert json.loads(capsys.readouterr().out)["workers"]["actors"] == 1
     assert chunk_bytes(tmp_path / "asked.zarr") == chunk_bytes(tmp_path / "one.zarr")
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_unwrap_finds_the_raymask_error_a_ray_task_raised_by_its_type() -> None:
+    from pipeline.errors import ConfigError, SourceNotFound
+    from pipeline.jobs.cluster import unwrap
+    from pipeline.jobs.executors import RayExecutor
+
+    for error in (SourceNotFound("scene.tif: no such file"), ConfigError("regions.classes: no class 'x'")):
+        with pytest.raises(Exception) as caught:
+            list(RayExecutor().map(_raise, [error, error]))  # two items: real Ray tasks, not this process
+        assert type(caught.value).__name__.startswith("RayTaskError")
+        found = unwrap(caught.value)
+        assert type(found) is type(error) and str(found) == str(error)
+        try:  # chained by a wrapper of our own
+            raise RuntimeError("labelling failed") from caught.value
+        except RuntimeError as wrapped:
+            assert type(unwrap(wrapped)) is type(error)
+    other = ValueError("not ours")
+    assert unwrap(other) is other

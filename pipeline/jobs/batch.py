@@ -30,10 +30,10 @@ from typing import Any
 from pipeline.config import BatchConfig, SourceConfig
 from pipeline.core.plan import Target
 from pipeline.errors import ConfigError, RaymaskError, SourceError
+from pipeline.jobs.cluster import ray_session, unwrap
 from pipeline.jobs.run import (
     Job,
     choose_engine,
-    connect,
     create_store,
     executor_for,
     finalize,
@@ -42,7 +42,6 @@ from pipeline.jobs.run import (
     prepare,
     regions_pending,
     same_job,
-    unwrap,
 )
 from pipeline.jobs.stream import stream
 from pipeline.store import COMPLETE, MaskStore
@@ -189,8 +188,7 @@ def _run(
 
     pending = sum(int((~store.units_done()).sum()) for _, store, _ in planned.values())
     engine = choose_engine(config.runtime, pending)
-    owns_ray = connect(config.runtime.address, progress=progress) if engine == "ray" else False
-    try:
+    with ray_session(config.runtime.address, enabled=engine == "ray", progress=progress):
         targets: dict[int, Target] = {}
         units: list[tuple[int, tuple[int, ...]]] = []
         for key, (job, store, _) in planned.items():
@@ -224,11 +222,6 @@ def _run(
                 label_regions(job, store, engine=engine, progress=False)
             except Exception as exc:
                 _fail(results[key], exc)
-    finally:
-        if owns_ray:
-            import ray
-
-            ray.shutdown()
 
 
 def _finish(job: Job, store: MaskStore, final: Path | None, result: InputResult) -> None:

@@ -9,11 +9,7 @@ statistics summed from the store before it is marked complete.
 
 from __future__ import annotations
 
-import logging
 import os
-import re
-import socket
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,17 +17,18 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import __version__, errors
+from pipeline import __version__
 from pipeline.config import JobConfig, RegionsConfig, RuntimeConfig
 from pipeline.core.geometry import TileGrid, WorkUnit
 from pipeline.core.georef import row_pixel_areas
 from pipeline.core.plan import Target, pending_units, pick_engine
 from pipeline.core.stats import Measure, class_table
-from pipeline.errors import ClusterError, ConfigError, RaymaskError, StoreError, StoreExists
+from pipeline.errors import ConfigError, StoreError, StoreExists
+from pipeline.jobs.cluster import ray_session, unwrap
 from pipeline.jobs.executors import Executor, RayExecutor, SerialExecutor
 from pipeline.jobs.ingest import ingest_series
 from pipeline.jobs.regions import RegionSpec, label_store, resolve
-from pipeline.jobs.stream import StreamClock, local_cpus, stream
+from pipeline.jobs.stream import StreamClock, stream
 from pipeline.sources.inputs import InputInfo, Source, open_input
 from pipeline.store import COMPLETE, MaskStore, StoreLayout
 from workers.models.registry import ModelSpec, describe
@@ -226,17 +223,14 @@ def label_existing(
     names = [c["name"] for c in store.meta["classes"]]
     spec = resolve(config, store.mask.ndim, names)
     source, notes = _stored_source(store)
-    owns_ray = connect(address)
+    modality = (store.meta.get("source") or {}).get("modality")
     try:
-        modality = (store.meta.get("source") or {}).get("modality")
-        summary = label_store(store, spec, source=source, executor=RayExecutor(), progress=progress, modality=modality)
+        with ray_session(address):
+            summary = label_store(
+                store, spec, source=source, executor=RayExecutor(), progress=progress, modality=modality
+            )
     except Exception as exc:
         raise unwrap(exc) from exc
-    finally:
-        if owns_ray:
-            import ray
-
-            ray.shutdown()
     stats = store.meta.get("stats")
     if stats:  # keep the per-class region counts in the statistics in step with the new table
         with_region_counts(stats.get("classes", {}), summary["per_class"])
@@ -292,20 +286,14 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     clock = StreamClock()
     if todo or need_regions:
         mark = time.perf_counter()
-        owns_ray = connect(config.runtime.address, progress=progress) if engine == "ray" else False
-        timings.startup_s = time.perf_counter() - mark
-        try:
+        with ray_session(config.runtime.address, enabled=engine == "ray", progress=progress):
+            timings.startup_s = time.perf_counter() - mark
             if todo:
                 _predict(job, store, todo, measure, engine=engine, clock=clock, progress=progress)
             if need_regions:
                 mark = time.perf_counter()
                 label_regions(job, store, engine=engine, progress=progress)
                 timings.regions_s = time.perf_counter() - mark
-        finally:
-            if owns_ray:
-                import ray
-
-                ray.shutdown()
     timings.workers_s, timings.compute_s = clock.workers_s, clock.compute_s
     table = finalize(job, store)
     unit = store.meta.get("measure")
@@ -380,81 +368,6 @@ def executor_for(engine: str, runtime: RuntimeConfig) -> Executor:
     """Where per-chunk tasks (DICOM ingest, region labelling) run: Ray tasks (a handful of them in
     this process, as for small jobs), or this process."""
     return RayExecutor(serial_up_to=runtime.small_job_units) if engine == "ray" else SerialExecutor()
-
-
-def connect(address: str | None, *, progress: bool = False) -> bool:
-    """Join ``address`` (or RAY_ADDRESS), or start an embedded Ray; True if this call started it."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    target = address or os.environ.get("RAY_ADDRESS") or None
-    if target and target not in ("auto", "local"):
-        probe(target)
-    local = target in (None, "local")
-    if progress and sys.stderr.isatty():  # starting a local Ray takes seconds: say so rather than sit silent
-        print(
-            f"raymask: {'starting a local Ray' if local else f'joining the Ray cluster at {target}'}...",
-            file=sys.stderr,
-        )
-    options: dict[str, Any] = {"num_cpus": local_cpus()} if local else {}
-    try:
-        ray.init(
-            address=target,
-            include_dashboard=False,
-            logging_level=logging.ERROR,
-            # Workers report through their rows; Ray's forwarded logs (a raylet's "a worker died")
-            # would land on stdout, inside the JSON that `raymask run --json` prints there.
-            log_to_driver=False,
-            **options,
-        )
-    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
-        raise ClusterError(f"cannot reach a Ray cluster at {target!r}: {' '.join(str(exc).split())[:200]}") from exc
-    return True
-
-
-def probe(address: str, timeout: float = 5.0) -> None:
-    """Fail within seconds when nothing listens at ``address``; ray.init would retry for minutes."""
-    hostport = address.split("://", 1)[-1].rstrip("/")
-    host, _, port = hostport.rpartition(":")
-    if not host or not port.isdigit():
-        raise ClusterError(f"cluster address {address!r}: expected HOST:PORT, ray://HOST:PORT or 'auto'")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise ClusterError(
-            f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc} (is the head running?)"
-        ) from exc
-
-
-def unwrap(exc: BaseException) -> Exception:
-    """Find the raymask error inside Ray's wrappers, so the user sees the real one-line message.
-
-    Ray re-raises a failed task (DICOM ingest, region labelling) as a ``RayTaskError`` that may
-    keep the original only as text in its message, so the error's class and message are read
-    back from the traceback's last ``pipeline.errors.Name: message`` line.
-    """
-    seen: set[int] = set()
-    current: BaseException | None = exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        cause = getattr(current, "cause", None)  # RayTaskError(SourceError) is both; its text is a traceback
-        if isinstance(cause, BaseException) and cause is not current:
-            current = cause
-            continue
-        if isinstance(current, RaymaskError):
-            return current
-        current = current.__cause__
-    found = _RAISED.findall(str(exc))
-    if found:
-        name, message = found[-1]
-        cls = getattr(errors, name, None)
-        if isinstance(cls, type) and issubclass(cls, RaymaskError):
-            return cls(message.strip())
-    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))
-
-
-_RAISED = re.compile(r"pipeline\.errors\.(\w+): ([^\n]+)")
 
 
 def measure_of(job: Job) -> Measure:

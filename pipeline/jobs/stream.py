@@ -17,7 +17,6 @@ WorkerError. Units are written whole and rewritten with the same bytes, so a ret
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 import warnings
 from collections import deque
@@ -28,6 +27,7 @@ from typing import Any
 from pipeline.config import ModelConfig, RuntimeConfig, TorchScriptModelConfig
 from pipeline.core.plan import Item, Placement, Target, batch_for, lease_size, place_actors, square_order
 from pipeline.errors import ConfigError, WorkerError, describe, rebuild
+from pipeline.jobs.cluster import local_cpus
 from pipeline.sources.geotiff import WORKER_QUIET
 
 Row = dict[str, Any]
@@ -41,14 +41,6 @@ class StreamClock:
     compute_s: float = 0.0
     placement: Placement | None = None
     replaced: int = 0  # actors started in place of ones that died
-
-
-def local_cpus() -> int:
-    """CPUs this process may use (its affinity mask, which containers and ``taskset`` narrow)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        return os.cpu_count() or 1
 
 
 def stream(

@@ -36,7 +36,7 @@ def submit(
     _use_local_token()  # before Ray is imported: it reads RAY_AUTH_MODE once
     from ray.job_submission import JobSubmissionClient
 
-    from pipeline.jobs.run import probe
+    from pipeline.jobs.cluster import probe
 
     probe(address)
     try:

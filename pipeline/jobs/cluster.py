@@ -1,0 +1,105 @@
+"""The driver's Ray: join a cluster or start a local one, and hand back what its wrappers hide.
+
+``ray_session`` is the one way a command gets a Ray: it joins ``runtime.address`` (or RAY_ADDRESS,
+or a Ray already initialised in this process) and shuts down only a Ray it started itself.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from pipeline.errors import ClusterError, RaymaskError
+
+
+def local_cpus() -> int:
+    """CPUs this process may use (its affinity mask, which containers and ``taskset`` narrow)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+@contextmanager
+def ray_session(address: str | None, *, enabled: bool = True, progress: bool = False) -> Iterator[None]:
+    """Ray for the block (nothing when ``enabled`` is false: the in-process engine); a Ray this
+    call started is shut down after it, one it joined is left running."""
+    owns = connect(address, progress=progress) if enabled else False
+    try:
+        yield
+    finally:
+        if owns:
+            import ray
+
+            ray.shutdown()
+
+
+def connect(address: str | None, *, progress: bool = False) -> bool:
+    """Join ``address`` (or RAY_ADDRESS), or start an embedded Ray; True if this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    target = address or os.environ.get("RAY_ADDRESS") or None
+    if target and target not in ("auto", "local"):
+        probe(target)
+    local = target in (None, "local")
+    if progress and sys.stderr.isatty():  # starting a local Ray takes seconds: say so rather than sit silent
+        print(
+            f"raymask: {'starting a local Ray' if local else f'joining the Ray cluster at {target}'}...",
+            file=sys.stderr,
+        )
+    options: dict[str, Any] = {"num_cpus": local_cpus()} if local else {}
+    try:
+        ray.init(
+            address=target,
+            include_dashboard=False,
+            logging_level=logging.ERROR,
+            # Workers report through their rows; Ray's forwarded logs (a raylet's "a worker died")
+            # would land on stdout, inside the JSON that `raymask run --json` prints there.
+            log_to_driver=False,
+            **options,
+        )
+    except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
+        raise ClusterError(f"cannot reach a Ray cluster at {target!r}: {' '.join(str(exc).split())[:200]}") from exc
+    return True
+
+
+def probe(address: str, timeout: float = 5.0) -> None:
+    """Fail within seconds when nothing listens at ``address``; ray.init would retry for minutes."""
+    hostport = address.split("://", 1)[-1].rstrip("/")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ClusterError(f"cluster address {address!r}: expected HOST:PORT, ray://HOST:PORT or 'auto'")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ClusterError(
+            f"cannot reach a Ray cluster at {address!r}: {exc.strerror or exc} (is the head running?)"
+        ) from exc
+
+
+def unwrap(exc: BaseException) -> Exception:
+    """The raymask error inside Ray's wrappers, so the user sees its one-line message.
+
+    Ray re-raises a failed task (DICOM ingest, region labelling) as a ``RayTaskError`` whose
+    ``cause`` is the task's own exception (raymask's errors pickle, so it arrives typed); other
+    wrappers chain it as ``__cause__``. Anything else comes back as it is.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        cause = getattr(current, "cause", None)  # first: RayTaskError(SourceError) is both, its text a traceback
+        if isinstance(cause, BaseException) and cause is not current:
+            current = cause
+            continue
+        if isinstance(current, RaymaskError):
+            return current
+        current = current.__cause__
+    return exc if isinstance(exc, Exception) else RuntimeError(str(exc))

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pipeline.core.plan import batch_for, group_batches, lease_size, place_actors, square_order
+from pipeline.core.plan import batch_for, group_batches, lease_size, place_actors, resume_action, square_order
 
 
 @given(
@@ -116,3 +116,23 @@ def test_square_order_keeps_leading_axes_outermost() -> None:
 @pytest.mark.parametrize(("asked", "device", "expected"), [("auto", "cpu", 1), ("auto", "cuda", 8), (3, "cpu", 3)])
 def test_batch_size_auto_is_one_window_on_cpus_and_eight_on_gpus(asked: object, device: str, expected: int) -> None:
     assert batch_for(asked, device) == expected  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("status", "same", "overwrite", "run", "batch"),
+    [
+        (None, False, False, "create", "create"),
+        (None, False, True, "create", "create"),
+        ("incomplete", True, False, "resume", "resume"),
+        ("incomplete", False, False, "conflict", "replace"),
+        ("complete", True, False, "exists", "skip"),
+        ("complete", False, False, "exists", "version"),
+        ("complete", True, True, "replace", "replace"),
+        ("incomplete", False, True, "replace", "replace"),
+    ],
+)
+def test_one_resume_policy_for_run_and_batch(
+    status: str | None, same: bool, overwrite: bool, run: str, batch: str
+) -> None:
+    assert resume_action(status, same, overwrite=overwrite, batch=False) == run
+    assert resume_action(status, same, overwrite=overwrite, batch=True) == batch

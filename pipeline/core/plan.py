@@ -167,3 +167,29 @@ def pick_engine(runtime: RuntimeConfig, n_units: int, *, ray_running: bool, ray_
     if runtime.address or ray_address or ray_running or n_units > runtime.small_job_units:
         return "ray"
     return "process"
+
+
+def resume_action(status: str | None, same_job: bool, *, overwrite: bool, batch: bool) -> str:
+    """What a run does with what it finds at its output path: the one resume policy.
+
+    ``status``: the store there (``"complete"``, ``"incomplete"``) or None for nothing;
+    ``same_job``: whether that store was made by this job (config, model and source fingerprint).
+
+    - nothing there: ``create``
+    - ``overwrite``: ``replace`` it
+    - incomplete, same job: ``resume`` (the units already written stay)
+    - incomplete, another job: a batch ``replace``s it (an unfinished older version); a run stops
+      (``conflict``): the user may not know what is there
+    - complete, same job: a batch ``skip``s it; a run stops (``exists``)
+    - complete, another job (the source or config changed): a batch builds a new ``version``
+      beside it and swaps it in when complete; a run stops (``exists``)
+    """
+    if status is None:
+        return "create"
+    if overwrite:
+        return "replace"
+    if status != "complete":
+        return "resume" if same_job else ("replace" if batch else "conflict")
+    if not batch:
+        return "exists"
+    return "skip" if same_job else "version"

@@ -34,17 +34,16 @@ from pipeline.jobs.cluster import ray_session, unwrap
 from pipeline.jobs.run import (
     Job,
     choose_engine,
-    create_store,
     executor_for,
     finalize,
     label_regions,
     measure_of,
+    open_output,
     prepare,
     regions_pending,
-    same_job,
 )
 from pipeline.jobs.stream import stream
-from pipeline.store import COMPLETE, MaskStore
+from pipeline.store import MaskStore
 
 REPORT = "batch-report.json"
 _GLOB_CHARS = set("*?[")
@@ -150,33 +149,24 @@ def run_batch(config: BatchConfig, *, progress: bool = True) -> BatchReport:
 def _plan(
     config: BatchConfig, item: BatchInput, store_path: Path, result: InputResult
 ) -> tuple[Job, MaskStore, Path | None] | None:
-    """Decide from the store on disk: skip, resume, start, or build a new version beside it."""
+    """Decide from the store on disk (``plan.resume_action``): skip, resume, start, or build a new
+    version beside a complete store whose source or config changed."""
     job = prepare(config.job(item.source, str(store_path)))
-    if store_path.exists():
-        existing = MaskStore.open(store_path)
-        if existing.status == COMPLETE and same_job(existing, job):
-            result.status, result.units_skipped = "skipped", int(existing.units_done().size)
-            result.classes = existing.meta.get("stats", {}).get("classes", {})
-            return None
-        if existing.status == COMPLETE:  # the source (or config) changed: a new version beside it
-            pending = store_path.with_name(store_path.name + ".next")
-            job = prepare(config.job(item.source, str(pending)))
-            store, _ = _open_or_create(job, result)
-            return job, store, store_path
-    store, _ = _open_or_create(job, result)
-    return job, store, None
-
-
-def _open_or_create(job: Job, result: InputResult) -> tuple[MaskStore, int]:
-    path = job.store_path
-    if path.exists():
-        existing = MaskStore.open(path)
-        if existing.status != COMPLETE and same_job(existing, job):
-            store = MaskStore.open(path, mode="r+")
-            result.status, result.units_skipped = "resumed", int(store.units_done().sum())
-            return store, result.units_skipped
-        MaskStore.remove(path)  # an unfinished store of an older job
-    return create_store(job), 0
+    action, store, done = open_output(job, overwrite=False, batch=True)
+    if action == "skip":
+        result.status, result.units_skipped = "skipped", int(store.units_done().size)
+        result.classes = store.meta.get("stats", {}).get("classes", {})
+        return None
+    final = None
+    if action == "version":  # built at NAME.next, swapped in when complete
+        final = store_path
+        job = prepare(config.job(item.source, str(store_path.with_name(store_path.name + ".next"))))
+        action, store, done = open_output(job, overwrite=False, batch=True)
+        if action in ("skip", "version"):  # a complete leftover of a run stopped before its swap: again
+            action, store, done = open_output(job, overwrite=True, batch=True)
+    if action == "resume":
+        result.status, result.units_skipped = "resumed", done
+    return job, store, final
 
 
 def _run(

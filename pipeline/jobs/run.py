@@ -21,7 +21,7 @@ from pipeline import __version__
 from pipeline.config import JobConfig, RegionsConfig, RuntimeConfig
 from pipeline.core.geometry import TileGrid, WorkUnit
 from pipeline.core.georef import row_pixel_areas
-from pipeline.core.plan import Target, pending_units, pick_engine
+from pipeline.core.plan import Target, pending_units, pick_engine, resume_action
 from pipeline.core.stats import Measure, class_table
 from pipeline.errors import ConfigError, StoreError, StoreExists
 from pipeline.jobs.cluster import ray_session, unwrap
@@ -30,7 +30,7 @@ from pipeline.jobs.ingest import ingest_series
 from pipeline.jobs.regions import RegionSpec, label_store, resolve
 from pipeline.jobs.stream import StreamClock, stream
 from pipeline.sources.inputs import InputInfo, Source, open_input
-from pipeline.store import COMPLETE, MaskStore, StoreLayout
+from pipeline.store import MaskStore, StoreLayout
 from workers.models.registry import ModelSpec, describe
 
 
@@ -121,25 +121,32 @@ def prepare(config: JobConfig) -> Job:
     return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path, regions)
 
 
-def open_output(job: Job, *, overwrite: bool) -> tuple[MaskStore, int]:
-    """Create the store, or resume an incomplete one of the same job; returns (store, units already done)."""
-    given = job.config.output.path
-    path = job.store_path
-    if path.exists():
-        existing = MaskStore.open(path)  # raises on anything that is not a raymask store
-        if overwrite:
-            MaskStore.remove(path)
-        elif existing.status == COMPLETE:
-            raise StoreExists(f"{given}: a complete store is already there; pass --overwrite to replace it")
-        elif not same_job(existing, job):
-            raise StoreError(
-                f"{given}: an incomplete store of a different job (config, model or source changed); "
-                "pass --overwrite to start again"
-            )
-        else:
-            store = MaskStore.open(path, mode="r+")
-            return store, int(store.units_done().sum())
-    return create_store(job), 0
+def open_output(job: Job, *, overwrite: bool, batch: bool = False) -> tuple[str, MaskStore, int]:
+    """Act on what is at the job's output path (``plan.resume_action``): returns the action, the
+    store (for ``skip`` and ``version``: the complete one found, read-only) and the units done.
+
+    Whatever is there is opened first, so a folder that is not a raymask store is refused, never removed.
+    """
+    given, path = job.config.output.path, job.store_path
+    existing = MaskStore.open(path) if path.exists() else None
+    status = existing.status if existing is not None else None
+    same = existing is not None and same_job(existing, job)
+    action = resume_action(status, same, overwrite=overwrite, batch=batch)
+    if action == "exists":
+        raise StoreExists(f"{given}: a complete store is already there; pass --overwrite to replace it")
+    if action == "conflict":
+        raise StoreError(
+            f"{given}: an incomplete store of a different job (config, model or source changed); "
+            "pass --overwrite to start again"
+        )
+    if existing is not None and action in ("skip", "version"):
+        return action, existing, int(existing.units_done().sum())
+    if action == "resume":
+        store = MaskStore.open(path, mode="r+")
+        return action, store, int(store.units_done().sum())
+    if action == "replace":
+        MaskStore.remove(path)
+    return action, create_store(job), 0
 
 
 def create_store(job: Job) -> MaskStore:
@@ -277,7 +284,7 @@ def choose_engine(runtime: RuntimeConfig, n_units: int) -> str:
 def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True) -> RunSummary:
     started = time.perf_counter()
     job = prepare(config)
-    store, skipped = open_output(job, overwrite=overwrite)
+    _, store, skipped = open_output(job, overwrite=overwrite)
     todo = pending_units(job.grid, store.units_done())
     measure = measure_of(job)
     need_regions = regions_pending(job, store)

@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from pyproj import CRS, Geod
 
-from pipeline.core.georef import Georef, pixel_centres, row_pixel_areas
+from pipeline.core.georef import Georef, row_pixel_areas
 from pipeline.core.stats import NODATA, count_classes, merge
+from pipeline.core.transform import axis_centres
 
 
 @given(arrays(np.uint8, st.tuples(st.integers(1, 20), st.integers(1, 20)), elements=st.sampled_from([0, 1, 2, NODATA])))
@@ -70,6 +71,6 @@ def test_no_crs_means_no_area() -> None:
 
 
 def test_pixel_centres_are_half_a_pixel_inside_the_corner() -> None:
-    y, x = pixel_centres((100.0, 2.0, 0.0, 50.0, 0.0, -2.0), (2, 3))
+    y, x = axis_centres((100.0, 2.0, 0.0, 50.0, 0.0, -2.0), (2, 3))
     np.testing.assert_array_equal(x, [101.0, 103.0, 105.0])
     np.testing.assert_array_equal(y, [49.0, 47.0])

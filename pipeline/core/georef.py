@@ -1,8 +1,6 @@
-"""Georeferencing without I/O: CF grid-mapping attributes, pixel-centre coordinates, pixel areas.
+"""Georeferencing without I/O: a grid's CRS and transform, CF grid-mapping attributes, pixel areas.
 
-A transform is kept in GDAL order ``(x0, dx, rx, y0, ry, dy)``: the outer corner of pixel
-(0, 0) and the pixel size, so pixel ``(row, col)``'s centre is at ``col + 0.5, row + 0.5``.
-Writing corners where centres belong (or the reverse) is the classic half-pixel shift.
+Transforms are GDAL geotransforms (``pipeline.core.transform``: pixel corners and centres).
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from typing import Any
 import numpy as np
 from pyproj import CRS, Geod
 
-GeoTransform = tuple[float, float, float, float, float, float]
+from pipeline.core.transform import GeoTransform, is_rotated
 
 
 @dataclass(frozen=True)
@@ -25,19 +23,10 @@ class Georef:
 
     @property
     def is_rotated(self) -> bool:
-        return self.transform is not None and (self.transform[2] != 0 or self.transform[4] != 0)
+        return self.transform is not None and is_rotated(self.transform)
 
     def crs(self) -> CRS | None:
         return CRS.from_wkt(self.crs_wkt) if self.crs_wkt else None
-
-
-def pixel_centres(transform: GeoTransform, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
-    """1-D y and x coordinates of pixel centres for a north-up (unrotated) grid."""
-    x0, dx, _, y0, _, dy = transform
-    rows, cols = shape
-    y = y0 + (np.arange(rows, dtype=np.float64) + 0.5) * dy
-    x = x0 + (np.arange(cols, dtype=np.float64) + 0.5) * dx
-    return y, x
 
 
 def cf_grid_mapping(georef: Georef) -> dict[str, Any]:

@@ -27,6 +27,7 @@ import numpy as np
 from pipeline.core.georef import Georef
 from pipeline.core.regions import RegionStats
 from pipeline.core.stats import M2_PER_HA, MM3_PER_ML
+from pipeline.core.transform import apply_affine, to_map
 
 AXIS_NAMES = {2: ("row", "col"), 3: ("slice", "row", "col")}
 
@@ -85,22 +86,17 @@ def columns(stats: RegionStats, first_id: int, context: TableContext) -> dict[st
     return out
 
 
-def _gdal(transform: tuple[float, ...], col: np.ndarray, row: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    x0, dx, rx, y0, ry, dy = transform
-    return x0 + col * dx + row * rx, y0 + col * ry + row * dy
-
-
 def _map_columns(stats: RegionStats, centroid: np.ndarray, georef: Georef) -> dict[str, np.ndarray]:
     """Box (outer pixel edges) and centroid (pixel centres: index + 0.5) in the map CRS and in lon/lat."""
     assert georef.transform is not None
     out: dict[str, np.ndarray] = {}
     corners = [
-        _gdal(georef.transform, col, row)
+        to_map(georef.transform, row, col)
         for row, col in itertools.product((stats.start[:, 0], stats.stop[:, 0]), (stats.start[:, 1], stats.stop[:, 1]))
     ]
     xs, ys = np.stack([c[0] for c in corners]), np.stack([c[1] for c in corners])
     out["x_min"], out["y_min"], out["x_max"], out["y_max"] = xs.min(0), ys.min(0), xs.max(0), ys.max(0)
-    cx, cy = _gdal(georef.transform, centroid[:, 1] + 0.5, centroid[:, 0] + 0.5)
+    cx, cy = to_map(georef.transform, centroid[:, 0] + 0.5, centroid[:, 1] + 0.5)
     out["centroid_x"], out["centroid_y"] = cx, cy
     crs = georef.crs()
     if crs is not None:
@@ -118,19 +114,12 @@ def _map_columns(stats: RegionStats, centroid: np.ndarray, georef: Georef) -> di
 def _patient_columns(stats: RegionStats, centroid: np.ndarray, affine: np.ndarray) -> dict[str, np.ndarray]:
     """Centroid and box of voxel centres in patient coordinates (mm); voxel index = its centre."""
     out: dict[str, np.ndarray] = {}
-    centre = _apply(affine, centroid)
-    corners = np.stack(
-        [_apply(affine, np.stack(c, axis=1)) for c in itertools.product(*[(stats.start[:, a], stats.stop[:, a] - 1)
-                                                                          for a in range(3)])]
-    )  # fmt: skip
+    centre = apply_affine(affine, centroid)
+    ends = [(stats.start[:, a], stats.stop[:, a] - 1) for a in range(3)]
+    corners = np.stack([apply_affine(affine, np.stack(c, axis=1)) for c in itertools.product(*ends)])
     for a, name in enumerate("xyz"):
         out[f"centroid_{name}_mm"] = centre[:, a]
     for a, name in enumerate("xyz"):
         out[f"{name}_min_mm"] = corners[:, :, a].min(0)
         out[f"{name}_max_mm"] = corners[:, :, a].max(0)
     return out
-
-
-def _apply(affine: np.ndarray, index: np.ndarray) -> np.ndarray:
-    index = np.asarray(index, dtype=np.float64)
-    return index @ affine[:3, :3].T + affine[:3, 3]

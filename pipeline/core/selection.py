@@ -16,10 +16,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.core.geometry import Box
+from pipeline.core.transform import GeoTransform, to_index
 from pipeline.errors import QueryError
-
-GeoTransform = tuple[float, float, float, float, float, float]
-PIXEL_TRANSFORM: GeoTransform = (0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 
 
 def centre_window(transform: GeoTransform, bounds: Sequence[float], shape: tuple[int, int]) -> Box:
@@ -41,20 +39,9 @@ def _axis_range(origin: float, step: float, low: float, high: float, n: int) -> 
     return first, max(first, last)
 
 
-def pixel_centres(transform: GeoTransform, box: Box) -> tuple[np.ndarray, np.ndarray]:
-    """Map x and y of every pixel centre in ``box`` (2-D arrays of the box's shape)."""
-    x0, dx, rx, y0, ry, dy = transform
-    rows = np.arange(box.start[0], box.stop[0], dtype=np.float64)[:, None] + 0.5
-    cols = np.arange(box.start[1], box.stop[1], dtype=np.float64)[None, :] + 0.5
-    return x0 + cols * dx + rows * rx, y0 + cols * ry + rows * dy
-
-
 def index_window(transform: GeoTransform, xs: np.ndarray, ys: np.ndarray, shape: tuple[int, ...]) -> Box:
     """The smallest window of whole pixels (plus one on each side) around map points, clipped."""
-    x0, dx, rx, y0, ry, dy = transform
-    det = dx * dy - rx * ry
-    cols = (dy * (xs - x0) - rx * (ys - y0)) / det
-    rows = (-ry * (xs - x0) + dx * (ys - y0)) / det
+    rows, cols = to_index(transform, xs, ys)
     return bounding_window([rows, cols], shape)
 
 
@@ -71,13 +58,6 @@ def bounding_window(index_coords: Sequence[np.ndarray], shape: tuple[int, ...]) 
         start.append(lo)
         stop.append(hi)
     return Box(tuple(start), tuple(stop))
-
-
-def voxel_centres(affine: np.ndarray, box: Box) -> np.ndarray:
-    """Patient coordinates ``(*box.shape, 3)`` of every voxel centre in ``box``."""
-    grids = np.meshgrid(*[np.arange(a, b, dtype=np.float64) for a, b in zip(box.start, box.stop)], indexing="ij")
-    index = np.stack(grids, axis=-1)
-    return index @ affine[:3, :3].T + affine[:3, 3]
 
 
 def box_ring(bounds: Sequence[float], points_per_edge: int = 64) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,6 @@ import zarr
 
 from pipeline.core.geometry import Box, TileGrid
 from pipeline.core.selection import (
-    PIXEL_TRANSFORM,
     Zone,
     bounding_window,
     box_ring,
@@ -33,10 +32,10 @@ from pipeline.core.selection import (
     densify,
     index_window,
     parse_zones,
-    pixel_centres,
-    voxel_centres,
 )
 from pipeline.core.stats import NODATA, ChunkStats, class_table, count_classes, merge
+from pipeline.core.transform import PIXEL_TRANSFORM, GeoTransform, axis_centres, to_index, voxel_centres
+from pipeline.core.transform import centres as pixel_centres
 from pipeline.errors import QueryError
 from pipeline.store import COMPLETE, MaskStore
 
@@ -119,9 +118,7 @@ class StoreView:
         dims = ("y", "x")
         coords: dict[str, Any] = {}
         if self.georef.transform is not None and not self.georef.is_rotated:
-            from pipeline.core.georef import pixel_centres as centres
-
-            y, x = centres(self.georef.transform, (self.shape[0], self.shape[1]))
+            y, x = axis_centres(self.georef.transform, (self.shape[0], self.shape[1]))
             coords = {"y": y, "x": x}
         out = xr.DataArray(data, dims=dims, coords=coords, name=name)
         if self.georef.crs_wkt is not None:
@@ -350,10 +347,7 @@ class StoreView:
                     from pyproj import Transformer
 
                     x, y = Transformer.from_crs(target, self.crs, always_xy=True).transform(x, y)
-            x0, dx, rx, y0, ry, dy = transform
-            det = dx * dy - rx * ry
-            col = (dy * (x - x0) - rx * (y - y0)) / det
-            row = (-ry * (x - x0) + dx * (y - y0)) / det
+            row, col = to_index(transform, x, y)
             if not (np.isfinite(col) and np.isfinite(row)):
                 return None
             index = (int(np.floor(row)), int(np.floor(col)))
@@ -361,7 +355,7 @@ class StoreView:
             return None
         return index
 
-    def _need_map(self, crs: str) -> tuple[float, float, float, float, float, float]:
+    def _need_map(self, crs: str) -> GeoTransform:
         if self.georef.transform is None or self.georef.crs_wkt is None:
             raise QueryError(f"{self.path}: the store has no CRS; give coordinates with --crs pixel")
         return self.georef.transform

@@ -35,8 +35,9 @@ import zarr.errors
 
 from pipeline.core import ngff
 from pipeline.core.geometry import TileGrid, WorkUnit
-from pipeline.core.georef import Georef, cf_grid_mapping, pixel_centres, row_pixel_areas
+from pipeline.core.georef import Georef, cf_grid_mapping, row_pixel_areas
 from pipeline.core.stats import NODATA, ChunkStats, Measure, count_classes
+from pipeline.core.transform import axis_centres
 from pipeline.core.volume import VolumeGeometry
 from pipeline.errors import StoreError
 
@@ -161,7 +162,7 @@ class MaskStore:
             ref.attrs.update(cf_grid_mapping(layout.georef))
             ref[...] = 0
         if layout.georef.transform is not None and not layout.georef.is_rotated:
-            y, x = pixel_centres(layout.georef.transform, (grid.shape[0], grid.shape[1]))
+            y, x = axis_centres(layout.georef.transform, (grid.shape[0], grid.shape[1]))
             for name, values, standard in (("y", y, "projection_y_coordinate"), ("x", x, "projection_x_coordinate")):
                 coord = group.create_array(
                     name, shape=values.shape, dtype="float64", chunks=values.shape, dimension_names=[name]

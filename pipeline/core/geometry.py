@@ -117,6 +117,12 @@ class TileGrid:
         aligned = tuple(ceil_to(h, s) for h, s in zip(halo, stride))
         return cls(shape=shape, chunk=chunk, halo=aligned, stride=stride, chunks_per_unit=chunks_per_unit)
 
+    @classmethod
+    def chunked(cls, shape: Shape, chunk: Shape) -> TileGrid:
+        """The grid of a stored array's chunks: one unit per chunk, no halo (labelling, queries, imports)."""
+        ones = (1,) * len(shape)
+        return cls.create(shape, chunk=chunk, halo=(0,) * len(shape), stride=ones, chunks_per_unit=ones)
+
     @property
     def virtual_shape(self) -> Shape:
         """The image padded at its high end to a multiple of the stride."""

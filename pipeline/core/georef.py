@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from pyproj import CRS, Geod
 
+from pipeline.core.stats import Measure
 from pipeline.core.transform import GeoTransform, is_rotated
 
 
@@ -75,3 +76,20 @@ def _metres_per_unit(crs: CRS) -> float:
     axis = crs.axis_info[0] if crs.axis_info else None
     factor = getattr(axis, "unit_conversion_factor", None)
     return float(factor) if factor else 1.0
+
+
+def crs_name(wkt: str | None) -> str | None:
+    """A CRS's name for a person (the first quoted string of its WKT: "WGS 84 / UTM zone 30N")."""
+    return wkt.split('"')[1] if wkt and '"' in wkt else wkt
+
+
+def pixel_measure(
+    georef: Georef, height: int, *, voxel_mm3: float | None = None, pixel_area_mm2: float | None = None
+) -> Measure:
+    """What one pixel measures: mm³ per voxel (volumes), mm² (medical images), m² per image row
+    (maps with a CRS), or None (a plain image: statistics in pixels only)."""
+    if voxel_mm3 is not None:
+        return voxel_mm3
+    if pixel_area_mm2 is not None:
+        return pixel_area_mm2
+    return row_pixel_areas(georef, height)

@@ -43,7 +43,7 @@ from pipeline.jobs.run import (
     regions_pending,
 )
 from pipeline.jobs.stream import stream
-from pipeline.store import MaskStore
+from pipeline.store import MaskStore, swap_in
 
 REPORT = "batch-report.json"
 _GLOB_CHARS = set("*?[")
@@ -218,8 +218,7 @@ def _finish(job: Job, store: MaskStore, final: Path | None, result: InputResult)
     result.classes = finalize(job, store)
     if final is not None:  # swap the new version in; the old one was readable until now
         retired = final.with_name(final.name + f".old-{os.getpid()}")
-        os.rename(final, retired)
-        os.rename(store.path, final)
+        swap_in(store.path, final, retired)
         shutil.rmtree(retired)
 
 

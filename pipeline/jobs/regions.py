@@ -90,7 +90,7 @@ def label_store(
     shape = tuple(int(n) for n in mask.shape)
     chunk = tuple(int(n) for n in mask.chunks)
     ndim = len(shape)
-    grid = TileGrid.create(shape, chunk=chunk, halo=(0,) * ndim, stride=(1,) * ndim, chunks_per_unit=(1,) * ndim)
+    grid = TileGrid.chunked(shape, chunk)
     indices = list(np.ndindex(*grid.grid_shape))
     boxes = [grid.chunk_box(i) for i in indices]
     scratch = store.path.with_name(f".{store.path.name}.regions")

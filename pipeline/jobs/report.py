@@ -6,6 +6,7 @@ import json
 from dataclasses import asdict
 from typing import Any
 
+from pipeline.core.georef import crs_name
 from pipeline.jobs.batch import BatchReport
 from pipeline.jobs.run import RunSummary
 from pipeline.store import MaskStore
@@ -93,7 +94,6 @@ def store_info(store: MaskStore) -> dict[str, Any]:
 
 def render_info(info: dict[str, Any]) -> str:
     crs = info["crs"]
-    crs_name = crs.split('"')[1] if crs and '"' in crs else crs
     lines = [
         f"store      {info['path']}",
         f"status     {info['status']}  ({info['units_done']}/{info['units_total']} work units written)",
@@ -101,7 +101,7 @@ def render_info(info: dict[str, Any]) -> str:
         *(
             [f"spacing    {' x '.join(f'{v:g}' for v in info['spacing'])} mm (z, y, x)"]
             if info["spacing"]
-            else [f"crs        {crs_name or 'none (pixel statistics only)'}", f"transform  {info['transform']}"]
+            else [f"crs        {crs_name(crs) or 'none (pixel statistics only)'}", f"transform  {info['transform']}"]
         ),
         f"model      {info['model']['kind']} ({info['model']['identity']})",
         f"source     {', '.join(info['source']['paths'])} bands {info['source']['bands']}",

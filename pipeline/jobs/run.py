@@ -20,7 +20,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.config import JobConfig, RegionsConfig, RuntimeConfig
 from pipeline.core.geometry import TileGrid, WorkUnit
-from pipeline.core.georef import row_pixel_areas
+from pipeline.core.georef import pixel_measure
 from pipeline.core.plan import Target, pending_units, pick_engine, resume_action
 from pipeline.core.stats import Measure, class_table
 from pipeline.errors import ConfigError, StoreError, StoreExists
@@ -379,11 +379,9 @@ def executor_for(engine: str, runtime: RuntimeConfig) -> Executor:
 
 def measure_of(job: Job) -> Measure:
     """m² per pixel for each image row, mm³ per voxel for volumes, None without a CRS."""
-    if job.info.volume is not None:
-        return job.info.volume.voxel_volume_mm3
-    if job.info.pixel_area_mm2 is not None:
-        return job.info.pixel_area_mm2
-    return row_pixel_areas(job.info.georef, job.info.shape[0])
+    info = job.info
+    voxel = info.volume.voxel_volume_mm3 if info.volume is not None else None
+    return pixel_measure(info.georef, info.shape[0], voxel_mm3=voxel, pixel_area_mm2=info.pixel_area_mm2)
 
 
 def _identity(job: Job) -> dict[str, str]:

@@ -379,8 +379,7 @@ class StoreView:
         from rasterio.errors import NotGeoreferencedWarning
 
         mask = self._store.mask
-        grid = TileGrid.create(self.shape, chunk=tuple(mask.chunks), halo=(0,) * len(self.shape),
-                               stride=(1,) * len(self.shape), chunks_per_unit=(1,) * len(self.shape))  # fmt: skip
+        grid = TileGrid.chunked(self.shape, tuple(mask.chunks))
         blocks = [b for b in _chunks_in(grid, window)]
         n = len(self.classes)
         measure = self._store.pixel_measure()

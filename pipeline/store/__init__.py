@@ -12,6 +12,7 @@ from pipeline.store.mask_store import (
     VOLUME_REGIONS,
     MaskStore,
     StoreLayout,
+    swap_in,
 )
 
 __all__ = [
@@ -24,4 +25,5 @@ __all__ = [
     "VOLUME_REGIONS",
     "MaskStore",
     "StoreLayout",
+    "swap_in",
 ]

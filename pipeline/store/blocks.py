@@ -14,8 +14,8 @@ import numpy as np
 from pipeline import __version__
 from pipeline.core.colors import default_color
 from pipeline.core.geometry import Box, TileGrid
-from pipeline.core.georef import Georef, row_pixel_areas
-from pipeline.core.stats import Measure, class_table
+from pipeline.core.georef import Georef
+from pipeline.core.stats import class_table
 from pipeline.core.volume import VolumeGeometry
 from pipeline.store import MaskStore, StoreLayout
 
@@ -33,8 +33,7 @@ def store_from_blocks(
 ) -> MaskStore:
     """A complete store whose chunk ``box`` holds ``fill(box)`` (uint8 class ids, 255 = nodata)."""
     georef = georef or Georef(None, None)
-    ndim = len(shape)
-    grid = TileGrid.create(shape, chunk=chunk, halo=(0,) * ndim, stride=(1,) * ndim, chunks_per_unit=(1,) * ndim)
+    grid = TileGrid.chunked(shape, chunk)
     layout = StoreLayout(
         grid=grid,
         classes=tuple((name, default_color(i)) for i, name in enumerate(classes)),
@@ -43,11 +42,7 @@ def store_from_blocks(
         volume=volume,
     )
     store = MaskStore.create(path, layout)
-    measure: Measure = None
-    if volume is not None:
-        measure = volume.voxel_volume_mm3
-    elif layout.measure == "m2":
-        measure = row_pixel_areas(georef, shape[0])
+    measure = store.pixel_measure()
     for unit in grid.units():
         labels = np.asarray(fill(unit.core), dtype=np.uint8)
         store.write_unit(unit, labels, measure=measure, n_classes=len(classes))

@@ -7,6 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
+from pipeline.core.georef import crs_name
 from pipeline.errors import StoreError
 from pipeline.store import MaskStore
 
@@ -37,7 +38,7 @@ def catalog_rows(root: Path) -> list[dict[str, Any]]:
             "source": ";".join(meta.get("source", {}).get("paths", [])),
             "status": meta.get("status"),
             "shape": "x".join(str(v) for v in meta.get("shape", [])),
-            "crs": crs.split('"')[1] if crs and '"' in crs else crs,
+            "crs": crs_name(crs),
             "spacing_mm": "x".join(f"{v:g}" for v in volume.get("spacing_mm", [])) or None,
             "completed": meta.get("completed"),
         }

@@ -35,7 +35,7 @@ import zarr.errors
 
 from pipeline.core import ngff
 from pipeline.core.geometry import TileGrid, WorkUnit
-from pipeline.core.georef import Georef, cf_grid_mapping, row_pixel_areas
+from pipeline.core.georef import Georef, cf_grid_mapping, pixel_measure
 from pipeline.core.stats import NODATA, ChunkStats, Measure, count_classes
 from pipeline.core.transform import axis_centres
 from pipeline.core.volume import VolumeGeometry
@@ -235,13 +235,11 @@ class MaskStore:
         """What one pixel measures: m² per row (maps), mm² (medical images), mm³ (volumes), or None."""
         meta = self.meta
         unit = meta.get("measure")
-        if unit == "mm3":
-            return float(np.prod(meta["volume"]["spacing_mm"]))
-        if unit == "mm2":
-            return float(meta["pixel_area_mm2"])
-        if unit == "m2":
-            return row_pixel_areas(self.georef, int(meta["shape"][0]))
-        return None
+        if unit is None:
+            return None
+        voxel = float(np.prod(meta["volume"]["spacing_mm"])) if unit == "mm3" else None
+        area = float(meta["pixel_area_mm2"]) if unit == "mm2" else None
+        return pixel_measure(self.georef, int(meta["shape"][0]), voxel_mm3=voxel, pixel_area_mm2=area)
 
     @property
     def is_volume(self) -> bool:
@@ -335,9 +333,7 @@ class MaskStore:
         retired.mkdir()
         array_dst = self.path / (str(Path(VOLUME_REGIONS).parent) if self.is_volume else "regions")
         for src, dst in ((array, array_dst), (table, self.path / REGION_TABLE)):
-            if dst.exists():
-                os.rename(dst, retired / dst.name)
-            os.rename(src, dst)
+            swap_in(src, dst, retired / dst.name)
         arrays = dict(self.meta.get("arrays", {}))
         arrays["regions"] = summary["array"]
         if self.is_volume:
@@ -365,3 +361,14 @@ def _consolidate(path: Path) -> None:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def swap_in(new: Path, dest: Path, retired: Path) -> None:
+    """Put ``new`` at ``dest``; what was at ``dest`` (if anything) moves to ``retired`` first.
+
+    Two renames on one filesystem: a reader sees the old or the new, and a crash between them
+    leaves the old at ``retired`` and the new at ``new``, both whole.
+    """
+    if dest.exists():
+        os.rename(dest, retired)
+    os.rename(new, dest)

@@ -207,3 +207,25 @@ def scipy_table(mask: np.ndarray, connectivity: int) -> tuple[list[tuple], np.nd
         labels[lab > 0] = lab[lab > 0] + offset
         offset += n
     return sorted(rows), labels
+
+
+# What a store holds, independent of where and when it was made: every data file's sha256 (chunks
+# of the mask, unit statistics, regions, region table, image), and the metadata that describes
+# the result. Left out: times, paths, versions and the random tokens of a regions swap.
+_STABLE_META = ("classes", "stats", "shape", "chunk", "crs", "transform", "measure", "arrays", "volume", "status")
+
+
+def store_digest(path: Path) -> dict[str, object]:
+    import hashlib
+    import json
+
+    files = {
+        str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(path.rglob("*"))
+        if p.is_file() and p.name != "zarr.json" and not p.name.endswith(".png")
+    }
+    meta = json.loads((path / "zarr.json").read_text())["attributes"]["raymask"]
+    stable = {key: meta.get(key) for key in _STABLE_META}
+    if isinstance(meta.get("regions"), dict):
+        stable["regions"] = {k: v for k, v in meta["regions"].items() if k != "token"}
+    return {"files": files, "meta": json.loads(json.dumps(stable))}

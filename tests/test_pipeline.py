@@ -19,7 +19,7 @@ from rasterio.warp import Resampling, calculate_default_transform, reproject
 
 from pipeline.cli import main
 from pipeline.core.stats import NODATA
-from tests.conftest import LANDSAT, RGB_BYTE, ROOT, S2
+from tests.conftest import LANDSAT, RGB_BYTE, ROOT, S2, store_digest
 from tests.conftest import run_json as run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -217,3 +217,9 @@ def test_every_shipped_config_runs_through_the_cli(
     summary = run(capsys, str(config), "--set", f"output.path={tmp_path / 'out.zarr'}")
     assert summary["status"] == "complete"
     assert sum(r["pixels"] for r in summary["classes"].values()) > 0
+    # every output byte as the code made it before the layout change (tools/store_digests.py)
+    expected = json.loads((ROOT / "tests" / "fixtures" / "store_digests.json").read_text())[config.name]
+    got = store_digest(tmp_path / "out.zarr")
+    assert got["meta"] == expected["meta"]
+    assert sorted(f for f in expected["files"] if got["files"].get(f) != expected["files"][f]) == []
+    assert sorted(got["files"]) == sorted(expected["files"])

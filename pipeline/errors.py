@@ -69,9 +69,11 @@ class WorkerError(TransientError):
     """A worker process died (killed, out of memory, a crash in native code) more often than retries allow."""
 
 
-def one_line(exc: BaseException) -> str:
-    """The exception's message with its whitespace folded, for a report line."""
-    return " ".join(str(exc).split()) or exc.__class__.__name__
+def one_line(exc: BaseException, limit: int | None = None) -> str:
+    """The exception's message on one line (whitespace folded; its class name if it has none),
+    cut to ``limit`` characters with an ellipsis: the one way an error becomes a report line."""
+    text = " ".join(str(exc).split()) or exc.__class__.__name__
+    return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
 def describe(exc: BaseException) -> str:

@@ -127,7 +127,7 @@ def test_info_on_something_that_is_not_a_store(tmp_path: Path) -> None:
 
 def test_unreachable_cluster_fails_fast(tmp_path: Path) -> None:
     result = raymask("run", str(write_job(tmp_path, f"'{S2}'")), "--set", "runtime.address=127.0.0.1:1")
-    assert result.returncode == 1
+    assert result.returncode == 75  # transient: a scheduler may retry
     assert "cannot reach a Ray cluster at '127.0.0.1:1'" in result.stderr.splitlines()[-1]
     assert_no_complete_store(tmp_path)
 

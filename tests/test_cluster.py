@@ -134,5 +134,5 @@ def test_an_unreachable_cluster_fails_within_seconds(workdir: Path) -> None:
         [str(BIN / "raymask"), "submit", "configs/aerial-vegetation.yaml", "--address", "http://127.0.0.1:1"],
         cwd=workdir, env=clean_env(), capture_output=True, text=True, timeout=60, stdin=subprocess.DEVNULL,
     )  # fmt: skip
-    assert result.returncode == 1 and time.monotonic() - started < 30
+    assert result.returncode == 75 and time.monotonic() - started < 30  # transient: retry later
     assert result.stderr.strip().splitlines()[-1].startswith("raymask: error: cannot reach a Ray cluster at")

@@ -15,7 +15,9 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import __version__
-from pipeline.errors import ConfigError, RaymaskError
+from pipeline.errors import ConfigError, RaymaskError, TransientError
+
+EXIT_TRANSIENT = 75  # EX_TEMPFAIL (sysexits.h): try again later
 
 EPILOG_RUN = """\
 examples:
@@ -25,6 +27,8 @@ examples:
 
 A run into an existing incomplete store of the same job resumes: chunks already written are
 skipped (the summary counts them). A complete store is never touched without --overwrite.
+Exit status 75 (EX_TEMPFAIL) means a transient failure (cluster unreachable, workers dying):
+schedulers may retry, and the retry resumes.
 Every config key is listed by `raymask config-schema`.
 """
 
@@ -105,7 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return int(args.func(args))
     except RaymaskError as exc:
         print(f"raymask: error: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_TRANSIENT if isinstance(exc, TransientError) else 1
     except KeyboardInterrupt:
         print("raymask: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
@@ -132,7 +136,10 @@ def _parser() -> argparse.ArgumentParser:
         "zarr mask stores, with exact tiling, per-class areas and volumes, connected regions, and queries.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog="Start with `raymask run configs/aerial-vegetation.yaml`, then `raymask info`, `raymask regions` "
-        "and `raymask query` on the store it prints.",
+        "and `raymask query` on the store it prints.\n\n"
+        "Exit status: 0 done; 1 an error to fix (input, config, store; one line on stderr names it); "
+        f"{EXIT_TRANSIENT} a transient failure (a cluster out of reach, workers that kept dying): the same "
+        "command again resumes; 2 a usage error; 130 interrupted.",
     )
     parser.add_argument("--version", action="version", version=f"raymask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")

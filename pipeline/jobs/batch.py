@@ -29,7 +29,7 @@ from typing import Any
 
 from pipeline.config import BatchConfig, SourceConfig
 from pipeline.core.plan import Target
-from pipeline.errors import ConfigError, RaymaskError, SourceError
+from pipeline.errors import ConfigError, RaymaskError, SourceError, one_line
 from pipeline.jobs.cluster import ray_session, unwrap
 from pipeline.jobs.run import (
     Job,
@@ -224,7 +224,7 @@ def _finish(job: Job, store: MaskStore, final: Path | None, result: InputResult)
 
 def _fail(result: InputResult, exc: BaseException) -> None:
     result.status = "failed"
-    result.error = " ".join(str(exc).split())
+    result.error = one_line(exc)
     result.traceback = "".join(traceback.format_exception(exc))
 
 

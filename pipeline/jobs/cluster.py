@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from pipeline.errors import ClusterError, RaymaskError
+from pipeline.errors import ClusterError, RaymaskError, one_line
 
 
 def local_cpus() -> int:
@@ -66,7 +66,7 @@ def connect(address: str | None, *, progress: bool = False) -> bool:
             **options,
         )
     except (ConnectionError, TimeoutError, ValueError, RuntimeError) as exc:
-        raise ClusterError(f"cannot reach a Ray cluster at {target!r}: {' '.join(str(exc).split())[:200]}") from exc
+        raise ClusterError(f"cannot reach a Ray cluster at {target!r}: {one_line(exc, 200)}") from exc
     return True
 
 

@@ -23,7 +23,7 @@ from pipeline.core.geometry import TileGrid, WorkUnit
 from pipeline.core.georef import pixel_measure
 from pipeline.core.plan import Target, pending_units, pick_engine, resume_action
 from pipeline.core.stats import Measure, class_table
-from pipeline.errors import ConfigError, StoreError, StoreExists
+from pipeline.errors import ConfigError, StoreError, StoreExists, one_line
 from pipeline.jobs.cluster import ray_session, unwrap
 from pipeline.jobs.executors import Executor, RayExecutor, SerialExecutor
 from pipeline.jobs.ingest import ingest_series
@@ -261,7 +261,7 @@ def _stored_source(store: MaskStore) -> tuple[Source | None, list[str]]:
             )
         opened = open_input(config.source, store_path=store.path.absolute())
     except Exception as exc:
-        return None, [f"no mean intensities: the source cannot be opened ({' '.join(str(exc).split())[:120]})"]
+        return None, [f"no mean intensities: the source cannot be opened ({one_line(exc, 120)})"]
     if opened.fingerprint != (store.meta.get("source") or {}).get("fingerprint"):
         return None, ["no mean intensities: the source changed since the store was written"]
     return opened.source, []

@@ -26,7 +26,7 @@ from typing import Any
 
 from pipeline.config import ModelConfig, RuntimeConfig, TorchScriptModelConfig
 from pipeline.core.plan import Item, Placement, Target, batch_for, lease_size, place_actors, square_order
-from pipeline.errors import ConfigError, WorkerError, describe, rebuild
+from pipeline.errors import ConfigError, WorkerError, describe, one_line, rebuild
 from pipeline.jobs.cluster import local_cpus
 from pipeline.sources.geotiff import WORKER_QUIET
 
@@ -218,7 +218,7 @@ def _on_ray(
                 if attempts[item] > runtime.max_retries:
                     error = WorkerError(
                         f"work unit {list(item[1])}: its worker died {attempts[item]} times "
-                        f"(last: {' '.join(str(cause).split())[:160]}); out of memory?"
+                        f"(last: {one_line(cause, 160)}); out of memory?"
                     )
                     yield {"key": item[0], "unit": item[1], "error": describe(error), "error_type": "WorkerError"}
                 else:
@@ -247,7 +247,7 @@ def _on_ray(
                     if load_deaths > runtime.max_retries:
                         raise WorkerError(
                             f"{getattr(model, 'path', model.kind)}: a worker died while loading the model "
-                            f"{load_deaths} times (last: {' '.join(str(exc).split())[:160]}); out of memory?"
+                            f"{load_deaths} times (last: {one_line(exc, 160)}); out of memory?"
                         ) from None
                     yield from lost(actor, exc)
                     continue

@@ -17,7 +17,7 @@ from typing import TextIO
 import yaml
 
 from pipeline.config import JobConfig
-from pipeline.errors import ClusterError
+from pipeline.errors import ClusterError, one_line
 
 CONFIG_ENV = "RAYMASK_JOB"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
@@ -42,7 +42,7 @@ def submit(
     try:
         client = JobSubmissionClient(address)
     except Exception as exc:  # ConnectionError, AuthenticationError, version errors
-        raise ClusterError(f"cannot use the Ray Jobs API at {address}: {' '.join(str(exc).split())[:240]}") from exc
+        raise ClusterError(f"cannot use the Ray Jobs API at {address}: {one_line(exc, 240)}") from exc
     entrypoint = f"raymask run env:{CONFIG_ENV}" + (" --overwrite" if overwrite else "")
     runtime_env = {
         "working_dir": str(working_dir),
@@ -67,7 +67,7 @@ def _submit_with_retry(client: object, entrypoint: str, runtime_env: dict, timeo
         try:
             return str(client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env))  # type: ignore[attr-defined]
         except RuntimeError as exc:
-            message = " ".join(str(exc).split())
+            message = one_line(exc)
             if "try again later" not in message or time.monotonic() > deadline:
                 raise ClusterError(f"the cluster refused the job: {message[:240]}") from exc
             time.sleep(2.0)

@@ -36,7 +36,7 @@ from pipeline.core.selection import (
 from pipeline.core.stats import NODATA, ChunkStats, class_table, count_classes, merge
 from pipeline.core.transform import PIXEL_TRANSFORM, GeoTransform, axis_centres, to_index, voxel_centres
 from pipeline.core.transform import centres as pixel_centres
-from pipeline.errors import QueryError
+from pipeline.errors import QueryError, one_line
 from pipeline.store import COMPLETE, MaskStore
 
 PIXEL, PATIENT = "pixel", "patient"
@@ -370,7 +370,7 @@ class StoreView:
         try:
             return CRS.from_user_input(text)
         except CRSError as exc:
-            raise QueryError(f"--crs {text!r}: not a CRS that PROJ knows ({' '.join(str(exc).split())[:160]})") from exc
+            raise QueryError(f"--crs {text!r}: not a CRS that PROJ knows ({one_line(exc, 160)})") from exc
 
     # -- reductions -------------------------------------------------------------------------
 

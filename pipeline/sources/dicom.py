@@ -23,7 +23,7 @@ from pydicom.errors import InvalidDicomError
 
 from pipeline.core.geometry import Box
 from pipeline.core.volume import GeometryError, PlaneGeometry, VolumeGeometry, order_planes
-from pipeline.errors import SourceError, SourceNotFound
+from pipeline.errors import SourceError, SourceNotFound, one_line
 
 # Objects that carry no image to segment: skipped with a note.
 _NON_IMAGE_PREFIXES = {
@@ -266,7 +266,7 @@ def _pixels(path: str) -> np.ndarray:
         dataset = pydicom.dcmread(path)
         return np.asarray(dataset.pixel_array)
     except Exception as exc:  # pydicom and its plugins raise many types for broken pixel data
-        message = " ".join(str(exc).split())[:200]
+        message = one_line(exc, 200)
         raise SourceError(f"{path}: cannot decode pixel data ({message})") from exc
 
 

@@ -24,7 +24,7 @@ from rasterio.windows import Window
 from pipeline.config import SourceConfig
 from pipeline.core.geometry import Box
 from pipeline.core.georef import Georef
-from pipeline.errors import SourceError, SourceNotFound
+from pipeline.errors import SourceError, SourceNotFound, one_line
 
 # GDAL's block cache defaults to 5 % of RAM per process; a long tiled read then grows to
 # gigabytes. 64 MB holds the blocks that neighbouring windows share (work units are visited in
@@ -215,5 +215,5 @@ def _describe(path: str) -> RasterInfo:
 
 
 def _short(exc: Exception) -> str:
-    text = " ".join(str(exc).split())
+    text = one_line(exc)
     return text if len(text) < 160 else text[:157] + "..."

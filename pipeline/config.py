@@ -76,18 +76,22 @@ class SourceConfig(_Frozen):
 class BatchSourceConfig(_Frozen):
     """What applies to every input of a batch."""
 
-    bands: list[Annotated[int, Field(ge=1)]] | None = None
-    kind: Literal["auto", "raster", "dicom"] = "auto"
+    bands: list[Annotated[int, Field(ge=1)]] | None = Field(
+        default=None, description="1-based band numbers, in the order the model takes them (every input)."
+    )
+    kind: Literal["auto", "raster", "dicom"] = Field(
+        default="auto", description="auto: a folder or DICOM file is a DICOM series, anything else a raster."
+    )
 
 
 class NdviModelConfig(_Frozen):
     """NDVI thresholds: water below ``water_below``, vegetation at or above ``vegetation_above``."""
 
-    kind: Literal["ndvi"]
+    kind: Literal["ndvi"] = Field(description="NDVI = (NIR - red) / (NIR + red), thresholded into 3 classes.")
     red: int = Field(default=1, ge=1, description="Position of the red band among the selected bands.")
     nir: int = Field(default=2, ge=1, description="Position of the NIR band among the selected bands.")
-    water_below: float = Field(default=0.0, ge=-1.0, le=1.0)
-    vegetation_above: float = Field(default=0.3, ge=-1.0, le=1.0)
+    water_below: float = Field(default=0.0, ge=-1.0, le=1.0, description="NDVI below this is water.")
+    vegetation_above: float = Field(default=0.3, ge=-1.0, le=1.0, description="NDVI at or above this is vegetation.")
 
     @model_validator(mode="after")
     def _ordered(self) -> NdviModelConfig:
@@ -101,19 +105,23 @@ class NdviModelConfig(_Frozen):
 class RgbVegetationModelConfig(_Frozen):
     """An RGB vegetation index with a threshold (ExG on chromatic coordinates, or VARI)."""
 
-    kind: Literal["rgb-vegetation"]
-    index: Literal["exg", "vari"] = "exg"
-    red: int = Field(default=1, ge=1)
-    green: int = Field(default=2, ge=1)
-    blue: int = Field(default=3, ge=1)
+    kind: Literal["rgb-vegetation"] = Field(description="A visible-band vegetation index, for RGB imagery.")
+    index: Literal["exg", "vari"] = Field(
+        default="exg", description="exg: excess green 2g - r - b; vari: (g - r) / (g + r - b)."
+    )
+    red: int = Field(default=1, ge=1, description="Position of the red band among the selected bands.")
+    green: int = Field(default=2, ge=1, description="Position of the green band among the selected bands.")
+    blue: int = Field(default=3, ge=1, description="Position of the blue band among the selected bands.")
     threshold: float = Field(default=0.05, description="Vegetation where the index exceeds this value.")
 
 
 class HuTissueModelConfig(_Frozen):
     """Tissue classes from HU windows: each class takes values below its upper bound (in order)."""
 
-    kind: Literal["hu-tissue"]
-    classes: list[str] = Field(default=["air", "lung", "fat", "soft tissue", "bone"], min_length=1)
+    kind: Literal["hu-tissue"] = Field(description="CT tissue classes from Hounsfield-unit windows.")
+    classes: list[str] = Field(
+        default=["air", "lung", "fat", "soft tissue", "bone"], min_length=1, description="Class names, lowest HU first."
+    )
     upper: list[float] = Field(
         default=[-900.0, -500.0, -30.0, 300.0],
         description="Upper HU bound of every class but the last, ascending; the last class takes the rest.",
@@ -133,8 +141,8 @@ class HuTissueModelConfig(_Frozen):
 class Normalize(_Frozen):
     """Per-band ``(x - mean) / std``, applied before the model; one value per selected band."""
 
-    mean: list[float]
-    std: list[Annotated[float, Field(gt=0)]]
+    mean: list[float] = Field(description="Per selected band, subtracted first.")
+    std: list[Annotated[float, Field(gt=0)]] = Field(description="Per selected band, divided by after the mean.")
 
     @model_validator(mode="after")
     def _same_length(self) -> Normalize:
@@ -146,9 +154,11 @@ class Normalize(_Frozen):
 class TorchScriptModelConfig(_Frozen):
     """A TorchScript file whose module maps N x bands x H x W to N x classes x H x W logits."""
 
-    kind: Literal["torchscript"]
+    kind: Literal["torchscript"] = Field(description="A TorchScript network (torch.jit.save).")
     path: str = Field(description="Local path of a file saved with torch.jit.save.")
-    classes: list[str | ClassSpec] = Field(min_length=1)
+    classes: list[str | ClassSpec] = Field(
+        min_length=1, description="One per output channel, in order: a name, or {name, color: '#rrggbb'}."
+    )
     dims: Literal[2, 3] = Field(
         default=2, description="2: a 2-D network (volumes run slice by slice); 3: a 3-D network."
     )
@@ -156,7 +166,7 @@ class TorchScriptModelConfig(_Frozen):
     receptive_radius: int | None = Field(
         default=None, ge=0, description="Pixels of context each output depends on; halo >= this makes tiling exact."
     )
-    normalize: Normalize | None = None
+    normalize: Normalize | None = Field(default=None, description="Per-band (x - mean) / std after scale.")
     scale: float = Field(default=1.0, gt=0, description="Multiply raw values by this before normalize.")
     precision: Literal["float32", "bfloat16", "float16"] = Field(
         default="float32",
@@ -266,13 +276,19 @@ class RuntimeConfig(_Frozen):
     )
 
 
+_MODEL_DOC = "The segmenter, chosen by kind: ndvi, rgb-vegetation, hu-tissue (built in) or torchscript."
+_TILING_DOC = "Chunks of the store, the halo of context around each, and chunks per work unit."
+_REGIONS_DOC = "Connected regions per class, labelled across chunks, with their table."
+_RUNTIME_DOC = "Where and how units run: engine, Ray address, actors, CPUs, GPUs, threads, batches, retries."
+
+
 class JobConfig(_Frozen):
-    source: SourceConfig
-    model: ModelConfig
-    tiling: TilingConfig = TilingConfig()
-    output: OutputConfig
-    regions: RegionsConfig = RegionsConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
+    source: SourceConfig = Field(description="The input: a raster, a list of band files, or a DICOM series.")
+    model: ModelConfig = Field(description=_MODEL_DOC)
+    tiling: TilingConfig = Field(default=TilingConfig(), description=_TILING_DOC)
+    output: OutputConfig = Field(description="Where the mask store goes.")
+    regions: RegionsConfig = Field(default=RegionsConfig(), description=_REGIONS_DOC)
+    runtime: RuntimeConfig = Field(default=RuntimeConfig(), description=_RUNTIME_DOC)
 
     @model_validator(mode="after")
     def _stride_divides_chunk(self) -> JobConfig:
@@ -303,12 +319,14 @@ class BatchConfig(_Frozen):
         description="Globs or folders: GeoTIFFs (and other rasters) and DICOM folders, which split into series. "
         "Store names mirror each input's path relative to its glob's fixed part.",
     )
-    source: BatchSourceConfig = Field(default_factory=lambda: BatchSourceConfig())
-    model: ModelConfig
-    tiling: TilingConfig = TilingConfig()
-    output: BatchOutputConfig
-    regions: RegionsConfig = RegionsConfig()
-    runtime: RuntimeConfig = RuntimeConfig()
+    source: BatchSourceConfig = Field(
+        default_factory=lambda: BatchSourceConfig(), description="How every input is read (bands, kind)."
+    )
+    model: ModelConfig = Field(description=_MODEL_DOC)
+    tiling: TilingConfig = Field(default=TilingConfig(), description=_TILING_DOC)
+    output: BatchOutputConfig = Field(description="Where the stores go: one per input, mirrored under root.")
+    regions: RegionsConfig = Field(default=RegionsConfig(), description=_REGIONS_DOC)
+    runtime: RuntimeConfig = Field(default=RuntimeConfig(), description=_RUNTIME_DOC)
 
     def job(self, source: SourceConfig, store: str) -> JobConfig:
         """The job config of one input."""
@@ -327,7 +345,7 @@ def load_batch_config(path: str | Path, overrides: list[str] | None = None) -> B
     try:
         return BatchConfig.model_validate(apply_overrides(raw, overrides or []))
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {describe_validation_error(exc)}") from exc
+        raise ConfigError(f"{path}: {describe_validation_error(exc, BatchConfig)}") from exc
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -390,10 +408,10 @@ def config_from_dict(raw: dict[str, Any], *, origin: str = "config") -> JobConfi
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:
-        raise ConfigError(f"{origin}: {describe_validation_error(exc)}") from exc
+        raise ConfigError(f"{origin}: {describe_validation_error(exc, JobConfig)}") from exc
 
 
-def describe_validation_error(exc: ValidationError) -> str:
+def describe_validation_error(exc: ValidationError, root: type[BaseModel]) -> str:
     """All problems on one line: ``field.path: what is wrong (got VALUE)``.
 
     For ``int | list[int]`` style fields pydantic reports one error per union branch; the
@@ -408,7 +426,7 @@ def describe_validation_error(exc: ValidationError) -> str:
         loc = [str(p) for p in cast(tuple[object, ...], err["loc"])]
         where = ".".join(loc) or "config"
         if err["type"] == "extra_forbidden":
-            allowed = _allowed_keys(loc[:-1])
+            allowed = _allowed_keys(root, loc[:-1])
             hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
             parts.append(f"unknown key '{where}'{hint}")
             continue
@@ -441,8 +459,9 @@ def _is_union_tag(part: object) -> bool:
 _BRANCH_NAMES = {"constrained-int", "int", "str", "float", "bool", "function-after[_non_empty(), union[str,list[str]]]"}
 
 
-def _allowed_keys(loc: list[str]) -> list[str]:
-    model: type[BaseModel] = JobConfig
+def _allowed_keys(root: type[BaseModel], loc: list[str]) -> list[str]:
+    """The keys allowed at ``loc`` in a ``root`` config (job or batch), or [] where that is not one model."""
+    model = root
     for part in loc:
         field = model.model_fields.get(part)
         if field is None:
@@ -455,5 +474,6 @@ def _allowed_keys(loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def json_schema() -> dict[str, Any]:
-    return JobConfig.model_json_schema()
+def json_schema(*, batch: bool = False) -> dict[str, Any]:
+    """The JSON schema of job configs (``raymask run``), or of batch configs (``raymask batch``)."""
+    return (BatchConfig if batch else JobConfig).model_json_schema()

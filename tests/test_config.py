@@ -92,3 +92,39 @@ def test_config_schema_command_prints_the_schema(capsys: pytest.CaptureFixture[s
     assert main(["config-schema"]) == 0
     schema = json.loads(capsys.readouterr().out)
     assert set(schema["properties"]) == set(JobConfig.model_fields)
+
+
+def _undescribed(model: type, prefix: str = "") -> list[str]:
+    import typing
+
+    out = []
+    for name, field in model.model_fields.items():  # type: ignore[attr-defined]
+        if not field.description:
+            out.append(prefix + name)
+        for arg in typing.get_args(field.annotation) or (field.annotation,):
+            if isinstance(arg, type) and hasattr(arg, "model_fields"):
+                out += _undescribed(arg, f"{prefix}{name}.")
+    return out
+
+
+def test_every_key_of_job_and_batch_configs_is_described(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.config import BatchConfig
+
+    assert _undescribed(JobConfig) == [] and _undescribed(BatchConfig) == []
+    assert main(["config-schema", "--batch"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert set(schema["properties"]) == set(BatchConfig.model_fields)
+    assert all("description" in prop for prop in schema["properties"].values())
+
+
+def test_a_batch_config_s_unknown_key_lists_the_batch_keys(tmp_path: Path) -> None:
+    from pipeline.config import load_batch_config
+
+    config = tmp_path / "batch.yaml"
+    body = "inputs: ['*.tif']\nmodel: {kind: ndvi}\noutput: {root: out, path: x.zarr}\n"
+    config.write_text(body)
+    with pytest.raises(ConfigError, match=r"unknown key 'output.path' \(allowed: root, preview\)"):
+        load_batch_config(config)
+    config.write_text(body.replace("output: {root: out, path: x.zarr}", "output: {root: out}\ninput: x"))
+    with pytest.raises(ConfigError, match=r"unknown key 'input' \(allowed: inputs, source, model"):
+        load_batch_config(config)

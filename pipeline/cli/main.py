@@ -269,7 +269,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("out", help="output .tif path")
     export.set_defaults(func=_cmd_export)
 
-    schema = sub.add_parser("config-schema", help="print the JSON schema of job configs")
+    schema = sub.add_parser(
+        "config-schema",
+        help="print the JSON schema of job configs (--batch: of batch configs): every key, type, default, meaning",
+    )
+    schema.add_argument("--batch", action="store_true", help="the schema of `raymask batch` configs")
     schema.set_defaults(func=_cmd_schema)
     return parser
 
@@ -412,5 +416,5 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_schema(args: argparse.Namespace) -> int:
     from pipeline.config import json_schema
 
-    print(json.dumps(json_schema(), indent=2))
+    print(json.dumps(json_schema(batch=args.batch), indent=2))
     return 0

@@ -174,3 +174,22 @@ def test_truncated_dicom_fails_in_ingest_with_one_line_and_an_incomplete_store(t
     assert result.returncode == 1 and lines, result.stderr
     assert lines[-1].startswith(f"raymask: error: {victim}: cannot decode pixel data"), lines[-1]
     assert_no_complete_store(tmp_path)
+
+
+def test_a_rotated_geographic_grid_is_refused_before_any_store_exists(tmp_path: Path) -> None:
+    """Geodesic pixel areas need a north-up grid: a rotated lon/lat grid is one line, and no store
+    (not even an incomplete one) is left behind."""
+    import numpy as np
+    import rasterio
+    from rasterio.crs import CRS
+    from rasterio.transform import Affine
+
+    path = tmp_path / "rotated.tif"
+    transform = Affine(0.0001, 0.00002, -4.1, 0.00002, -0.0001, 52.4)  # rotated, in degrees
+    with rasterio.open(path, "w", driver="GTiff", width=32, height=32, count=2, dtype="uint8",
+                       crs=CRS.from_epsg(4326), transform=transform) as dst:  # fmt: skip
+        dst.write(np.random.default_rng(0).integers(0, 255, (2, 32, 32), dtype=np.uint8))
+    result = raymask("run", str(write_job(tmp_path, f"'{path}'", bands="[1, 2]")))
+    assert_one_line_error(result, "rotated.tif: geodesic areas need a north-up grid")
+    assert not (tmp_path / "out.zarr").exists()
+    assert not list(tmp_path.glob(".out.zarr*"))

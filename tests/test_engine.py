@@ -159,7 +159,7 @@ def test_the_worker_pipeline_writes_every_unit_once_whatever_its_depth(
     """Batches of equal windows, several in flight, reads ahead (or inline, io_threads 0): the same
     mask as one window at a time."""
     from pipeline.core.plan import pending_units
-    from pipeline.jobs.run import create_store, measure_of
+    from pipeline.jobs.run import create_store
 
     image = make_geotiff(np.random.default_rng(1).normal(size=(3, 150, 130)).astype(np.float32))
     model = scripted_unet(3, 3)
@@ -174,7 +174,7 @@ def test_the_worker_pipeline_writes_every_unit_once_whatever_its_depth(
         })  # fmt: skip
         job = prepare(config)
         store = create_store(job)
-        target = Target(job.source, job.grid, "replicate", str(store.path), measure_of(job), 3)
+        target = Target(job.source, job.grid, "replicate", str(store.path), job.measure, 3)
         worker = UnitWorker(
             {0: target}, config.model, batch_size=depth[0], in_flight=depth[1], prefetch=depth[2], io_threads=depth[3]
         )
@@ -193,7 +193,7 @@ def test_a_failing_model_call_fails_only_its_units(tmp_path: Path, make_geotiff:
     import torch
 
     from pipeline.core.plan import pending_units
-    from pipeline.jobs.run import create_store, measure_of
+    from pipeline.jobs.run import create_store
     from tests.conftest import tiny_unet
 
     model = tmp_path / "four-band.pt"
@@ -207,7 +207,7 @@ def test_a_failing_model_call_fails_only_its_units(tmp_path: Path, make_geotiff:
     })  # fmt: skip
     job = prepare(config)
     store = create_store(job)
-    target = Target(job.source, job.grid, "replicate", str(store.path), measure_of(job), 3)
+    target = Target(job.source, job.grid, "replicate", str(store.path), job.measure, 3)
     worker = UnitWorker({0: target}, config.model)
     rows = list(worker.process([(0, u.index) for u in pending_units(job.grid, store.units_done())]))
     worker.close()

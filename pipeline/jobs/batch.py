@@ -37,7 +37,6 @@ from pipeline.jobs.run import (
     executor_for,
     finalize,
     label_regions,
-    measure_of,
     open_output,
     prepare,
     regions_pending,
@@ -188,7 +187,7 @@ def _run(
             except Exception as exc:
                 _fail(results[key], unwrap(exc))
                 continue
-            measure = measure_of(job)
+            measure = job.measure
             targets[key] = Target(job.source, job.grid, job.config.tiling.edge, str(store.path), measure,
                                   len(job.model.classes))  # fmt: skip
             todo = pending_units(job.grid, store.units_done())

@@ -23,7 +23,7 @@ from pipeline.core.geometry import TileGrid, WorkUnit
 from pipeline.core.georef import pixel_measure
 from pipeline.core.plan import Target, pending_units, pick_engine, resume_action
 from pipeline.core.stats import Measure, class_table
-from pipeline.errors import ConfigError, StoreError, StoreExists, one_line
+from pipeline.errors import ConfigError, SourceError, StoreError, StoreExists, one_line
 from pipeline.jobs.cluster import ray_session, unwrap
 from pipeline.jobs.executors import Executor, RayExecutor, SerialExecutor
 from pipeline.jobs.ingest import ingest_series
@@ -45,6 +45,7 @@ class Job:
     grid: TileGrid
     fingerprint: str
     store_path: Path
+    measure: Measure  # what one pixel measures (m² per row, mm², mm³), or None
     regions: RegionSpec | None = None  # None: regions.enabled is false
 
     @property
@@ -118,7 +119,16 @@ def prepare(config: JobConfig) -> Job:
     regions = None
     if config.regions.enabled:
         regions = resolve(config.regions, ndim, [n for n, _ in model.classes])
-    return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path, regions)
+    voxel = info.volume.voxel_volume_mm3 if info.volume is not None else None
+    try:
+        measure = pixel_measure(info.georef, info.shape[0], voxel_mm3=voxel, pixel_area_mm2=info.pixel_area_mm2)
+    except ValueError as exc:  # a grid whose pixel areas cannot be computed: before any store exists
+        raise SourceError(f"{_shown(config.source.path)}: {exc}") from exc
+    return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path, measure, regions)
+
+
+def _shown(path: str | list[str]) -> str:
+    return path if isinstance(path, str) else f"{path[0]} (and {len(path) - 1} more)"
 
 
 def open_output(job: Job, *, overwrite: bool, batch: bool = False) -> tuple[str, MaskStore, int]:
@@ -286,7 +296,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     job = prepare(config)
     _, store, skipped = open_output(job, overwrite=overwrite)
     todo = pending_units(job.grid, store.units_done())
-    measure = measure_of(job)
+    measure = job.measure
     need_regions = regions_pending(job, store)
     engine = choose_engine(config.runtime, len(todo))
     timings = Timings()
@@ -375,13 +385,6 @@ def executor_for(engine: str, runtime: RuntimeConfig) -> Executor:
     """Where per-chunk tasks (DICOM ingest, region labelling) run: Ray tasks (a handful of them in
     this process, as for small jobs), or this process."""
     return RayExecutor(serial_up_to=runtime.small_job_units) if engine == "ray" else SerialExecutor()
-
-
-def measure_of(job: Job) -> Measure:
-    """m² per pixel for each image row, mm³ per voxel for volumes, None without a CRS."""
-    info = job.info
-    voxel = info.volume.voxel_volume_mm3 if info.volume is not None else None
-    return pixel_measure(info.georef, info.shape[0], voxel_mm3=voxel, pixel_area_mm2=info.pixel_area_mm2)
 
 
 def _identity(job: Job) -> dict[str, str]:

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test check lint bench clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -30,6 +30,11 @@ lint: $(STAMP)
 
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q
+
+# The fast lane while working: lint, then every test but those that start Ray heads of their own
+# or kill processes (marked slow). `make test` runs everything.
+check: $(STAMP) lint
+	$(VENV)/bin/pytest -q -m "not slow" -x
 
 bench: $(STAMP)
 	$(PY) bench/peers.py

@@ -12,8 +12,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import rasterio
+import yaml
+import zarr
 from affine import Affine
 from rasterio.crs import CRS
+from scipy import ndimage
+
+from pipeline.core.stats import NODATA
+from pipeline.query import open_store
+from pipeline.store import MaskStore
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "data"
@@ -229,3 +236,65 @@ def store_digest(path: Path) -> dict[str, object]:
     if isinstance(meta.get("regions"), dict):
         stable["regions"] = {k: v for k, v in meta["regions"].items() if k != "token"}
     return {"files": files, "meta": json.loads(json.dumps(stable))}
+
+
+# -- configs and stores shared by several test modules ------------------------------------------
+
+JOB_CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if "inputs" not in yaml.safe_load(p.read_text())]
+
+
+def write_config(path: Path, **sections: object) -> Path:
+    """A job (or batch) config file from its sections, as YAML: ``write_config(p, source={...}, ...)``."""
+    path.write_text(yaml.safe_dump(sections, sort_keys=False))
+    return path
+
+
+def chunk_bytes(store: Path) -> dict[str, bytes]:
+    root = store / "mask" / "c"
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def units_done(store: Path) -> int:
+    try:
+        return int((zarr.open_array(str(store / "units" / "pixels"), mode="r")[..., 0] >= 0).sum())
+    except Exception:  # the store may not exist yet, or be mid-creation
+        return 0
+
+
+def unet_job(tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, *, store: str, seed: int) -> Path:
+    """A 512 x 448 job of 56 tiles for the tiny U-Net, one tile per model call, so it runs long enough to hit."""
+    image = make_geotiff(np.random.default_rng(seed).normal(size=(3, 512, 448)).astype(np.float32))
+    model = scripted_unet(3, 3)
+    return write_config(
+        tmp_path / "job.yaml",
+        source={"path": str(image)},
+        model={"kind": "torchscript", "path": str(model), "classes": ["a", "b", "c"], "stride": 4,
+               "receptive_radius": 20},
+        tiling={"chunk": 64, "halo": 24},
+        output={"path": f"{tmp_path}/{store}", "preview": False},
+        runtime={"batch_size": 1},
+    )  # fmt: skip
+
+
+def assert_store_equals_scipy(store: MaskStore, mask: np.ndarray, connectivity: int) -> None:
+    regions = np.asarray(store.regions()[...])
+    frame = open_store(store.path).regions()
+    axes = ["row", "col"] if mask.ndim == 2 else ["slice", "row", "col"]
+    size = "pixels" if mask.ndim == 2 else "voxels"
+    ours = sorted(
+        (int(r["class"]), int(r[size]), *[(int(r[f"{a}_start"]), int(r[f"{a}_stop"])) for a in axes])
+        for r in frame.to_dict(orient="records")
+    )
+    expected, theirs = scipy_table(mask, connectivity)
+    assert ours == expected
+    # The array agrees with the table: ids 1..n, each region's pixels are its class and its count.
+    n = len(frame)
+    assert list(frame["id"]) == list(range(1, n + 1))
+    assert np.array_equal(np.bincount(regions.ravel(), minlength=n + 1)[1:], frame[size].to_numpy())
+    assert ((regions > 0) == (mask != NODATA)).all()
+    if n:
+        classes = ndimage.maximum(mask, regions, np.arange(1, n + 1))
+        assert np.array_equal(np.asarray(classes), frame["class"].to_numpy())
+        # Same partition as scipy: our ids and scipy's map one to one.
+        pairs = np.unique(np.stack([regions[regions > 0], theirs[theirs > 0]]), axis=1)
+        assert pairs.shape[1] == n == theirs.max()

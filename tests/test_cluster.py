@@ -21,6 +21,8 @@ import pytest
 
 from tests.conftest import DATA, ROOT, kill_all, processes_mentioning
 
+pytestmark = pytest.mark.slow  # starts Ray heads of its own
+
 BIN = Path(sys.executable).parent
 
 

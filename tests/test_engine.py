@@ -22,8 +22,7 @@ from pipeline.cli import main
 from pipeline.config import RuntimeConfig, config_from_dict, load_config
 from pipeline.core.plan import Target, pick_engine
 from pipeline.jobs.run import prepare
-from tests.conftest import ROOT, S2, GeoTiffFactory, processes_mentioning
-from tests.test_resume import chunk_bytes, unet_job, units_done
+from tests.conftest import ROOT, S2, GeoTiffFactory, chunk_bytes, processes_mentioning, unet_job, units_done
 from workers.models.torchscript import PinnedStaging, TorchScriptModel
 from workers.unit_worker import UnitWorker
 
@@ -256,6 +255,7 @@ def test_staging_buffers_rotate_so_a_buffer_in_flight_is_never_refilled() -> Non
     assert taken[0].shape == shape and taken[0].dtype.itemsize == 1
 
 
+@pytest.mark.slow
 @pytest.mark.usefixtures("ray_session")
 def test_a_unit_whose_workers_keep_dying_fails_with_a_worker_error_and_resumes_later(
     tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, capsys: pytest.CaptureFixture[str]

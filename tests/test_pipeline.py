@@ -12,14 +12,13 @@ import pytest
 import rasterio
 import rioxarray  # noqa: F401  (registers the .rio accessor)
 import xarray as xr
-import yaml
 import zarr
 from pyproj import Geod
 from rasterio.warp import Resampling, calculate_default_transform, reproject
 
 from pipeline.cli import main
 from pipeline.core.stats import NODATA
-from tests.conftest import LANDSAT, RGB_BYTE, ROOT, S2, store_digest
+from tests.conftest import JOB_CONFIGS, LANDSAT, RGB_BYTE, ROOT, S2, store_digest
 from tests.conftest import run_json as run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -199,9 +198,6 @@ def test_info_json_reports_the_store(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert info["stats"]["classes"]["vegetation"]["area_m2"] > 0 and info["spacing"] is None
     assert main(["info", "s2.zarr"]) == 0
     assert "vegetation" in capsys.readouterr().out
-
-
-JOB_CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if "inputs" not in yaml.safe_load(p.read_text())]
 
 
 def test_every_shipped_config_is_tested() -> None:

@@ -24,7 +24,7 @@ from pipeline.jobs.regions import label_store, resolve
 from pipeline.query import open_store
 from pipeline.store import MaskStore
 from pipeline.store.blocks import store_from_blocks
-from tests.conftest import scipy_table
+from tests.conftest import assert_store_equals_scipy
 
 BNG = Georef(CRS.from_epsg(27700).to_wkt(), (1000.0, 10.0, 0.0, 2000.0, 0.0, -10.0))
 
@@ -42,30 +42,6 @@ def label(mask: np.ndarray, chunk: tuple[int, ...], connectivity: int, path: Pat
     spec = resolve(RegionsConfig(connectivity=connectivity), mask.ndim, classes)  # type: ignore[arg-type]
     label_store(store, spec, source=None, executor=executor or SerialExecutor())
     return MaskStore.open(path)
-
-
-def assert_store_equals_scipy(store: MaskStore, mask: np.ndarray, connectivity: int) -> None:
-    regions = np.asarray(store.regions()[...])
-    frame = open_store(store.path).regions()
-    axes = ["row", "col"] if mask.ndim == 2 else ["slice", "row", "col"]
-    size = "pixels" if mask.ndim == 2 else "voxels"
-    ours = sorted(
-        (int(r["class"]), int(r[size]), *[(int(r[f"{a}_start"]), int(r[f"{a}_stop"])) for a in axes])
-        for r in frame.to_dict(orient="records")
-    )
-    expected, theirs = scipy_table(mask, connectivity)
-    assert ours == expected
-    # The array agrees with the table: ids 1..n, each region's pixels are its class and its count.
-    n = len(frame)
-    assert list(frame["id"]) == list(range(1, n + 1))
-    assert np.array_equal(np.bincount(regions.ravel(), minlength=n + 1)[1:], frame[size].to_numpy())
-    assert ((regions > 0) == (mask != NODATA)).all()
-    if n:
-        classes = ndimage.maximum(mask, regions, np.arange(1, n + 1))
-        assert np.array_equal(np.asarray(classes), frame["class"].to_numpy())
-        # Same partition as scipy: our ids and scipy's map one to one.
-        pairs = np.unique(np.stack([regions[regions > 0], theirs[theirs > 0]]), axis=1)
-        assert pairs.shape[1] == n == theirs.max()
 
 
 @given(

@@ -16,22 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import zarr
 
 from pipeline.cli import main
-from tests.conftest import GeoTiffFactory, descendants, kill_all, processes_mentioning
+from tests.conftest import (
+    GeoTiffFactory,
+    assert_store_equals_scipy,
+    chunk_bytes,
+    descendants,
+    kill_all,
+    processes_mentioning,
+    unet_job,
+    units_done,
+)
 
-
-def chunk_bytes(store: Path) -> dict[str, bytes]:
-    root = store / "mask" / "c"
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-def units_done(store: Path) -> int:
-    try:
-        return int((zarr.open_array(str(store / "units" / "pixels"), mode="r")[..., 0] >= 0).sum())
-    except Exception:  # the store may not exist yet, or be mid-creation
-        return 0
+pytestmark = pytest.mark.slow  # kills drivers and workers, and runs them again
 
 
 def kill_driver_when(config: Path, ready: Callable[[], bool], *, timeout: float) -> None:
@@ -60,21 +58,6 @@ def kill_driver_when(config: Path, ready: Callable[[], bool], *, timeout: float)
         driver.wait(timeout=30)
         kill_all(lambda: processes_mentioning(ray_tmp))
         shutil.rmtree(ray_tmp, ignore_errors=True)
-
-
-def unet_job(tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, *, store: str, seed: int) -> Path:
-    """A 512 x 448 job of 56 tiles for the tiny U-Net, one tile per model call, so it runs long enough to hit."""
-    image = make_geotiff(np.random.default_rng(seed).normal(size=(3, 512, 448)).astype(np.float32))
-    model = scripted_unet(3, 3)
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        f"source: {{path: '{image}'}}\n"
-        f"model: {{kind: torchscript, path: '{model}', classes: [a, b, c], stride: 4, receptive_radius: 20}}\n"
-        "tiling: {chunk: 64, halo: 24}\n"
-        f"output: {{path: '{tmp_path}/{store}', preview: false}}\n"
-        "runtime: {batch_size: 1}\n"
-    )
-    return config
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -142,7 +125,6 @@ def test_a_driver_killed_while_labelling_regions_resumes_with_the_regions_only(
     from scipy import ndimage
 
     from pipeline.query import open_store
-    from tests.test_region_stores import assert_store_equals_scipy
 
     rng = np.random.default_rng(11)
     image = ndimage.uniform_filter(rng.random((2, 1536, 1536)), size=(1, 7, 7)).astype(np.float32)

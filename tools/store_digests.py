@@ -19,8 +19,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from tests.conftest import store_digest  # noqa: E402
-from tests.test_pipeline import JOB_CONFIGS  # noqa: E402
+from tests.conftest import JOB_CONFIGS, store_digest  # noqa: E402
 
 
 def main() -> None:

@@ -242,15 +242,19 @@ def _on_ray(
                 actor = loading.pop(ready[0])
                 try:
                     failure = ray.get(ready[0])
-                except (RayActorError, WorkerCrashedError) as exc:  # died while loading
+                except (RayActorError, WorkerCrashedError) as exc:  # died while loading: it held no units
                     load_deaths += 1
-                    if load_deaths > runtime.max_retries:
-                        raise WorkerError(
-                            f"{getattr(model, 'path', model.kind)}: a worker died while loading the model "
-                            f"{load_deaths} times (last: {one_line(exc, 160)}); out of memory?"
-                        ) from None
-                    yield from lost(actor, exc)
-                    continue
+                    if load_deaths <= runtime.max_retries:
+                        yield from lost(actor, exc)  # a replacement loads the model again
+                        continue
+                    if working:  # the others carry on without it
+                        ray.kill(actor.handle, no_restart=True)
+                        actors.remove(actor)
+                        continue
+                    raise WorkerError(  # no actor could load the model: stop
+                        f"{getattr(model, 'path', model.kind)}: a worker died while loading the model "
+                        f"{load_deaths} times (last: {one_line(exc, 160)}); out of memory?"
+                    ) from None
                 if failure is not None:
                     raise rebuild(*failure)
                 working.add(actor)

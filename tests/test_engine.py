@@ -42,6 +42,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.Complet
     )
 
 
+@pytest.mark.slow  # a driver of its own, which starts its own Ray
 def test_a_small_job_runs_in_this_process_and_writes_what_ray_writes(tmp_path: Path) -> None:
     """No Ray is running in a fresh `raymask run`: the 9-chunk demo runs in process, and its
     mask, regions and statistics are byte-identical to the same job on Ray actors."""
@@ -100,6 +101,7 @@ def rgba_with_nodata(path: Path) -> Path:
     return path
 
 
+@pytest.mark.slow  # a driver of its own, which starts its own Ray
 @pytest.mark.parametrize("engine", ["process", "ray"])
 def test_a_healthy_run_prints_the_summary_and_nothing_else(tmp_path: Path, engine: str) -> None:
     """Worker warnings (here GDAL's nodata-shadows-alpha, once per window) are handled where they
@@ -288,6 +290,7 @@ def test_a_unit_whose_workers_keep_dying_fails_with_a_worker_error_and_resumes_l
     assert chunk_bytes(store) == chunk_bytes(tmp_path / "clean.zarr")
 
 
+@pytest.mark.slow  # a driver of its own, which starts its own Ray
 @pytest.mark.parametrize("engine", ["process", "ray"])
 def test_a_model_that_cannot_load_is_one_line_on_either_engine(tmp_path: Path, engine: str) -> None:
     model = tmp_path / "broken.pt"

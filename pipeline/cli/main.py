@@ -22,8 +22,8 @@ EXIT_TRANSIENT = 75  # EX_TEMPFAIL (sysexits.h): try again later
 EPILOG_RUN = """\
 examples:
   raymask run configs/aerial-vegetation.yaml
-  raymask run job.yaml --set tiling.chunk=1024 --set output.path=out/x.zarr --overwrite
-  raymask run job.yaml --set source.bands=[4,8] --json > summary.json
+  raymask run configs/aerial-vegetation.yaml --set tiling.chunk=256 --set output.path=out/aber-256.zarr --overwrite
+  raymask run configs/aerial-vegetation.yaml --set source.bands=[4,8] --set output.path=out/b4.zarr --json >s.json
 
 A run into an existing incomplete store of the same job resumes: chunks already written are
 skipped (the summary counts them). A complete store is never touched without --overwrite.
@@ -35,7 +35,7 @@ Every config key is listed by `raymask config-schema`.
 EPILOG_SUBMIT = """\
 examples:
   raymask submit configs/aerial-vegetation.yaml --address http://127.0.0.1:8265
-  raymask submit job.yaml --address http://head:8265 --set runtime.actors=8 --no-wait
+  raymask submit configs/ct-tissue.yaml --address http://head:8265 --set runtime.actors=8 --no-wait
 
 The config is validated here, then travels in the job's runtime environment; the current
 directory travels as the job's working directory (files ignored by .gitignore stay behind),
@@ -47,7 +47,7 @@ The raw form works too:
 EPILOG_BATCH = """\
 examples:
   raymask batch configs/archive-nightly.yaml
-  raymask batch configs/archive-nightly.yaml --set output.root=/data/masks --json > report.json
+  raymask batch configs/archive-nightly.yaml --set output.root=out/archive --json > report.json
 
 A matched file is one input; a matched folder is a DICOM study, split into series. Each input's
 store mirrors its path under output.root. Complete stores of the same job and source are skipped,
@@ -58,17 +58,17 @@ if every input succeeded.
 
 EPILOG_INFO = """\
 examples:
-  raymask info out/aber.zarr
-  raymask info out/aber.zarr --json | jq .stats.classes.vegetation.area_ha
+  raymask info out/aber-vegetation.zarr
+  raymask info out/aber-vegetation.zarr --json > info.json     # then .stats.classes.vegetation.area_ha
 """
 
 
 EPILOG_REGIONS = """\
 examples:
-  raymask regions out/aber.zarr --class vegetation --min-area 100
-  raymask regions out/ct.zarr --class bone --min-volume 500 --json > bone.json
-  raymask regions out/aber.zarr --out regions.parquet          # every row, for pandas / GIS
-  raymask regions out/aber.zarr --compute --connectivity 8     # label again, 8-connected
+  raymask regions out/aber-vegetation.zarr --class vegetation --min-area 100
+  raymask regions out/ct-tissue.zarr --class bone --min-volume 500 --json > bone.json
+  raymask regions out/aber-vegetation.zarr --out regions.parquet          # every row, for pandas / GIS
+  raymask regions out/aber-vegetation.zarr --compute --connectivity 8     # label again, 8-connected
 
 One row per connected region of one class: id (its value in the store's regions array), size,
 area (m², ha) or volume (mm³, mL), bounding box and centroid in array indices and in world
@@ -78,11 +78,11 @@ Regions are labelled by the job itself (config key regions.*); --compute labels 
 
 EPILOG_QUERY = """\
 examples:
-  raymask query out/aber.zarr --bbox -4.09,52.40,-4.06,52.42 --crs EPSG:4326
-  raymask query out/aber.zarr --bbox 257600,279500,258600,280500      # the store's own CRS
-  raymask query out/aber.zarr --point -4.08,52.41 --crs EPSG:4326 --json
-  raymask query out/ct.zarr --bbox -100,-250,-400,100,-50,-380         # patient mm (LPS)
-  raymask query out/ct.zarr --bbox 0,0,0,256,256,10 --crs pixel        # voxel indices x,y,z
+  raymask query out/aber-vegetation.zarr --bbox -4.09,52.40,-4.06,52.42 --crs EPSG:4326
+  raymask query out/aber-vegetation.zarr --bbox 257600,279500,258600,280500      # the store's own CRS
+  raymask query out/aber-vegetation.zarr --point -4.08,52.41 --crs EPSG:4326 --json
+  raymask query out/ct-tissue.zarr --bbox -100,-250,-800,100,-50,-780         # patient mm (LPS)
+  raymask query out/ct-tissue.zarr --bbox 0,0,0,256,256,10 --crs pixel        # voxel indices x,y,z
 
 A pixel counts when its centre lies in the box (edges included). --bbox is MINX,MINY,MAXX,MAXY
 (volumes: XMIN,YMIN,ZMIN,XMAX,YMAX,ZMAX); --crs takes anything PROJ knows (EPSG:4326, WKT, ...),
@@ -92,9 +92,9 @@ Only the chunks that the box touches are read. A box outside the image gives an 
 
 EPILOG_ZONES = """\
 examples:
-  raymask zones out/aber.zarr fields.geojson
-  raymask zones out/aber.zarr fields.geojson --json > zones.json
-  raymask zones out/aber.zarr fields_bng.geojson --crs EPSG:27700
+  raymask zones out/aber-vegetation.zarr data/zones/aber-fields.geojson
+  raymask zones out/aber-vegetation.zarr data/zones/aber-fields.geojson --json > zones.json
+  raymask zones out/aber-vegetation.zarr data/zones/aber-fields-bng.geojson --crs EPSG:27700
 
 Polygons and MultiPolygons are reprojected to the store's CRS (edges densified); a pixel belongs
 to a zone when its centre lies inside. GeoJSON is WGS84 lon/lat unless the file names a crs or

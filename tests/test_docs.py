@@ -1,0 +1,95 @@
+"""Documentation that cannot go stale: every `raymask` command shown in the README and in the
+`--help` examples runs, as shown, against the bundled data (in a scratch folder that links
+``configs/``, ``data/`` and ``models/``), and exits 0."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.cli.main import _parser
+from tests.conftest import ROOT
+
+BIN = Path(sys.executable).parent
+# Commands that need a Ray cluster's head: tests/test_cluster.py runs `raymask submit` against one.
+NEEDS_A_CLUSTER = ("raymask submit", "ray job submit")
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```[a-z]*\n(.*?)```", text, re.S):
+        for line in block.splitlines():
+            line = line.strip()
+            if line.startswith((".venv/bin/raymask ", "raymask ", "ray job submit ")):
+                out.append(line)
+    return out
+
+
+def help_commands() -> list[str]:
+    out = []
+    parser = _parser()
+    actions = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    for sub in [parser, *actions[0].choices.values()]:
+        for line in (sub.epilog or "").splitlines():
+            line = line.strip()
+            if line.startswith(("raymask ", "ray job submit ")):
+                out.append(line)
+    return out
+
+
+def shell_line(line: str) -> str:
+    """The command without its trailing comment, with `raymask` from this environment."""
+    command = re.split(r"\s+#\s", line, maxsplit=1)[0].strip()
+    return command.removeprefix(".venv/bin/")
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A scratch folder where the shipped configs and bundled data sit where the docs say."""
+    work = tmp_path_factory.mktemp("docs")
+    for name in ("configs", "data", "models"):
+        (work / name).symlink_to(ROOT / name)
+    return work
+
+
+def run_shell(command: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_ADDRESS": ""}
+    return subprocess.run(["bash", "-o", "pipefail", "-c", command], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+
+
+def test_the_docs_show_commands_and_every_one_is_run_here() -> None:
+    commands = readme_commands() + help_commands()
+    assert len(commands) >= 30
+    for line in commands:
+        assert shell_line(line).split()[0] in ("raymask", "ray"), line
+
+
+@pytest.mark.slow  # some forty commands, each its own process
+def test_every_command_in_the_readme_and_the_help_runs_as_shown(workdir: Path) -> None:
+    commands = [c for c in readme_commands() + help_commands() if not shell_line(c).startswith(NEEDS_A_CLUSTER)]
+    # The runs first, as a new user would start (without --overwrite first): they write the stores
+    # that the other examples read.
+    commands.sort(key=lambda c: (0 if re.search(r"raymask run configs/", c) else 1, "--overwrite" in c))
+    failed = []
+    for line in dict.fromkeys(commands):
+        command = shell_line(line)
+        result = run_shell(command, workdir)
+        if result.returncode != 0:
+            failed.append(f"{command}\n    -> exit {result.returncode}: {result.stderr.strip()[-400:]}")
+    assert failed == [], "\n".join(failed)
+
+
+def test_the_commands_that_need_a_cluster_are_the_ones_test_cluster_runs() -> None:
+    shown = [shell_line(c) for c in readme_commands() + help_commands() if shell_line(c).startswith(NEEDS_A_CLUSTER)]
+    assert shown and all(shlex.split(c)[0] in ("raymask", "ray") for c in shown)
+    cluster_tests = (ROOT / "tests" / "test_cluster.py").read_text()
+    assert '"submit", "configs/aerial-vegetation.yaml", "--address"' in cluster_tests

@@ -154,7 +154,7 @@ def _plan(
     action, store, done = open_output(job, overwrite=False, batch=True)
     if action == "skip":
         result.status, result.units_skipped = "skipped", int(store.units_done().size)
-        result.classes = store.meta.get("stats", {}).get("classes", {})
+        result.classes = (store.info.stats or {}).get("classes", {})
         return None
     final = None
     if action == "version":  # built at NAME.next, swapped in when complete

@@ -19,13 +19,13 @@ def ingest_series(store: MaskStore, series: Series, *, executor: Executor, progr
     """Decode ``series`` into ``store.image``; returns the number of slices written (0 if already there)."""
     from tqdm import tqdm
 
-    if store.meta.get("image_ingested"):
+    if store.info.image_ingested:
         return 0
     image = store.image
     if image is None:
         raise ValueError(f"{store.path}: not a volume store")
     depth = image.chunks[0]
-    array_path = f"{store.path}/{store.meta['arrays']['image']}"
+    array_path = f"{store.path}/{store.info.arrays.image}"
     slabs = [Slab(tuple(series.frames[z0 : z0 + depth]), array_path, z0) for z0 in range(0, len(series.frames), depth)]
     with tqdm(total=len(series.frames), unit="slice", desc="ingest", disable=not progress) as bar:
         for written in executor.map(ingest_slab, slabs):

@@ -31,7 +31,7 @@ def write_preview(store: MaskStore, source: Source) -> Path:
         mask = np.asarray(store.mask[mid])
         image = np.ma.masked_invalid(np.asarray(store.image[mid], dtype=np.float64))
         base = np.stack([_stretch(image)] * 3, axis=-1)
-    elif store.meta["source"].get("modality"):  # a 2-D DICOM image: small enough to read whole
+    elif store.info.source is not None and store.info.source.modality:  # a 2-D DICOM image: small enough to read whole
         step = max(1, -(-max(store.mask.shape) // MAX_EDGE))
         mask = np.asarray(store.mask[::step, ::step])
         pixels, _ = source.read(Box((0, 0), tuple(store.mask.shape)))
@@ -41,15 +41,16 @@ def write_preview(store: MaskStore, source: Source) -> Path:
     else:
         step = max(1, -(-max(store.mask.shape) // MAX_EDGE))
         mask = np.asarray(store.mask[::step, ::step])
-        base = _base_image(store.meta["source"]["paths"], store.meta["source"]["bands"], mask.shape)
-    classes = store.meta["classes"]
+        assert store.info.source is not None
+        base = _base_image(store.info.source.paths, store.info.source.bands, mask.shape)
+    classes = [c.model_dump() for c in store.info.classes]
     colours = np.zeros((256, 3), dtype=np.float32)
     for cls in classes:
         colours[cls["id"]] = rgb(cls["color"])
     overlay = colours[mask]
     blend = np.where((mask != NODATA)[..., None], (1 - ALPHA) * base + ALPHA * overlay, base * 0.5)
     image_out = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
-    out = _with_legend(image_out, classes, store.meta.get("stats", {}).get("classes", {}))
+    out = _with_legend(image_out, classes, (store.info.stats or {}).get("classes", {}))
     path = preview_path(store.path)
     out.save(path)
     return path

@@ -85,7 +85,7 @@ def label_store(
 ) -> dict[str, Any]:
     """Label ``store``'s regions and install the ``regions`` array and the region table; returns
     the summary written to the store's metadata."""
-    meta = store.meta
+    info = store.info
     mask = store.mask
     shape = tuple(int(n) for n in mask.shape)
     chunk = tuple(int(n) for n in mask.chunks)
@@ -144,14 +144,14 @@ def label_store(
 
     context = TableContext(
         ndim=ndim,
-        measure=meta.get("measure"),
+        measure=info.measure,
         georef=store.georef,
-        affine=np.asarray(meta["volume"]["affine"]) if volume else None,
+        affine=np.asarray(info.volume.affine) if info.volume is not None else None,
         bands=bands,
         modality=modality,
     )
     per_class = _write_table(scratch / "table", plan, scratch, context, len(bands), token, spec)
-    names = [c["name"] for c in meta["classes"]]
+    names = info.class_names
     summary = {
         "connectivity": spec.connectivity,
         "classes": [names[i] for i in spec.classes],
@@ -174,7 +174,7 @@ def _create_regions_array(
     attrs: dict[str, Any] = {"long_name": "region id (0: no region)", "raymask_regions_token": token}
     if store.is_volume:
         group = zarr.open_group(str(scratch / "regions-group"), mode="w", zarr_format=3)
-        group.attrs.update(ngff.regions_image_attrs(store.meta["volume"]))
+        group.attrs.update(ngff.regions_image_attrs(store.meta["volume"]))  # the raw dict NGFF copies
         group.create_array("0", shape=shape, chunks=chunk, dtype="uint32", fill_value=0,
                            dimension_names=list(ngff.AXES), attributes=attrs)  # fmt: skip
         return scratch / "regions-group" / "0"

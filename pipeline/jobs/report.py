@@ -68,27 +68,27 @@ def render_batch(report: BatchReport, report_name: str) -> str:
 
 
 def store_info(store: MaskStore) -> dict[str, Any]:
-    meta = store.meta
+    info, raw = store.info, store.meta
     return {
         "path": str(store.path),
-        "status": meta.get("status"),
-        "shape": meta.get("shape"),
+        "status": info.status,
+        "shape": info.shape,
         "chunks": list(store.mask.chunks),
-        "classes": [{"id": c["id"], "name": c["name"], "color": c["color"]} for c in meta.get("classes", [])],
-        "nodata": meta.get("nodata"),
-        "crs": meta.get("crs"),
-        "transform": meta.get("transform"),
-        "spacing": (meta.get("volume") or {}).get("spacing_mm"),
-        "affine": (meta.get("volume") or {}).get("affine"),
+        "classes": [{"id": c.id, "name": c.name, "color": c.color} for c in info.classes],
+        "nodata": info.nodata,
+        "crs": info.crs,
+        "transform": info.transform,
+        "spacing": info.volume.spacing_mm if info.volume else None,
+        "affine": info.volume.affine if info.volume else None,
         "units_done": int(store.units_done().sum()),
         "units_total": int(store.units_done().size),
-        "stats": meta.get("stats"),
-        "regions": {k: v for k, v in (meta.get("regions") or {}).items() if k != "token"} or None,
-        "model": meta.get("model"),
-        "source": meta.get("source"),
-        "raymask_version": meta.get("raymask_version"),
-        "created": meta.get("created"),
-        "completed": meta.get("completed"),
+        "stats": info.stats,
+        "regions": {k: v for k, v in (raw.get("regions") or {}).items() if k != "token"} or None,
+        "model": raw.get("model"),  # provenance records, shown as stored
+        "source": raw.get("source"),
+        "raymask_version": info.raymask_version,
+        "created": info.created,
+        "completed": info.completed,
     }
 
 
@@ -139,7 +139,7 @@ def _class_table(classes: dict[str, dict[str, Any]], measure: str | None) -> str
 
 
 def regions_json(view: Any, frame: Any, matched: int) -> dict[str, Any]:
-    info = view.meta.get("regions") or {}
+    info = view.info.regions.model_dump() if view.info.regions else {}
     return {
         "store": str(view.path),
         "connectivity": info.get("connectivity"),
@@ -151,7 +151,7 @@ def regions_json(view: Any, frame: Any, matched: int) -> dict[str, Any]:
 
 
 def render_regions(view: Any, frame: Any, matched: int) -> str:
-    info = view.meta.get("regions") or {}
+    info = view.info.regions.model_dump() if view.info.regions else {}
     size = "voxels" if "voxels" in frame else "pixels"
     measure = next((c for c in ("area_ha", "volume_ml", "area_mm2") if c in frame), None)
     unit = {"area_ha": "ha", "volume_ml": "mL", "area_mm2": "mm²"}.get(measure or "", "")

@@ -175,7 +175,7 @@ def create_store(job: Job) -> MaskStore:
 
 def finalize(job: Job, store: MaskStore) -> dict[str, dict[str, Any]]:
     """Sum the per-unit statistics the store holds, write them, mark the store complete."""
-    unit = store.meta.get("measure")
+    unit = store.info.measure
     table = class_table(store.totals(), [n for n, _ in job.model.classes], unit)
     if job.regions is not None:
         with_region_counts(table, (store.regions_info or {}).get("per_class", {}))
@@ -237,10 +237,10 @@ def label_existing(
     missing = int((~store.units_done()).sum())
     if missing:
         raise StoreError(f"{path}: {missing} work units are not written yet; finish the job first (raymask run CONFIG)")
-    names = [c["name"] for c in store.meta["classes"]]
+    names = store.info.class_names
     spec = resolve(config, store.mask.ndim, names)
     source, notes = _stored_source(store)
-    modality = (store.meta.get("source") or {}).get("modality")
+    modality = store.info.source.modality if store.info.source else None
     try:
         with ray_session(address):
             summary = label_store(
@@ -258,11 +258,11 @@ def label_existing(
 def _stored_source(store: MaskStore) -> tuple[Source | None, list[str]]:
     from pipeline.sources.store_array import StoreArraySource
 
-    image = store.meta.get("arrays", {}).get("image")
+    image = store.info.arrays.image
     if image:
         return StoreArraySource(store=str(store.path.absolute()), array=image), []
-    job = store.meta.get("job") or {}
-    paths = (store.meta.get("source") or {}).get("paths") or []
+    job = store.info.job or {}
+    paths = store.info.source.paths if store.info.source else []
     try:
         config = JobConfig.model_validate(job)
         if paths:  # the paths as the job resolved them: the config's may be relative to its cwd
@@ -272,14 +272,14 @@ def _stored_source(store: MaskStore) -> tuple[Source | None, list[str]]:
         opened = open_input(config.source, store_path=store.path.absolute())
     except Exception as exc:
         return None, [f"no mean intensities: the source cannot be opened ({one_line(exc, 120)})"]
-    if opened.fingerprint != (store.meta.get("source") or {}).get("fingerprint"):
+    if store.info.source is None or opened.fingerprint != store.info.source.fingerprint:
         return None, ["no mean intensities: the source changed since the store was written"]
     return opened.source, []
 
 
 def same_job(store: MaskStore, job: Job) -> bool:
     """Whether ``store`` was made by this job: same config, model and source content."""
-    return bool(store.meta.get("identity") == _identity(job))
+    return store.info.identity == _identity(job)
 
 
 def choose_engine(runtime: RuntimeConfig, n_units: int) -> str:
@@ -313,7 +313,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
                 timings.regions_s = time.perf_counter() - mark
     timings.workers_s, timings.compute_s = clock.workers_s, clock.compute_s
     table = finalize(job, store)
-    unit = store.meta.get("measure")
+    unit = store.info.measure
     summary = RunSummary(
         store=config.output.path,
         status=store.status,

@@ -21,10 +21,11 @@ from pipeline.core.colors import rgb
 from pipeline.core.stats import NODATA
 from pipeline.errors import StoreError
 from pipeline.store import MaskStore
+from pipeline.store.meta import ClassEntry
 
 
 def export_geotiff(store: MaskStore, out: Path) -> Path:
-    meta = store.meta
+    info = store.info
     mask = store.mask
     if mask.ndim != 2:
         raise StoreError(
@@ -43,10 +44,10 @@ def export_geotiff(store: MaskStore, out: Path) -> Path:
         "blockysize": 256,
         "compress": "deflate",
     }
-    if meta.get("crs"):
-        profile["crs"] = CRS.from_wkt(meta["crs"])
-    if meta.get("transform"):
-        profile["transform"] = Affine.from_gdal(*meta["transform"])
+    if info.crs:
+        profile["crs"] = CRS.from_wkt(info.crs)
+    if info.transform:
+        profile["transform"] = Affine.from_gdal(*info.transform)
     if out.exists() and out.is_dir():
         raise StoreError(f"{out}: is a directory, expected a .tif path")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -58,15 +59,15 @@ def export_geotiff(store: MaskStore, out: Path) -> Path:
                 for col in range(0, width, chunk_cols):
                     block = np.asarray(mask[row : row + chunk_rows, col : col + chunk_cols])
                     dst.write(block, 1, window=Window(col, row, block.shape[1], block.shape[0]))  # type: ignore[call-arg]
-            dst.write_colormap(1, _colormap(meta["classes"]))
-            dst.update_tags(1, **{f"class_{c['id']}": c["name"] for c in meta["classes"]})
+            dst.write_colormap(1, _colormap(info.classes))
+            dst.update_tags(1, **{f"class_{c.id}": c.name for c in info.classes})
         rasterio.shutil.copy(
             staging, out, driver="COG", compress="deflate", resampling="mode", overview_resampling="mode"
         )
     return out
 
 
-def _colormap(classes: list[dict]) -> dict[int, tuple[int, int, int, int]]:
-    cmap = {c["id"]: (*rgb(c["color"]), 255) for c in classes}
+def _colormap(classes: list[ClassEntry]) -> dict[int, tuple[int, int, int, int]]:
+    cmap = {c.id: (*rgb(c.color), 255) for c in classes}
     cmap[NODATA] = (0, 0, 0, 0)
     return cmap  # type: ignore[return-value]

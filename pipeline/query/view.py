@@ -54,16 +54,16 @@ class StoreView:
 
     def __init__(self, store: MaskStore) -> None:
         self._store = store
-        meta = store.meta
+        info = self.info = store.info
         self.path = store.path
-        self.meta = meta
-        self.classes: list[str] = [c["name"] for c in meta["classes"]]
-        self.shape: tuple[int, ...] = tuple(meta["shape"])
-        self.measure: str | None = meta.get("measure")
+        self.meta = store.meta  # the raw record, as stored
+        self.classes: list[str] = info.class_names
+        self.shape: tuple[int, ...] = tuple(info.shape)
+        self.measure: str | None = info.measure
         self.georef = store.georef
-        volume = meta.get("volume")
-        self.affine: np.ndarray | None = np.asarray(volume["affine"]) if volume else None
-        self.spacing: tuple[float, ...] | None = tuple(volume["spacing_mm"]) if volume else None
+        volume = info.volume
+        self.affine: np.ndarray | None = np.asarray(volume.affine) if volume else None
+        self.spacing: tuple[float, ...] | None = tuple(volume.spacing_mm) if volume else None
 
     def __repr__(self) -> str:
         return f"<raymask store {self.path} {self.status} {'x'.join(map(str, self.shape))} classes={self.classes}>"
@@ -76,7 +76,7 @@ class StoreView:
 
     @property
     def stats(self) -> dict[str, Any]:
-        return dict(self.meta.get("stats") or {})
+        return dict(self.info.stats or {})
 
     @property
     def crs(self) -> Any:

@@ -1,10 +1,9 @@
 """The mask store: a zarr v3 group holding the mask, the statistics per work unit, the regions
-and the store's metadata (``mask_store``); stores built from label blocks (``blocks``); folders
-of stores (``catalog``)."""
+and the store's metadata (``mask_store``), that metadata typed (``meta``), stores built from label
+blocks (``blocks``), folders of stores (``catalog``)."""
 
 from pipeline.store.mask_store import (
     COMPLETE,
-    FORMAT,
     INCOMPLETE,
     REGION_TABLE,
     VOLUME_IMAGE,
@@ -14,16 +13,19 @@ from pipeline.store.mask_store import (
     StoreLayout,
     swap_in,
 )
+from pipeline.store.meta import FORMAT, VERSION, StoreMeta
 
 __all__ = [
     "COMPLETE",
     "FORMAT",
     "INCOMPLETE",
     "REGION_TABLE",
+    "VERSION",
     "VOLUME_IMAGE",
     "VOLUME_MASK",
     "VOLUME_REGIONS",
     "MaskStore",
     "StoreLayout",
+    "StoreMeta",
     "swap_in",
 ]

@@ -30,19 +30,17 @@ def catalog_rows(root: Path) -> list[dict[str, Any]]:
             store = MaskStore.open(path)
         except StoreError:
             continue  # a zarr store that raymask did not write
-        meta = store.meta
-        crs = meta.get("crs")
-        volume = meta.get("volume") or {}
+        info = store.info
         row: dict[str, Any] = {
             "store": str(path.relative_to(root)),
-            "source": ";".join(meta.get("source", {}).get("paths", [])),
-            "status": meta.get("status"),
-            "shape": "x".join(str(v) for v in meta.get("shape", [])),
-            "crs": crs_name(crs),
-            "spacing_mm": "x".join(f"{v:g}" for v in volume.get("spacing_mm", [])) or None,
-            "completed": meta.get("completed"),
+            "source": ";".join(info.source.paths if info.source else []),
+            "status": info.status,
+            "shape": "x".join(str(v) for v in info.shape),
+            "crs": crs_name(info.crs),
+            "spacing_mm": "x".join(f"{v:g}" for v in info.volume.spacing_mm) if info.volume else None,
+            "completed": info.completed,
         }
-        for name, stats in (meta.get("stats") or {}).get("classes", {}).items():
+        for name, stats in (info.stats or {}).get("classes", {}).items():
             for key in ("area_ha", "volume_ml", "area_cm2"):
                 if stats.get(key) is not None:
                     row[f"{name}_{key}"] = stats[key]

@@ -40,8 +40,8 @@ from pipeline.core.stats import NODATA, ChunkStats, Measure, count_classes
 from pipeline.core.transform import axis_centres
 from pipeline.core.volume import VolumeGeometry
 from pipeline.errors import StoreError
+from pipeline.store.meta import FORMAT, VERSION, StoreMeta, parse_meta
 
-FORMAT = "raymask-mask-store/1"
 VOLUME_IMAGE = "0"  # the NGFF image's level 0, at the root
 VOLUME_MASK = "labels/mask/0"
 VOLUME_REGIONS = "labels/regions/0"
@@ -74,7 +74,8 @@ class MaskStore:
     def __init__(self, path: Path, group: zarr.Group) -> None:
         self.path = path
         self.group = group
-        self._writing: dict[str, zarr.Array] = {}  # arrays write_unit writes, opened once (their metadata is fixed)
+        self._writing: dict[str, zarr.Array] = {}
+        self._info: StoreMeta | None = None  # arrays write_unit writes, opened once (their metadata is fixed)
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -87,10 +88,9 @@ class MaskStore:
             group = zarr.open_group(str(path), mode=mode)  # type: ignore[arg-type]
         except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError) as exc:
             raise StoreError(f"{path}: not a zarr store") from exc
-        meta = group.attrs.get("raymask")
-        if not isinstance(meta, dict) or meta.get("format") != FORMAT:
-            raise StoreError(f"{path}: a zarr group but not a raymask store (no raymask attrs)")
-        return cls(path, group)
+        store = cls(path, group)
+        _ = store.info  # parses and checks the metadata: a foreign, damaged or newer store fails here
+        return store
 
     @classmethod
     def create(cls, path: str | Path, layout: StoreLayout) -> MaskStore:
@@ -110,6 +110,7 @@ class MaskStore:
         meta = dict(layout.provenance)
         meta.update(
             format=FORMAT,
+            version=VERSION,
             status=INCOMPLETE,
             created=_now(),
             shape=list(grid.shape),
@@ -129,6 +130,7 @@ class MaskStore:
             cls._build_volume(group, layout)
         else:
             cls._build_image(group, layout)
+        parse_meta(meta, str(path))  # what is written is what readers accept
         group.attrs["raymask"] = meta
         cls._build_units(group, grid, len(names))
         _consolidate(path)
@@ -211,49 +213,56 @@ class MaskStore:
 
     @property
     def meta(self) -> dict[str, Any]:
-        return cast(dict[str, Any], self.group.attrs["raymask"])
+        """The raw metadata (what ``info`` parses); write through ``update_meta``."""
+        return cast(dict[str, Any], self.group.attrs.get("raymask"))
+
+    @property
+    def info(self) -> StoreMeta:
+        """The store's metadata, typed (``pipeline.store.meta``)."""
+        if self._info is None:
+            self._info = parse_meta(self.group.attrs.get("raymask"), str(self.path))
+        return self._info
 
     @property
     def status(self) -> str:
-        return str(self.meta.get("status"))
+        return self.info.status
 
     @property
     def mask(self) -> zarr.Array:
-        return cast(zarr.Array, self.group[self.meta.get("arrays", {}).get("mask", "mask")])
+        return cast(zarr.Array, self.group[self.info.arrays.mask])
 
     @property
     def image(self) -> zarr.Array | None:
-        path = self.meta.get("arrays", {}).get("image")
+        path = self.info.arrays.image
         return cast(zarr.Array, self.group[path]) if path else None
 
     @property
     def georef(self) -> Georef:
-        transform = self.meta.get("transform")
-        return Georef(self.meta.get("crs"), tuple(transform) if transform else None)  # type: ignore[arg-type]
+        info = self.info
+        return Georef(info.crs, tuple(info.transform) if info.transform else None)  # type: ignore[arg-type]
 
     def pixel_measure(self) -> Measure:
         """What one pixel measures: m² per row (maps), mm² (medical images), mm³ (volumes), or None."""
-        meta = self.meta
-        unit = meta.get("measure")
-        if unit is None:
+        info = self.info
+        if info.measure is None:
             return None
-        voxel = float(np.prod(meta["volume"]["spacing_mm"])) if unit == "mm3" else None
-        area = float(meta["pixel_area_mm2"]) if unit == "mm2" else None
-        return pixel_measure(self.georef, int(meta["shape"][0]), voxel_mm3=voxel, pixel_area_mm2=area)
+        voxel = float(np.prod(info.volume.spacing_mm)) if info.measure == "mm3" and info.volume else None
+        area = info.pixel_area_mm2 if info.measure == "mm2" else None
+        return pixel_measure(self.georef, info.shape[0], voxel_mm3=voxel, pixel_area_mm2=area)
 
     @property
     def is_volume(self) -> bool:
-        return self.meta.get("volume") is not None
+        return self.info.volume is not None
 
     @property
     def mask_path(self) -> str:
-        return str(self.meta.get("arrays", {}).get("mask", "mask"))
+        return self.info.arrays.mask
 
     @property
     def regions_info(self) -> dict[str, Any] | None:
         """What the last completed labelling wrote (connectivity, classes, count), or None."""
-        info = self.meta.get("regions")
-        return info if isinstance(info, dict) else None
+        regions = self.info.regions
+        return regions.model_dump() if regions is not None else None
 
     def regions(self) -> zarr.Array:
         info = self._checked_regions()
@@ -319,7 +328,9 @@ class MaskStore:
     def update_meta(self, **changes: Any) -> None:
         meta = dict(self.meta)
         meta.update(changes)
+        parse_meta(meta, str(self.path))  # a change that breaks the model is refused before it lands
         self.group.attrs["raymask"] = meta
+        self._info = None
         _consolidate(self.path)
 
     def install_regions(self, array: Path, table: Path, summary: dict[str, Any]) -> None:

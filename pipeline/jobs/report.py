@@ -21,7 +21,7 @@ def summary_json(summary: RunSummary) -> dict[str, Any]:
 def render_summary(summary: RunSummary) -> str:
     lines = [
         f"store     {summary.store}  ({summary.status})",
-        f"tiles     {summary.units_run} computed, {summary.units_skipped} skipped (already written), "
+        f"units     {summary.units_run} computed, {summary.units_skipped} skipped (already written), "
         f"{summary.units_total} in all; {summary.chunks} chunks",
         f"time      {_timing(summary)}",
         f"exact     {'yes: tiled output equals whole-image inference' if summary.exact else 'no'}",
@@ -35,7 +35,7 @@ def render_summary(summary: RunSummary) -> str:
 
 
 def _timing(summary: RunSummary) -> str:
-    """``2.9 s: Ray start 1.9 s, workers 0.3 s, tiles 0.6 s (15.0 tiles/s), regions 0.1 s``."""
+    """``2.9 s: Ray start 1.9 s, workers 0.3 s, units 0.6 s (15.0 units/s), regions 0.1 s``."""
     t = summary.timings
     parts = []
     if summary.engine == "ray":
@@ -44,7 +44,7 @@ def _timing(summary: RunSummary) -> str:
         parts.append("in this process (a small job: no Ray)")
     if summary.units_run:
         parts.append(f"workers {t.workers_s:.1f} s")
-        parts.append(f"tiles {t.compute_s:.1f} s ({summary.units_per_s:.1f} tiles/s)")
+        parts.append(f"units {t.compute_s:.1f} s ({summary.units_per_s:.1f} units/s)")
     if t.regions_s:
         parts.append(f"regions {t.regions_s:.1f} s")
     return f"{summary.seconds:.1f} s: " + ", ".join(parts)
@@ -52,10 +52,10 @@ def _timing(summary: RunSummary) -> str:
 
 def render_batch(report: BatchReport, report_name: str) -> str:
     counts = report.counts()
-    lines = [f"{'input':<48} {'status':<9} {'tiles':>7}  note"]
+    lines = [f"{'input':<48} {'status':<9} {'units':>7}  note"]
     for r in report.results:
         note = r.error or (
-            f"{r.units_skipped} tiles already written" if r.units_skipped and r.status != "skipped" else ""
+            f"{r.units_skipped} units already written" if r.units_skipped and r.status != "skipped" else ""
         )
         lines.append(f"{r.input[-48:]:<48} {r.status:<9} {r.units_run:>7}  {note[:100]}")
     lines.append("")

@@ -299,7 +299,7 @@ class _Bar:
         from tqdm import tqdm
 
         self.bar = tqdm(
-            total=total, unit="tile", desc="raymask: starting workers", disable=not enabled, dynamic_ncols=True
+            total=total, unit="unit", desc="raymask: starting workers", disable=not enabled, dynamic_ncols=True
         )
 
     def start(self) -> None:

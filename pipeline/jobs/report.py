@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.core.georef import crs_name
-from pipeline.jobs.batch import BatchReport
-from pipeline.jobs.run import RunSummary
 from pipeline.store import MaskStore
+
+if TYPE_CHECKING:  # rendering needs their fields, not the run machinery (`raymask info` stays quick)
+    from pipeline.jobs.batch import BatchReport
+    from pipeline.jobs.run import RunSummary
 
 
 def summary_json(summary: RunSummary) -> dict[str, Any]:

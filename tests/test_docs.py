@@ -75,16 +75,30 @@ def test_the_docs_show_commands_and_every_one_is_run_here() -> None:
 
 @pytest.mark.slow  # some forty commands, each its own process
 def test_every_command_in_the_readme_and_the_help_runs_as_shown(workdir: Path) -> None:
-    commands = [c for c in readme_commands() + help_commands() if not shell_line(c).startswith(NEEDS_A_CLUSTER)]
-    # The runs first, as a new user would start (without --overwrite first): they write the stores
-    # that the other examples read.
-    commands.sort(key=lambda c: (0 if re.search(r"raymask run configs/", c) else 1, "--overwrite" in c))
+    from concurrent.futures import ThreadPoolExecutor
+
+    commands = [shell_line(c) for c in dict.fromkeys(readme_commands() + help_commands())]
+    commands = [c for c in commands if not c.startswith(NEEDS_A_CLUSTER)]
+    # First the runs, as a new user would start (without --overwrite first): they write the stores
+    # the other examples read. Then the readers, two at a time. Last, relabelling, which replaces
+    # the regions the readers read.
+    writes = sorted((c for c in commands if re.match(r"raymask (run|batch) ", c)), key=lambda c: "--overwrite" in c)
+    last = [c for c in commands if "--compute" in c]
+    reads = [c for c in commands if c not in writes and c not in last]
     failed = []
-    for line in dict.fromkeys(commands):
-        command = shell_line(line)
+
+    def check(command: str) -> None:
         result = run_shell(command, workdir)
         if result.returncode != 0:
             failed.append(f"{command}\n    -> exit {result.returncode}: {result.stderr.strip()[-400:]}")
+
+    for command in writes:
+        check(command)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(check, reads))
+    for command in last:
+        check(command)
+    assert writes and reads and last
     assert failed == [], "\n".join(failed)
 
 

@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from torch import nn
 
 from pipeline.cli import main
-from tests.conftest import CT_SERIES, EDGE_CASES, ROOT
+from tests.conftest import CT_SERIES, EDGE_CASES, ROOT, write_config
 from tests.conftest import run_json as run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -89,8 +89,9 @@ def test_several_series_in_one_folder_are_refused_with_the_list(tmp_path: Path) 
     folder = tmp_path / "mixed"
     shutil.copytree(CT_SERIES, folder)
     shutil.copy(EDGE_CASES / "693_UNCR.dcm", folder / "other.dcm")
-    config = tmp_path / "job.yaml"
-    config.write_text(f"source: {{path: '{folder}'}}\nmodel: {{kind: hu-tissue}}\noutput: {{path: out.zarr}}\n")
+    config = write_config(
+        tmp_path / "job.yaml", source={"path": str(folder)}, model={"kind": "hu-tissue"}, output={"path": "out.zarr"}
+    )
     assert main(["run", str(config)]) == 1
     assert not Path("out.zarr").exists()
 
@@ -147,14 +148,14 @@ def test_3d_tiling_equals_whole_volume(
     model_path = tmp_path / "unet3d.pt"
     net = tiny_unet3d()
     torch.jit.save(torch.jit.script(net), str(model_path))
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        f"source: {{path: '{tmp_path / 'series'}'}}\n"
-        f"model: {{kind: torchscript, path: '{model_path}', dims: 3, classes: [a, b, c], stride: 2,"
-        " receptive_radius: 10, scale: 0.005}\n"
-        f"tiling: {{chunk: [8, 16, 16], halo: {halo}}}\n"
-        f"output: {{path: '{tmp_path}/tiled.zarr', preview: false}}\n"
-    )
+    config = write_config(
+        tmp_path / "job.yaml",
+        source={"path": str(tmp_path / "series")},
+        model={"kind": "torchscript", "path": str(model_path), "dims": 3, "classes": ["a", "b", "c"], "stride": 2,
+               "receptive_radius": 10, "scale": 0.005},
+        tiling={"chunk": [8, 16, 16], "halo": halo},
+        output={"path": f"{tmp_path}/tiled.zarr", "preview": False},
+    )  # fmt: skip
     summary = run(capsys, str(config))
     assert summary["exact"] is exact and summary["units_total"] == 3 * 3 * 3
     hu = volume[::-1]  # positions descend with file index, so slice order reverses
@@ -178,13 +179,14 @@ def test_a_2d_network_runs_slice_by_slice_on_a_volume(
     write_series(tmp_path / "series", volume)
     model_path = scripted_unet(1, 3)
     config = tmp_path / "job.yaml"
-    config.write_text(
-        f"source: {{path: '{tmp_path / 'series'}'}}\n"
-        f"model: {{kind: torchscript, path: '{model_path}', classes: [a, b, c], stride: 4, receptive_radius: 20,"
-        " scale: 0.01}\n"
-        "tiling: {chunk: [2, 16, 16], halo: 24}\n"
-        f"output: {{path: '{tmp_path}/slices.zarr', preview: false}}\n"
-    )
+    write_config(
+        config,
+        source={"path": str(tmp_path / "series")},
+        model={"kind": "torchscript", "path": str(model_path), "classes": ["a", "b", "c"], "stride": 4,
+               "receptive_radius": 20, "scale": 0.01},
+        tiling={"chunk": [2, 16, 16], "halo": 24},
+        output={"path": f"{tmp_path}/slices.zarr", "preview": False},
+    )  # fmt: skip
     summary = run(capsys, str(config))
     assert summary["exact"] is True
     net = torch.jit.load(str(model_path)).eval()
@@ -199,9 +201,12 @@ def test_a_2d_network_runs_slice_by_slice_on_a_volume(
 
 def test_single_frame_dicom_is_a_2d_image_with_mm2_areas(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "job.yaml"
-    config.write_text(
-        f"source: {{path: '{EDGE_CASES / '693_J2KR.dcm'}'}}\nmodel: {{kind: hu-tissue}}\n"
-        f"tiling: {{chunk: 128}}\noutput: {{path: '{tmp_path}/slice.zarr'}}\n"
+    write_config(
+        config,
+        source={"path": str(EDGE_CASES / "693_J2KR.dcm")},
+        model={"kind": "hu-tissue"},
+        tiling={"chunk": 128},
+        output={"path": f"{tmp_path}/slice.zarr"},
     )
     summary = run(capsys, str(config))
     ds = pydicom.dcmread(EDGE_CASES / "693_J2KR.dcm")
@@ -219,10 +224,12 @@ def test_single_frame_dicom_is_a_2d_image_with_mm2_areas(tmp_path: Path, capsys:
 
 def test_single_frame_without_pixel_spacing_counts_pixels(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "job.yaml"
-    config.write_text(
-        f"source: {{path: '{EDGE_CASES / 'JPGLosslessP14SV1_1s_1f_8b.dcm'}'}}\n"
-        "model: {kind: hu-tissue, classes: [dark, bright], upper: [128]}\n"
-        f"tiling: {{chunk: 256}}\noutput: {{path: '{tmp_path}/us.zarr', preview: false}}\n"
+    write_config(
+        config,
+        source={"path": str(EDGE_CASES / "JPGLosslessP14SV1_1s_1f_8b.dcm")},
+        model={"kind": "hu-tissue", "classes": ["dark", "bright"], "upper": [128]},
+        tiling={"chunk": 256},
+        output={"path": f"{tmp_path}/us.zarr", "preview": False},
     )
     summary = run(capsys, str(config))
     pixels = pydicom.dcmread(EDGE_CASES / "JPGLosslessP14SV1_1s_1f_8b.dcm").pixel_array
@@ -239,13 +246,14 @@ def test_a_3d_model_without_a_z_halo_is_not_called_exact(tmp_path: Path) -> None
     model_path = tmp_path / "unet3d.pt"
     torch.jit.save(torch.jit.script(tiny_unet3d()), str(model_path))
     config = tmp_path / "job.yaml"
-    config.write_text(
-        f"source: {{path: '{tmp_path / 'series'}'}}\n"
-        f"model: {{kind: torchscript, path: '{model_path}', dims: 3, classes: [a, b, c], stride: 2,"
-        " receptive_radius: 10}\n"
-        "tiling: {chunk: [2, 8, 8], halo: [0, 12, 12]}\n"
-        f"output: {{path: '{tmp_path}/x.zarr'}}\n"
-    )
+    write_config(
+        config,
+        source={"path": str(tmp_path / "series")},
+        model={"kind": "torchscript", "path": str(model_path), "dims": 3, "classes": ["a", "b", "c"], "stride": 2,
+               "receptive_radius": 10},
+        tiling={"chunk": [2, 8, 8], "halo": [0, 12, 12]},
+        output={"path": f"{tmp_path}/x.zarr"},
+    )  # fmt: skip
     job = prepare(load_config(config))
     assert job.context_halo == 0 and job.exact is False
     job = prepare(load_config(config, ["tiling.halo=[12, 12, 12]"]))

@@ -22,7 +22,16 @@ from pipeline.cli import main
 from pipeline.config import RuntimeConfig, config_from_dict, load_config
 from pipeline.core.plan import Target, pick_engine
 from pipeline.jobs.run import prepare
-from tests.conftest import ROOT, S2, GeoTiffFactory, chunk_bytes, processes_mentioning, unet_job, units_done
+from tests.conftest import (
+    ROOT,
+    S2,
+    GeoTiffFactory,
+    chunk_bytes,
+    processes_mentioning,
+    unet_job,
+    units_done,
+    write_config,
+)
 from workers.models.torchscript import PinnedStaging, TorchScriptModel
 from workers.unit_worker import UnitWorker
 
@@ -107,13 +116,13 @@ def test_a_healthy_run_prints_the_summary_and_nothing_else(tmp_path: Path, engin
     """Worker warnings (here GDAL's nodata-shadows-alpha, once per window) are handled where they
     arise and noted once in the summary; Ray's own lines stay out of the console."""
     image = rgba_with_nodata(tmp_path / "rgba.tif")
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        f"source: {{path: '{image}', bands: [1, 2, 3, 4]}}\n"
-        "model: {kind: rgb-vegetation}\n"
-        "tiling: {chunk: 64}\n"  # 100 units: Ray under engine auto
-        f"output: {{path: '{tmp_path}/rgba.zarr', preview: false}}\n"
-        f"runtime: {{engine: {engine}}}\n"
+    config = write_config(
+        tmp_path / "job.yaml",
+        source={"path": str(image), "bands": [1, 2, 3, 4]},
+        model={"kind": "rgb-vegetation"},
+        tiling={"chunk": 64},  # 100 units: Ray under engine auto
+        output={"path": f"{tmp_path}/rgba.zarr", "preview": False},
+        runtime={"engine": engine},
     )
     result = run_cli("run", str(config), "--no-progress")
     assert result.returncode == 0, result.stderr
@@ -221,15 +230,15 @@ def test_autocast_runs_on_the_cpu_and_is_reported_not_exact(
 ) -> None:
     image = make_geotiff(np.random.default_rng(3).normal(size=(3, 96, 96)).astype(np.float32))
     model = scripted_unet(3, 3)
-    config = tmp_path / "bf16.yaml"
-    config.write_text(
-        f"source: {{path: '{image}'}}\n"
-        f"model: {{kind: torchscript, path: '{model}', classes: [a, b, c], stride: 4, receptive_radius: 20, "
-        "precision: bfloat16}\n"
-        "tiling: {chunk: 32, halo: 24}\n"
-        f"output: {{path: '{tmp_path}/bf16.zarr', preview: false}}\n"
-        "runtime: {engine: process}\n"
-    )
+    config = write_config(
+        tmp_path / "bf16.yaml",
+        source={"path": str(image)},
+        model={"kind": "torchscript", "path": str(model), "classes": ["a", "b", "c"], "stride": 4,
+               "receptive_radius": 20, "precision": "bfloat16"},
+        tiling={"chunk": 32, "halo": 24},
+        output={"path": f"{tmp_path}/bf16.zarr", "preview": False},
+        runtime={"engine": "process"},
+    )  # fmt: skip
     assert main(["run", str(config), "--no-progress"]) == 0
     job = prepare(load_config(config))
     assert not job.exact
@@ -295,12 +304,12 @@ def test_a_unit_whose_workers_keep_dying_fails_with_a_worker_error_and_resumes_l
 def test_a_model_that_cannot_load_is_one_line_on_either_engine(tmp_path: Path, engine: str) -> None:
     model = tmp_path / "broken.pt"
     model.write_bytes(b"not a TorchScript archive")
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        f"source: {{path: '{S2}', bands: [3, 8]}}\n"
-        f"model: {{kind: torchscript, path: '{model}', classes: [a, b], stride: 1, receptive_radius: 0}}\n"
-        f"output: {{path: '{tmp_path}/broken.zarr', preview: false}}\n"
-        f"runtime: {{engine: {engine}}}\n"
+    config = write_config(
+        tmp_path / "job.yaml",
+        source={"path": str(S2), "bands": [3, 8]},
+        model={"kind": "torchscript", "path": str(model), "classes": ["a", "b"], "stride": 1, "receptive_radius": 0},
+        output={"path": f"{tmp_path}/broken.zarr", "preview": False},
+        runtime={"engine": engine},
     )
     result = run_cli("run", str(config), "--no-progress")
     assert result.returncode == 1, result.stderr

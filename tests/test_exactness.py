@@ -21,7 +21,7 @@ from pipeline.cli import main
 from pipeline.config import load_config
 from pipeline.core.geometry import inside_image, pad_to_window
 from pipeline.jobs.run import prepare
-from tests.conftest import GeoTiffFactory, tiny_unet
+from tests.conftest import GeoTiffFactory, tiny_unet, write_config
 from workers.models.torchscript import TorchScriptModel
 
 ROWS, COLS, STRIDE = 203, 157, 4
@@ -47,14 +47,14 @@ def whole_image_logits(model_path: Path, image: np.ndarray) -> np.ndarray:
 
 
 def job_config(tmp_path: Path, model: Path, image: Path, *, chunk: int, halo: int, per_unit: int = 1) -> Path:
-    config = tmp_path / f"job-{chunk}-{halo}.yaml"
-    config.write_text(
-        f"source: {{path: '{image}'}}\n"
-        f"model: {{kind: torchscript, path: '{model}', classes: [a, b, c], stride: {STRIDE}, receptive_radius: 20}}\n"
-        f"tiling: {{chunk: {chunk}, halo: {halo}, chunks_per_unit: {per_unit}}}\n"
-        f"output: {{path: '{tmp_path}/tiled-{chunk}-{halo}.zarr', preview: false}}\n"
-    )
-    return config
+    return write_config(
+        tmp_path / f"job-{chunk}-{halo}.yaml",
+        source={"path": str(image)},
+        model={"kind": "torchscript", "path": str(model), "classes": ["a", "b", "c"], "stride": STRIDE,
+               "receptive_radius": 20},
+        tiling={"chunk": chunk, "halo": halo, "chunks_per_unit": per_unit},
+        output={"path": f"{tmp_path}/tiled-{chunk}-{halo}.zarr", "preview": False},
+    )  # fmt: skip
 
 
 def stitched_logits(config: Path) -> np.ndarray:

@@ -18,19 +18,19 @@ from rasterio.warp import Resampling, calculate_default_transform, reproject
 
 from pipeline.cli import main
 from pipeline.core.stats import NODATA
-from tests.conftest import JOB_CONFIGS, LANDSAT, RGB_BYTE, ROOT, S2, store_digest
+from tests.conftest import JOB_CONFIGS, LANDSAT, RGB_BYTE, ROOT, S2, store_digest, write_config
 from tests.conftest import run_json as run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
 
 def ndvi_job(tmp_path: Path, source: Path | str, out: str, *extra: str) -> list[str]:
-    config = tmp_path / "ndvi.yaml"
-    config.write_text(
-        f"source: {{path: '{source}', bands: [3, 8]}}\n"
-        "model: {kind: ndvi, red: 1, nir: 2, water_below: 0.0, vegetation_above: 0.3}\n"
-        "tiling: {chunk: 96, halo: 16}\n"
-        f"output: {{path: '{out}', preview: false}}\n"
+    config = write_config(
+        tmp_path / "ndvi.yaml",
+        source={"path": str(source), "bands": [3, 8]},
+        model={"kind": "ndvi", "red": 1, "nir": 2, "water_below": 0.0, "vegetation_above": 0.3},
+        tiling={"chunk": 96, "halo": 16},
+        output={"path": out, "preview": False},
     )
     return [str(config), *extra]
 
@@ -118,10 +118,12 @@ def test_geographic_crs_areas_are_geodesic(tmp_path: Path, capsys: pytest.Captur
 def test_nodata_collar_is_written_as_255_and_excluded_from_areas(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = tmp_path / "rgb.yaml"
-    config.write_text(
-        f"source: {{path: '{RGB_BYTE}'}}\nmodel: {{kind: rgb-vegetation, index: exg, threshold: 0.05}}\n"
-        "tiling: {chunk: 256}\noutput: {path: rgb.zarr}\n"
+    config = write_config(
+        tmp_path / "rgb.yaml",
+        source={"path": str(RGB_BYTE)},
+        model={"kind": "rgb-vegetation", "index": "exg", "threshold": 0.05},
+        tiling={"chunk": 256},
+        output={"path": "rgb.zarr"},
     )
     summary = run(capsys, str(config))
     mask = zarr.open_array("rgb.zarr/mask")[:]
@@ -142,11 +144,12 @@ def test_nodata_collar_is_written_as_255_and_excluded_from_areas(
 
 
 def test_band_files_job(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    config = tmp_path / "landsat.yaml"
-    config.write_text(
-        f"source: {{path: ['{LANDSAT[0]}', '{LANDSAT[1]}']}}\n"
-        "model: {kind: ndvi, red: 1, nir: 2, vegetation_above: 0.2}\n"
-        "tiling: {chunk: 128}\noutput: {path: landsat.zarr, preview: false}\n"
+    config = write_config(
+        tmp_path / "landsat.yaml",
+        source={"path": [str(LANDSAT[0]), str(LANDSAT[1])]},
+        model={"kind": "ndvi", "red": 1, "nir": 2, "vegetation_above": 0.2},
+        tiling={"chunk": 128},
+        output={"path": "landsat.zarr", "preview": False},
     )
     summary = run(capsys, str(config))
     with rasterio.open(LANDSAT[0]) as r, rasterio.open(LANDSAT[1]) as n:

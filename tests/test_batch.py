@@ -11,7 +11,7 @@ import pytest
 import zarr
 
 from pipeline.cli import main
-from tests.conftest import CT_SERIES, EDGE_CASES, ROOT, S2, GeoTiffFactory
+from tests.conftest import CT_SERIES, EDGE_CASES, ROOT, S2, GeoTiffFactory, write_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
 
@@ -39,17 +39,19 @@ def archive(tmp_path: Path, make_geotiff: GeoTiffFactory) -> Path:
     return scenes
 
 
-def write_config(tmp_path: Path, scenes: Path) -> Path:
-    config = tmp_path / "nightly.yaml"
-    config.write_text(
-        f"inputs: ['{scenes}/**/*.tif']\nsource: {{bands: [3, 8]}}\nmodel: {{kind: ndvi}}\n"
-        f"tiling: {{chunk: 64}}\noutput: {{root: '{tmp_path}/masks'}}\n"
+def nightly_config(tmp_path: Path, scenes: Path) -> Path:
+    return write_config(
+        tmp_path / "nightly.yaml",
+        inputs=[f"{scenes}/**/*.tif"],
+        source={"bands": [3, 8]},
+        model={"kind": "ndvi"},
+        tiling={"chunk": 64},
+        output={"root": f"{tmp_path}/masks"},
     )
-    return config
 
 
 def test_scheduled_semantics(tmp_path: Path, archive: Path, capsys: pytest.CaptureFixture[str], make_geotiff) -> None:
-    config = write_config(tmp_path, archive)
+    config = nightly_config(tmp_path, archive)
     root = tmp_path / "masks"
     code, first = batch(capsys, config)
     assert code == 0 and first["counts"] == {"done": 4, "resumed": 0, "skipped": 0, "failed": 0}
@@ -90,7 +92,7 @@ def test_a_failing_input_is_recorded_and_never_stops_the_others(
     truncated = archive / "truncated.tif"  # opens, then fails while its tiles are read
     shutil.copy(archive / "aber.tif", truncated)
     truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 3])
-    code, report = batch(capsys, write_config(tmp_path, archive))
+    code, report = batch(capsys, nightly_config(tmp_path, archive))
     assert code == 1
     results = by_input(report)
     assert results["notes.tif"]["status"] == "failed" and "not a raster GDAL can read" in results["notes.tif"]["error"]
@@ -104,7 +106,7 @@ def test_a_failing_input_is_recorded_and_never_stops_the_others(
 def test_a_changed_file_that_fails_leaves_the_previous_store_complete(
     tmp_path: Path, archive: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    config = write_config(tmp_path, archive)
+    config = nightly_config(tmp_path, archive)
     assert batch(capsys, config)[0] == 0
     store = tmp_path / "masks" / "aber.tif.zarr"
     before = zarr.open_array(store / "mask", mode="r")[:]
@@ -124,10 +126,12 @@ def test_dicom_study_folders_split_into_series_and_the_catalog_lists_everything(
     study = tmp_path / "studies" / "patient1"
     shutil.copytree(CT_SERIES, study / "ct")
     shutil.copy(EDGE_CASES / "693_UNCR.dcm", study / "scout")  # a second series in the same study
-    config = tmp_path / "dicom.yaml"
-    config.write_text(
-        f"inputs: ['{tmp_path}/studies/*']\nmodel: {{kind: hu-tissue}}\ntiling: {{chunk: 256}}\n"
-        f"output: {{root: '{tmp_path}/masks'}}\n"
+    config = write_config(
+        tmp_path / "dicom.yaml",
+        inputs=[f"{tmp_path}/studies/*"],
+        model={"kind": "hu-tissue"},
+        tiling={"chunk": 256},
+        output={"root": f"{tmp_path}/masks"},
     )
     code, report = batch(capsys, config)
     assert code == 0 and report["counts"]["done"] == 2
@@ -148,21 +152,20 @@ def test_dicom_study_folders_split_into_series_and_the_catalog_lists_everything(
 
 def test_bad_batch_inputs(tmp_path: Path, archive: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "bad.yaml"
-    config.write_text(f"inputs: ['{tmp_path}/nothing/*.tif']\nmodel: {{kind: ndvi}}\noutput: {{root: out}}\n")
+    ndvi = {"kind": "ndvi"}
+    write_config(config, inputs=[f"{tmp_path}/nothing/*.tif"], model=ndvi, output={"root": "out"})
     assert main(["batch", str(config)]) == 1
     assert capsys.readouterr().err.strip().endswith("nothing/*.tif: matches nothing")
 
     (tmp_path / "afile").write_text("x")
-    config.write_text(f"inputs: ['{archive}/*.tif']\nmodel: {{kind: ndvi}}\noutput: {{root: '{tmp_path}/afile'}}\n")
+    write_config(config, inputs=[f"{archive}/*.tif"], model=ndvi, output={"root": f"{tmp_path}/afile"})
     assert main(["batch", str(config)]) == 1
     assert "the output root is a file" in capsys.readouterr().err
 
     other = tmp_path / "other"
     other.mkdir()
     shutil.copy(archive / "small.tif", other / "small.tif")
-    config.write_text(
-        f"inputs: ['{archive}/*.tif', '{other}/*.tif']\nmodel: {{kind: ndvi}}\noutput: {{root: '{tmp_path}/m'}}\n"
-    )
+    write_config(config, inputs=[f"{archive}/*.tif", f"{other}/*.tif"], model=ndvi, output={"root": f"{tmp_path}/m"})
     assert main(["batch", str(config)]) == 1
     assert "would share the store name small.tif.zarr" in capsys.readouterr().err
 

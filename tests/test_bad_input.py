@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import S2, GeoTiffFactory
+from tests.conftest import S2, GeoTiffFactory, write_config
 
 RAYMASK = [sys.executable, "-m", "pipeline.cli"]
 
@@ -146,9 +146,8 @@ def test_dicom_series_with_a_missing_slice(tmp_path: Path) -> None:
     )
     ordered[10].unlink()
     config = tmp_path / "job.yaml"
-    config.write_text(
-        f"source: {{path: '{folder}'}}\nmodel: {{kind: hu-tissue}}\noutput: {{path: '{tmp_path}/out.zarr'}}\n"
-    )
+    out = {"path": f"{tmp_path}/out.zarr"}
+    write_config(config, source={"path": str(folder)}, model={"kind": "hu-tissue"}, output=out)
     result = raymask("run", str(config))
     assert_one_line_error(
         result, f"{folder}:", "missing slice: step of 4.000 mm between positions -786.500 and -782.500 mm"
@@ -166,9 +165,8 @@ def test_truncated_dicom_fails_in_ingest_with_one_line_and_an_incomplete_store(t
     victim = sorted(folder.iterdir())[4]
     victim.write_bytes(victim.read_bytes()[: victim.stat().st_size // 2])
     config = tmp_path / "job.yaml"
-    config.write_text(
-        f"source: {{path: '{folder}'}}\nmodel: {{kind: hu-tissue}}\noutput: {{path: '{tmp_path}/out.zarr'}}\n"
-    )
+    out = {"path": f"{tmp_path}/out.zarr"}
+    write_config(config, source={"path": str(folder)}, model={"kind": "hu-tissue"}, output=out)
     result = raymask("run", str(config), "--set", "runtime.address=local")
     lines = [line for line in result.stderr.splitlines() if line.startswith("raymask:")]
     assert result.returncode == 1 and lines, result.stderr

@@ -27,6 +27,7 @@ from tests.conftest import (
     processes_mentioning,
     unet_job,
     units_done,
+    write_config,
 )
 
 pytestmark = pytest.mark.slow  # kills drivers and workers, and runs them again
@@ -130,13 +131,13 @@ def test_a_driver_killed_while_labelling_regions_resumes_with_the_regions_only(
     image = ndimage.uniform_filter(rng.random((2, 1536, 1536)), size=(1, 7, 7)).astype(np.float32)
     path = make_geotiff(image)
     store = tmp_path / "labelled.zarr"
-    config = tmp_path / "job.yaml"
-    config.write_text(
-        f"source: {{path: '{path}'}}\n"
-        "model: {kind: ndvi, red: 1, nir: 2, water_below: -0.05, vegetation_above: 0.05}\n"
-        "tiling: {chunk: 48, chunks_per_unit: 8}\n"  # 1024 chunks to label, in 16 work units
-        f"output: {{path: '{store}', preview: false}}\n"
-        "regions: {connectivity: 8}\n"
+    config = write_config(
+        tmp_path / "job.yaml",
+        source={"path": str(path)},
+        model={"kind": "ndvi", "red": 1, "nir": 2, "water_below": -0.05, "vegetation_above": 0.05},
+        tiling={"chunk": 48, "chunks_per_unit": 8},  # 1024 chunks to label, in 16 work units
+        output={"path": str(store), "preview": False},
+        regions={"connectivity": 8},
     )
     scratch = tmp_path / ".labelled.zarr.regions" / "chunks"
     kill_driver_when(config, lambda: scratch.exists() and len(list(scratch.glob("*.npz"))) >= 50, timeout=240)

@@ -68,3 +68,21 @@ def test_keys_this_version_does_not_know_survive_an_update(tmp_path: Path) -> No
     opened = MaskStore.open(store.path, mode="r+")
     opened.update_meta(status="complete")
     assert MaskStore.open(store.path).meta["written_by_a_newer_minor"] == {"x": 1}
+
+
+def test_a_completed_store_keeps_no_temporary_files_of_killed_writers(tmp_path: Path) -> None:
+    """A worker killed between zarr's write of ``KEY.<uuid>.partial`` and its rename leaves that file;
+    the unit is computed again, and completion sweeps the leftover (found by tests/test_resume.py)."""
+    planted: list[Path] = []
+
+    def fill(box):  # type: ignore[no-untyped-def]
+        if not planted:  # the store exists now: plant what a killed writer leaves
+            leftover = tmp_path / "s.zarr" / "mask" / "c" / "1" / "1.87c8606337ef4622ab3e1713985a9aa1.partial"
+            leftover.parent.mkdir(parents=True, exist_ok=True)
+            leftover.write_bytes(b"")
+            planted.append(leftover)
+        return np.zeros(box.shape, np.uint8)
+
+    store = store_from_blocks(tmp_path / "s.zarr", (40, 30), (16, 16), ["a"], fill)
+    assert planted and not planted[0].exists()
+    assert store.status == "complete" and not list(store.path.rglob("*.partial"))

@@ -360,7 +360,18 @@ class MaskStore:
     def mark_complete(self, statistics: dict[str, Any]) -> None:
         if not self.units_done().all():
             raise StoreError(f"{self.path}: {int((~self.units_done()).sum())} work units missing; not marking complete")
+        self._sweep_partial_writes()
         self.update_meta(status=COMPLETE, completed=_now(), stats=statistics)
+
+    def _sweep_partial_writes(self) -> int:
+        """Remove what writers killed mid-write left behind: zarr writes a chunk to
+        ``KEY.<uuid>.partial`` and renames it into place, so a SIGKILL between the two leaves the
+        temporary file (the chunk itself was written again by the unit's retry). Called only when
+        the store completes, when no writer of the run is left."""
+        leftovers = list(self.path.rglob("*.partial"))
+        for path in leftovers:
+            path.unlink(missing_ok=True)
+        return len(leftovers)
 
 
 def _consolidate(path: Path) -> None:

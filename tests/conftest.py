@@ -272,6 +272,7 @@ def unet_job(tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, *, sto
                "receptive_radius": 20},
         tiling={"chunk": 64, "halo": 24},
         output={"path": f"{tmp_path}/{store}", "preview": False},
+        regions={"enabled": False},  # the jobs' tests are about units: killed, resumed, placed
         runtime={"batch_size": 1},
     )  # fmt: skip
 

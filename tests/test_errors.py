@@ -36,12 +36,29 @@ def test_cluster_and_worker_failures_are_transient(cls: type[Exception]) -> None
     assert issubclass(cls, TransientError) and not issubclass(cls, PermanentError)
 
 
-def test_a_transient_failure_exits_75_and_a_permanent_one_1(tmp_path, capsys: pytest.CaptureFixture[str]) -> None:  # type: ignore[no-untyped-def]
-    from pipeline.cli import main
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        (ClusterError("head:6379: unreachable"), 75),
+        (WorkerError("unit [0, 0]: its worker died"), 75),
+        (StoreExists("out.zarr: a complete store is there"), 1),
+    ],
+)
+def test_the_exit_status_follows_the_permanent_transient_split(
+    error: Exception, status: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Whatever a command raises, main() maps it: transient 75 (EX_TEMPFAIL), permanent 1, one line.
+    (tests/test_bad_input.py and tests/test_cluster.py see 75 from a real unreachable cluster.)"""
+    import importlib
 
-    assert EXIT_TRANSIENT == 75
-    assert main(["info", str(tmp_path / "missing.zarr")]) == 1
-    assert capsys.readouterr().err.startswith("raymask: error: ")
+    cli = importlib.import_module("pipeline.cli.main")  # the module: pipeline.cli.main is also the function
+
+    def fail(args: object) -> int:
+        raise error
+
+    monkeypatch.setattr(cli, "_cmd_info", fail)  # the parser binds the command when main() builds it
+    assert cli.main(["info", "any.zarr"]) == status and EXIT_TRANSIENT == 75
+    assert capsys.readouterr().err == f"raymask: error: {error}\n"
 
 
 def test_a_worker_error_carried_as_text_comes_back_as_its_class() -> None:

@@ -85,7 +85,7 @@ def store_info(store: MaskStore) -> dict[str, Any]:
         "units_done": int(store.units_done().sum()),
         "units_total": int(store.units_done().size),
         "stats": info.stats,
-        "regions": {k: v for k, v in (raw.get("regions") or {}).items() if k != "token"} or None,
+        "regions": info.regions.model_dump(exclude={"token"}) if info.regions else None,
         "model": raw.get("model"),  # provenance records, shown as stored
         "source": raw.get("source"),
         "raymask_version": info.raymask_version,

@@ -243,6 +243,34 @@ def store_digest(path: Path) -> dict[str, object]:
 JOB_CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if "inputs" not in yaml.safe_load(p.read_text())]
 
 
+@pytest.fixture(scope="session")
+def shipped_store(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], tuple[Path, dict]]:
+    """``shipped_store("ct-tissue.yaml")``: that shipped config run once per test session through the
+    CLI (``raymask run configs/NAME --json``, only the output path moved), as (store, summary).
+
+    Several modules read the demo stores; each is made once. Tests read them and never write them
+    (test_pipeline checks their bytes against tests/fixtures/store_digests.json).
+    """
+    import io
+    import json
+
+    from pipeline.cli import main
+
+    made: dict[str, tuple[Path, dict]] = {}
+
+    def get(name: str) -> tuple[Path, dict]:
+        if name not in made:
+            store = tmp_path_factory.mktemp(name.removesuffix(".yaml")) / "out.zarr"
+            out = io.StringIO()
+            with contextlib.chdir(ROOT), contextlib.redirect_stdout(out):
+                code = main(["run", f"configs/{name}", "--set", f"output.path={store}", "--json", "--no-progress"])
+            assert code == 0, f"raymask run configs/{name} exited {code}"
+            made[name] = (store, json.loads(out.getvalue()))
+        return made[name]
+
+    return get
+
+
 def write_config(path: Path, **sections: object) -> Path:
     """A job (or batch) config file from its sections, as YAML: ``write_config(p, source={...}, ...)``."""
     path.write_text(yaml.safe_dump(sections, sort_keys=False))

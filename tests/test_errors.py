@@ -64,3 +64,25 @@ def test_the_exit_status_follows_the_permanent_transient_split(
 def test_a_worker_error_carried_as_text_comes_back_as_its_class() -> None:
     assert type(rebuild("SourceNotFound", "x.tif: no such file")) is SourceNotFound
     assert type(rebuild("NotOurs", "boom")) is RuntimeError
+
+
+def test_a_reader_that_leaves_early_is_no_traceback(shipped_store) -> None:
+    """`raymask regions STORE --json | head -1`: the pipe closes under the writer; exit 141 as a
+    shell reports SIGPIPE, and nothing on stderr."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    store, _ = shipped_store("aerial-vegetation.yaml")
+    read, write = os.pipe()
+    os.close(read)  # the reader has gone before the first byte: every write fails with EPIPE
+    try:
+        done = subprocess.run(
+            [str(Path(sys.executable).parent / "raymask"), "regions", str(store), "--json"],
+            stdout=write, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, timeout=120,
+        )  # fmt: skip
+    finally:
+        os.close(write)
+    assert done.returncode == 141
+    assert done.stderr == ""

@@ -29,15 +29,12 @@ def gdal_pixels(path: Path) -> np.ndarray:
             return src.read()
 
 
-def test_a_jpeg_frame_is_a_plain_image(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.chdir(ROOT)
-    summary = run(capsys, "configs/polyp-frames.yaml", "--set", f"output.path={tmp_path}/polyp.zarr")
+def test_a_jpeg_frame_is_a_plain_image(shipped_store) -> None:
+    path, summary = shipped_store("polyp-frames.yaml")
     assert summary["exact"] is True
     assert "area_m2" not in summary["classes"]["polyp"]
     assert any("no CRS" in note for note in summary["notes"])
-    store = zarr.open_group(f"{tmp_path}/polyp.zarr", mode="r")
+    store = zarr.open_group(path, mode="r")
     assert store.attrs["raymask"]["crs"] is None and "spatial_ref" not in store
     labels = store["mask"][:]
     # The whole frame through the network at once gives the same labels (exact tiling).
@@ -52,27 +49,24 @@ def test_a_jpeg_frame_is_a_plain_image(
     assert summary["classes"]["polyp"]["pixels"] == int((whole == 1).sum())
 
 
-def test_the_demo_model_finds_the_held_out_polyp(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
-) -> None:
-    monkeypatch.chdir(ROOT)
-    run(capsys, "configs/polyp-frames.yaml", "--set", f"output.path={tmp_path}/polyp.zarr")
-    predicted = zarr.open_array(f"{tmp_path}/polyp.zarr/mask", mode="r")[:] == 1
+def test_the_demo_model_finds_the_held_out_polyp(shipped_store) -> None:
+    path, _ = shipped_store("polyp-frames.yaml")
+    predicted = zarr.open_array(path / "mask", mode="r")[:] == 1
     truth = np.asarray(Image.open(TRUTH).convert("L")) > 127
     dice = 2 * (predicted & truth).sum() / (predicted.sum() + truth.sum())
     assert dice > 0.35, f"holdout Dice {dice:.3f}"  # 0.42 when trained (tools/train_polyp_demo.py)
 
 
 def test_png_and_jpeg_of_the_same_pixels_give_the_same_mask(
-    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, shipped_store
 ) -> None:
     png = tmp_path / "frame.png"
     Image.fromarray(gdal_pixels(FRAME).transpose(1, 2, 0)).save(png)  # lossless copy of the decoded pixels
     monkeypatch.chdir(ROOT)
     base = ["configs/polyp-frames.yaml", "--set", "output.preview=false"]
-    run(capsys, *base, "--set", f"output.path={tmp_path}/jpeg.zarr")
     run(capsys, *base, "--set", f"source.path={png}", "--set", f"output.path={tmp_path}/png.zarr")
+    jpeg, _ = shipped_store("polyp-frames.yaml")
     np.testing.assert_array_equal(
-        zarr.open_array(f"{tmp_path}/jpeg.zarr/mask", mode="r")[:],
+        zarr.open_array(jpeg / "mask", mode="r")[:],
         zarr.open_array(f"{tmp_path}/png.zarr/mask", mode="r")[:],
     )

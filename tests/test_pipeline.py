@@ -209,16 +209,13 @@ def test_every_shipped_config_is_tested() -> None:
 
 
 @pytest.mark.parametrize("config", JOB_CONFIGS, ids=lambda p: p.name)
-def test_every_shipped_config_runs_through_the_cli(
-    config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.chdir(ROOT)
-    summary = run(capsys, str(config), "--set", f"output.path={tmp_path / 'out.zarr'}")
+def test_every_shipped_config_runs_through_the_cli(config: Path, shipped_store) -> None:
+    store, summary = shipped_store(config.name)
     assert summary["status"] == "complete"
     assert sum(r["pixels"] for r in summary["classes"].values()) > 0
     # every output byte as the code made it before the layout change (tools/store_digests.py)
     expected = json.loads((ROOT / "tests" / "fixtures" / "store_digests.json").read_text())[config.name]
-    got = store_digest(tmp_path / "out.zarr")
+    got = store_digest(store)
     assert got["meta"] == expected["meta"]
     assert sorted(f for f in expected["files"] if got["files"].get(f) != expected["files"][f]) == []
     assert sorted(got["files"]) == sorted(expected["files"])

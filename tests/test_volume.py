@@ -17,7 +17,7 @@ from pydicom.uid import ExplicitVRLittleEndian
 from torch import nn
 
 from pipeline.cli import main
-from tests.conftest import CT_SERIES, EDGE_CASES, ROOT, write_config
+from tests.conftest import CT_SERIES, EDGE_CASES, write_config
 from tests.conftest import run_json as run
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -31,9 +31,8 @@ def independent_hu_volume() -> tuple[np.ndarray, list[pydicom.Dataset]]:
     return hu, slices
 
 
-def test_ct_tissue_job_volumes_equal_an_independent_computation(capsys: pytest.CaptureFixture[str]) -> None:
-    config = ROOT / "configs" / "ct-tissue.yaml"
-    summary = run(capsys, str(config), "--set", f"source.path={CT_SERIES}", "--set", "output.path=ct.zarr")
+def test_ct_tissue_job_volumes_equal_an_independent_computation(shipped_store) -> None:
+    path, summary = shipped_store("ct-tissue.yaml")  # the shipped config reads data/dicom/ct_series
     hu, _ = independent_hu_volume()
     labels = np.digitize(hu, UPPER)  # class i: UPPER[i-1] <= HU < UPPER[i]
     voxel_mm3 = 0.9765625 * 0.9765625 * 2.0
@@ -43,22 +42,17 @@ def test_ct_tissue_job_volumes_equal_an_independent_computation(capsys: pytest.C
         assert row["pixels"] == count
         assert row["volume_mm3"] == pytest.approx(count * voxel_mm3, rel=1e-12)
         assert row["volume_ml"] == pytest.approx(count * voxel_mm3 / 1000, rel=1e-12)
-    store = zarr.open_group("ct.zarr", mode="r")
+    store = zarr.open_group(path, mode="r")
     np.testing.assert_array_equal(store["labels/mask/0"][:], labels)
     np.testing.assert_array_equal(store["0"][:], hu)  # the ingested image is HU, in slice order
     assert hu.min() == -1024 and hu.max() == 1839
 
 
-def test_volume_store_is_valid_ome_zarr_with_the_patient_affine(capsys: pytest.CaptureFixture[str]) -> None:
-    run(
-        capsys,
-        str(ROOT / "configs" / "ct-tissue.yaml"),
-        "--set",
-        f"source.path={CT_SERIES}",
-        "--set",
-        "output.path=ct.zarr",
-    )
-    group = zarr.open_group("ct.zarr", mode="r")
+def test_volume_store_is_valid_ome_zarr_with_the_patient_affine(
+    shipped_store, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    path, _ = shipped_store("ct-tissue.yaml")
+    group = zarr.open_group(path, mode="r")
     image = Image.from_zarr(group)  # ome-zarr-models validates NGFF 0.5 on load
     scale = image.attributes.ome.multiscales[0].datasets[0].coordinateTransformations[0].scale
     assert list(scale) == [2.0, 0.9765625, 0.9765625]
@@ -75,13 +69,13 @@ def test_volume_store_is_valid_ome_zarr_with_the_patient_affine(capsys: pytest.C
     for k, ds in enumerate(slices):
         np.testing.assert_allclose((affine @ [k, 0, 0, 1])[:3], [float(v) for v in ds.ImagePositionPatient])
 
-    assert main(["info", "ct.zarr", "--json"]) == 0
+    assert main(["info", str(path), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
     assert info["spacing"] == [2.0, 0.9765625, 0.9765625] and info["crs"] is None and info["status"] == "complete"
     assert info["stats"]["classes"]["bone"]["volume_ml"] > 0
     assert info["shape"] == [20, 512, 512]
 
-    assert main(["export", "ct.zarr", "ct.tif"]) == 1  # one CT run serves both: GeoTIFF export refuses a volume
+    assert main(["export", str(path), str(tmp_path / "ct.tif")]) == 1  # GeoTIFF export refuses a volume
     assert "a volume store; GeoTIFF export takes 2-D masks" in capsys.readouterr().err
 
 

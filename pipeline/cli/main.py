@@ -113,6 +113,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("raymask: interrupted; run the same command again to resume", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # `raymask regions ... | head`: the reader left, which is not an error of ours
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush stays quiet
+        return 141  # what a shell reports for a command killed by SIGPIPE
 
 
 def _join_coordinates(argv: list[str]) -> list[str]:

@@ -9,6 +9,7 @@ statistics summed from the store before it is marked complete.
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from dataclasses import dataclass, field
@@ -241,11 +242,15 @@ def label_existing(
     spec = resolve(config, store.mask.ndim, names)
     source, notes = _stored_source(store)
     modality = store.info.source.modality if store.info.source else None
+    runtime = RuntimeConfig(address=address)
+    n_chunks = math.prod(-(-size // chunk) for size, chunk in zip(store.mask.shape, store.mask.chunks, strict=True))
+    engine = choose_engine(runtime, n_chunks)  # a handful of chunks is labelled here, as small jobs run
     try:
-        with ray_session(address):
+        with ray_session(address, enabled=engine == "ray"):
             summary = label_store(
-                store, spec, source=source, executor=RayExecutor(), progress=progress, modality=modality
-            )
+                store, spec, source=source, executor=executor_for(engine, runtime), progress=progress,
+                modality=modality,
+            )  # fmt: skip
     except Exception as exc:
         raise unwrap(exc) from exc
     stats = store.meta.get("stats")

@@ -31,10 +31,10 @@ lint: $(STAMP)
 test: $(STAMP) lint
 	$(VENV)/bin/pytest -q
 
-# The fast lane while working: lint, then every test but those that start a Ray of their own or
-# kill processes (marked slow), on two pytest processes. `make test` runs everything, in one.
+# The fast lane while working: lint, then every test but those that start a Ray or a driver of their own,
+# kill processes or run a job end to end for seconds (marked slow), on two pytest processes. `make test` runs everything, in one.
 check: $(STAMP) lint
-	$(VENV)/bin/pytest -q -m "not slow" -n 2
+	$(VENV)/bin/pytest -q -m "not slow" -n 2 --dist loadfile
 
 bench: $(STAMP)
 	$(PY) bench/peers.py

@@ -43,6 +43,15 @@ def ray_session() -> Iterator[None]:
     ray.shutdown()
 
 
+@pytest.fixture(scope="session")
+def ray_address(ray_session: None) -> str:
+    """The session Ray's address, for a ``raymask`` subprocess that should join it (RAY_ADDRESS)
+    rather than spend seconds starting a Ray of its own."""
+    import ray
+
+    return str(ray.get_runtime_context().gcs_address)
+
+
 @pytest.fixture(autouse=True)
 def _in_tmp_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Tests run in their own folder, so relative output paths never touch the checkout."""

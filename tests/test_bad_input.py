@@ -155,6 +155,7 @@ def test_dicom_series_with_a_missing_slice(tmp_path: Path) -> None:
     assert not (tmp_path / "out.zarr").exists()
 
 
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
 def test_truncated_dicom_fails_in_ingest_with_one_line_and_an_incomplete_store(tmp_path: Path) -> None:
     import shutil
 

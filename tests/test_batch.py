@@ -50,6 +50,7 @@ def nightly_config(tmp_path: Path, scenes: Path) -> Path:
     )
 
 
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
 def test_scheduled_semantics(tmp_path: Path, archive: Path, capsys: pytest.CaptureFixture[str], make_geotiff) -> None:
     config = nightly_config(tmp_path, archive)
     root = tmp_path / "masks"
@@ -85,6 +86,7 @@ def test_scheduled_semantics(tmp_path: Path, archive: Path, capsys: pytest.Captu
     assert not list(root.rglob("*.next")) and not list(root.rglob("*.old-*"))
 
 
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
 def test_a_failing_input_is_recorded_and_never_stops_the_others(
     tmp_path: Path, archive: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -103,6 +105,7 @@ def test_a_failing_input_is_recorded_and_never_stops_the_others(
     assert meta["attributes"]["raymask"]["status"] == "incomplete"
 
 
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
 def test_a_changed_file_that_fails_leaves_the_previous_store_complete(
     tmp_path: Path, archive: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -120,6 +123,7 @@ def test_a_changed_file_that_fails_leaves_the_previous_store_complete(
     assert (tmp_path / "masks" / "aber.tif.zarr.next").is_dir()
 
 
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
 def test_dicom_study_folders_split_into_series_and_the_catalog_lists_everything(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -170,6 +174,7 @@ def test_bad_batch_inputs(tmp_path: Path, archive: Path, capsys: pytest.CaptureF
     assert "would share the store name small.tif.zarr" in capsys.readouterr().err
 
 
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
 def test_the_shipped_nightly_config_runs(tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch) -> None:
     monkeypatch.chdir(ROOT)
     code, report = batch(capsys, ROOT / "configs" / "archive-nightly.yaml", "--set", f"output.root={tmp_path}/archive")

@@ -110,11 +110,12 @@ def rgba_with_nodata(path: Path) -> Path:
     return path
 
 
-@pytest.mark.slow  # a driver of its own, which starts its own Ray
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
 @pytest.mark.parametrize("engine", ["process", "ray"])
-def test_a_healthy_run_prints_the_summary_and_nothing_else(tmp_path: Path, engine: str) -> None:
+def test_a_healthy_run_prints_the_summary_and_nothing_else(tmp_path: Path, engine: str, ray_address: str) -> None:
     """Worker warnings (here GDAL's nodata-shadows-alpha, once per window) are handled where they
-    arise and noted once in the summary; Ray's own lines stay out of the console."""
+    arise and noted once in the summary; Ray's own lines stay out of the console (a driver of its
+    own that joins this session's Ray; test_a_small_job_runs_in_this_process... starts one)."""
     image = rgba_with_nodata(tmp_path / "rgba.tif")
     config = write_config(
         tmp_path / "job.yaml",
@@ -124,7 +125,7 @@ def test_a_healthy_run_prints_the_summary_and_nothing_else(tmp_path: Path, engin
         output={"path": f"{tmp_path}/rgba.zarr", "preview": False},
         runtime={"engine": engine},
     )
-    result = run_cli("run", str(config), "--no-progress")
+    result = run_cli("run", str(config), "--no-progress", env={"RAY_ADDRESS": ray_address if engine == "ray" else ""})
     assert result.returncode == 0, result.stderr
     assert result.stderr.strip() == "", result.stderr
     notes = [line for line in result.stdout.splitlines() if line.startswith("note")]
@@ -299,9 +300,9 @@ def test_a_unit_whose_workers_keep_dying_fails_with_a_worker_error_and_resumes_l
     assert chunk_bytes(store) == chunk_bytes(tmp_path / "clean.zarr")
 
 
-@pytest.mark.slow  # a driver of its own, which starts its own Ray
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
 @pytest.mark.parametrize("engine", ["process", "ray"])
-def test_a_model_that_cannot_load_is_one_line_on_either_engine(tmp_path: Path, engine: str) -> None:
+def test_a_model_that_cannot_load_is_one_line_on_either_engine(tmp_path: Path, engine: str, ray_address: str) -> None:
     model = tmp_path / "broken.pt"
     model.write_bytes(b"not a TorchScript archive")
     config = write_config(
@@ -311,7 +312,7 @@ def test_a_model_that_cannot_load_is_one_line_on_either_engine(tmp_path: Path, e
         output={"path": f"{tmp_path}/broken.zarr", "preview": False},
         runtime={"engine": engine},
     )
-    result = run_cli("run", str(config), "--no-progress")
+    result = run_cli("run", str(config), "--no-progress", env={"RAY_ADDRESS": ray_address if engine == "ray" else ""})
     assert result.returncode == 1, result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("raymask: error: ") and "not a TorchScript file" in lines[0], lines
@@ -330,6 +331,7 @@ def test_a_handful_of_chunk_tasks_runs_in_the_driver_and_more_go_to_ray() -> Non
     assert os.getpid() not in set(executor.map(_pid, [1, 2, 3]))
 
 
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
 @pytest.mark.usefixtures("ray_session")
 def test_actors_the_cluster_cannot_place_do_not_hold_up_the_run(
     tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, capsys: pytest.CaptureFixture[str]

@@ -2,9 +2,9 @@
 
 A random-weight U-Net-like TorchScript model (stride 4, receptive radius well under 24 px) runs
 on a 203 x 157 image, whose sides are multiples of neither the chunk nor the stride. Labels from
-the real Ray pipeline must equal whole-image labels exactly, and logits stitched from the same
-read windows must match within 1e-4, for two chunk sizes. With halo 0 they must differ, which
-shows the test can fail.
+the real pipeline (on Ray actors, and in process) must equal whole-image labels exactly, and logits
+stitched from the same read windows must match within 1e-4, for two chunk sizes. With halo 0 they
+must differ, which shows the test can fail.
 """
 
 from __future__ import annotations
@@ -72,10 +72,14 @@ def stitched_logits(config: Path) -> np.ndarray:
 
 
 @pytest.mark.usefixtures("ray_session")
-@pytest.mark.parametrize(("chunk", "per_unit"), [(32, 1), (64, 1), (32, 3)])
+@pytest.mark.parametrize(
+    ("chunk", "per_unit", "engine"),
+    [(32, 1, "ray"), (64, 1, "process"), pytest.param(32, 3, "ray", marks=pytest.mark.slow)],
+)
 def test_tiled_equals_whole_image(
     chunk: int,
     per_unit: int,
+    engine: str,
     scene: tuple[Path, np.ndarray],
     scripted_unet,
     tmp_path: Path,
@@ -85,9 +89,9 @@ def test_tiled_equals_whole_image(
     model = scripted_unet(3, 3)
     reference = whole_image_logits(model, image)
     config = job_config(tmp_path, model, path, chunk=chunk, halo=24, per_unit=per_unit)
-    assert main(["run", str(config), "--json"]) == 0
+    assert main(["run", str(config), "--json", "--set", f"runtime.engine={engine}"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["exact"] is True and summary["units_total"] > 4
+    assert summary["exact"] is True and summary["units_total"] > 4 and summary["engine"] == engine
     assert summary["chunks"] == -(-ROWS // chunk) * -(-COLS // chunk)
     labels = zarr.open_array(f"{tmp_path}/tiled-{chunk}-24.zarr/mask")[:]
     np.testing.assert_array_equal(labels, reference.argmax(axis=0))
@@ -102,7 +106,7 @@ def test_without_a_halo_tiles_show_seams(
     model = scripted_unet(3, 3)
     reference = whole_image_logits(model, image)
     config = job_config(tmp_path, model, path, chunk=32, halo=0)
-    assert main(["run", str(config), "--json"]) == 0
+    assert main(["run", str(config), "--json", "--set", "runtime.engine=process"]) == 0  # the maths, not the engine
     summary = json.loads(capsys.readouterr().out)
     assert summary["exact"] is False and any("not exact" in n for n in summary["notes"])
     labels = zarr.open_array(f"{tmp_path}/tiled-32-0.zarr/mask")[:]

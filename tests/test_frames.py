@@ -57,6 +57,7 @@ def test_the_demo_model_finds_the_held_out_polyp(shipped_store) -> None:
     assert dice > 0.35, f"holdout Dice {dice:.3f}"  # 0.42 when trained (tools/train_polyp_demo.py)
 
 
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
 def test_png_and_jpeg_of_the_same_pixels_give_the_same_mask(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path, shipped_store
 ) -> None:

@@ -84,6 +84,7 @@ def spiral(n: int) -> np.ndarray:
     return mask
 
 
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
 @pytest.mark.parametrize("chunk", [(3, 3), (7, 5), (64, 64)])
 def test_a_spiral_over_many_chunks_is_one_region(chunk, tmp_path) -> None:
     mask = spiral(61)

@@ -132,7 +132,7 @@ def tiny_unet3d(seed: int = 0) -> nn.Module:
     return Net().eval()
 
 
-@pytest.mark.parametrize(("halo", "exact"), [(12, True), (0, False)])
+@pytest.mark.parametrize(("halo", "exact"), [(12, True), pytest.param(0, False, marks=pytest.mark.slow)])
 def test_3d_tiling_equals_whole_volume(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], halo: int, exact: bool
 ) -> None:

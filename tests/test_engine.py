@@ -185,7 +185,7 @@ def test_the_worker_pipeline_writes_every_unit_once_whatever_its_depth(
         })  # fmt: skip
         job = prepare(config)
         store = create_store(job)
-        target = Target(job.source, job.grid, "replicate", str(store.path), job.measure, 3)
+        target = Target(job.source, job.grid, "replicate", str(store.path), job.pixel_measure, 3)
         worker = UnitWorker(
             {0: target}, config.model, batch_size=depth[0], in_flight=depth[1], prefetch=depth[2], io_threads=depth[3]
         )
@@ -218,7 +218,7 @@ def test_a_failing_model_call_fails_only_its_units(tmp_path: Path, make_geotiff:
     })  # fmt: skip
     job = prepare(config)
     store = create_store(job)
-    target = Target(job.source, job.grid, "replicate", str(store.path), job.measure, 3)
+    target = Target(job.source, job.grid, "replicate", str(store.path), job.pixel_measure, 3)
     worker = UnitWorker({0: target}, config.model)
     rows = list(worker.process([(0, u.index) for u in pending_units(job.grid, store.units_done())]))
     worker.close()

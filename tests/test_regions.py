@@ -50,7 +50,7 @@ def chunked_regions(
         lookup = plan.lookup(c)
         out[box.slices()] = lookup[lab.ids]
         values = None if intensity is None else intensity[(slice(None), *box.slices())]
-        stats = region_stats(lab, box.start, measure=1.0, intensity=values)
+        stats = region_stats(lab, box.start, pixel_measure=1.0, intensity=values)
         table.fold(lookup[1:].astype(np.int64) - 1, stats)
     return out, table
 

@@ -13,7 +13,7 @@ from pipeline.core.georef import Georef
 from pipeline.errors import StoreError
 from pipeline.store import MaskStore
 from pipeline.store.blocks import store_from_blocks
-from pipeline.store.meta import VERSION, StoreMeta
+from pipeline.store.meta import FORMAT, VERSION, StoreMeta, parse_meta
 
 UTM = 'PROJCS["WGS 84 / UTM zone 30N",GEOGCS["WGS 84",DATUM["WGS_1984",SPHEROID["WGS 84",6378137,298.257223563]],PRIMEM["Greenwich",0],UNIT["degree",0.0174532925199433]],PROJECTION["Transverse_Mercator"],PARAMETER["latitude_of_origin",0],PARAMETER["central_meridian",-3],PARAMETER["scale_factor",0.9996],PARAMETER["false_easting",500000],PARAMETER["false_northing",0],UNIT["metre",1],AXIS["Easting",EAST],AXIS["Northing",NORTH]]'  # noqa: E501
 
@@ -40,7 +40,7 @@ def test_a_new_store_says_its_version_and_reads_back_typed(tmp_path: Path) -> No
     store = _store(tmp_path)
     info = MaskStore.open(store.path).info
     assert isinstance(info, StoreMeta) and info.version == VERSION == store.meta["version"]
-    assert info.class_names == ["other", "field"] and info.complete and info.measure == "m2"
+    assert info.class_names == ["other", "field"] and info.complete and info.measure_unit == "m2"
     assert info.shape == [40, 30] and info.transform == [500000.0, 10.0, 0.0, 5800000.0, 0.0, -10.0]
     assert info.stats is not None and info.stats["classes"]["field"]["pixels"] == 1200
 
@@ -86,3 +86,10 @@ def test_a_completed_store_keeps_no_temporary_files_of_killed_writers(tmp_path: 
     store = store_from_blocks(tmp_path / "s.zarr", (40, 30), (16, 16), ["a"], fill)
     assert planted and not planted[0].exists()
     assert store.status == "complete" and not list(store.path.rglob("*.partial"))
+
+
+def test_the_measure_unit_keeps_its_key_on_disk() -> None:
+    """In code it is ``measure_unit``; stores and summaries have always written ``measure``."""
+    raw = {"format": FORMAT, "status": "complete", "created": "t", "shape": [1, 1], "classes": [], "measure": "mm3"}
+    meta = parse_meta(raw, "v.zarr")
+    assert meta.measure_unit == "mm3" and "measure" not in (meta.model_extra or {})

@@ -33,7 +33,7 @@ class LabelTask:
     box: Box
     connectivity: int
     classes: tuple[int, ...]
-    measure: np.ndarray | float | None
+    pixel_measure: np.ndarray | float | None
     source: Source | None
 
 
@@ -59,7 +59,7 @@ def label_task(task: LabelTask) -> tuple[int, int]:
     if task.source is not None and labelled.count:
         intensity, _ = task.source.read(task.box)
     bands = len(task.source.bands) if task.source is not None else 0
-    stats = region_stats(labelled, task.box.start, measure=task.measure, intensity=intensity, bands=bands)
+    stats = region_stats(labelled, task.box.start, pixel_measure=task.pixel_measure, intensity=intensity, bands=bands)
     arrays: dict[str, Any] = stats.to_arrays()
     for axis in range(mask.ndim):
         for side, (ids, cls) in enumerate(zip(face_slices(labelled.ids, axis), face_slices(mask, axis))):

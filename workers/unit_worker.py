@@ -176,7 +176,7 @@ class UnitWorker:
             labels = np.array(predicted[core], dtype=np.uint8)
             assert window.valid is not None
             labels[~window.valid[core]] = NODATA
-            self._store(key).write_unit(unit, labels, measure=target.measure, n_classes=target.n_classes)
+            self._store(key).write_unit(unit, labels, pixel_measure=target.pixel_measure, n_classes=target.n_classes)
         except Exception as exc:
             return _error_row(window.item, exc)
         finally:

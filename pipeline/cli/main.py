@@ -401,7 +401,7 @@ def _cmd_zones(args: argparse.Namespace) -> int:
     for warning in incomplete_warnings(view):
         print(f"raymask: warning: {warning}", file=sys.stderr)
     results = view.zones(args.geojson, crs=args.crs)
-    print(json.dumps(results, indent=2) if args.json else render_zones(results, view.measure))
+    print(json.dumps(results, indent=2) if args.json else render_zones(results, view.measure_unit))
     return 0
 
 

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 from pyproj import CRS, Geod
 
-from pipeline.core.stats import Measure
+from pipeline.core.stats import PixelMeasure
 from pipeline.core.transform import GeoTransform, is_rotated
 
 
@@ -85,7 +85,7 @@ def crs_name(wkt: str | None) -> str | None:
 
 def pixel_measure(
     georef: Georef, height: int, *, voxel_mm3: float | None = None, pixel_area_mm2: float | None = None
-) -> Measure:
+) -> PixelMeasure:
     """What one pixel measures: mm³ per voxel (volumes), mm² (medical images), m² per image row
     (maps with a CRS), or None (a plain image: statistics in pixels only)."""
     if voxel_mm3 is not None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, TypeVar
 import numpy as np
 
 from pipeline.core.geometry import TileGrid, WorkUnit
-from pipeline.core.stats import Measure
+from pipeline.core.stats import PixelMeasure
 
 if TYPE_CHECKING:  # sources open files; planning only names them
     from pipeline.config import RuntimeConfig
@@ -29,7 +29,7 @@ class Target:
     grid: TileGrid
     edge: str
     store: str
-    measure: Measure
+    pixel_measure: PixelMeasure
     n_classes: int
 
 

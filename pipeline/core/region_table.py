@@ -4,7 +4,7 @@ One row per region, stored in the store's ``region_table`` group as one 1-D zarr
 column (the documented format, also in the README):
 
 * ``id`` (the value in the ``regions`` array), ``class`` (class id), ``pixels`` or ``voxels``;
-* the area or volume in the store's measure: ``area_m2``/``area_ha`` (maps), ``area_mm2``
+* the area or volume in the store's measure unit: ``area_m2``/``area_ha`` (maps), ``area_mm2``
   (medical images), ``volume_mm3``/``volume_ml`` (volumes);
 * the bounding box in array indices, half-open (``row_start``..``row_stop``, ``col_*``, ``slice_*``)
   and the centroid in array indices (``centroid_row``...: the mean pixel index, as
@@ -34,10 +34,10 @@ AXIS_NAMES = {2: ("row", "col"), 3: ("slice", "row", "col")}
 
 @dataclass(frozen=True)
 class TableContext:
-    """What turns pixel sums into world columns: the store's measure and geometry, the source bands."""
+    """What turns pixel sums into world columns: the store's measure unit and geometry, the source bands."""
 
     ndim: int
-    measure: str | None  # "m2", "mm2", "mm3" or None
+    measure_unit: str | None  # "m2", "mm2", "mm3" or None
     georef: Georef
     affine: np.ndarray | None = None  # volumes: voxel (k, j, i, 1) -> patient (x, y, z, 1)
     bands: tuple[int, ...] = ()  # source bands whose means are kept; () when no source was read
@@ -63,12 +63,12 @@ def columns(stats: RegionStats, first_id: int, context: TableContext) -> dict[st
         "class": stats.classes.astype(np.int64),
         "voxels" if context.ndim == 3 else "pixels": stats.pixels.astype(np.int64),
     }
-    if context.measure == "m2":
+    if context.measure_unit == "m2":
         out["area_m2"] = stats.measure
         out["area_ha"] = stats.measure / M2_PER_HA
-    elif context.measure == "mm2":
+    elif context.measure_unit == "mm2":
         out["area_mm2"] = stats.measure
-    elif context.measure == "mm3":
+    elif context.measure_unit == "mm3":
         out["volume_mm3"] = stats.measure
         out["volume_ml"] = stats.measure / MM3_PER_ML
     for a, name in enumerate(axes):

@@ -139,13 +139,13 @@ def region_stats(
     chunk: ChunkLabels,
     origin: Sequence[int],
     *,
-    measure: np.ndarray | float | None = None,
+    pixel_measure: np.ndarray | float | None = None,
     intensity: np.ndarray | None = None,
     bands: int = 0,
 ) -> RegionStats:
     """Summarise a labelled chunk whose first pixel is at global index ``origin``.
 
-    ``measure`` is m² per pixel for each row of a 2-D chunk, or one value per pixel or voxel, or
+    ``pixel_measure`` is m² per pixel for each row of a 2-D chunk, or one value per pixel or voxel, or
     None; ``intensity`` is ``(bands, *chunk shape)`` source values, or None (then ``bands`` zero
     columns, so that chunks with and without regions fold together).
     """
@@ -154,13 +154,13 @@ def region_stats(
     ndim = ids.ndim
     flat = ids.reshape(-1)
     pixels = np.bincount(flat, minlength=n + 1)[1:].astype(np.int64)
-    if measure is None:
+    if pixel_measure is None:
         area = np.full(n, np.nan)
-    elif isinstance(measure, np.ndarray):
-        weights = np.broadcast_to(measure.reshape((-1,) + (1,) * (ndim - 1)), ids.shape).reshape(-1)
+    elif isinstance(pixel_measure, np.ndarray):
+        weights = np.broadcast_to(pixel_measure.reshape((-1,) + (1,) * (ndim - 1)), ids.shape).reshape(-1)
         area = np.bincount(flat, weights=weights, minlength=n + 1)[1:]
     else:
-        area = pixels * float(measure)
+        area = pixels * float(pixel_measure)
     start = np.zeros((n, ndim), dtype=np.int64)
     stop = np.zeros((n, ndim), dtype=np.int64)
     for i, box in enumerate(ndimage.find_objects(ids, max_label=n)):

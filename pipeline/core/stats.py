@@ -3,6 +3,12 @@
 Workers count each chunk they write and return a few numbers; the driver never sees pixels.
 ``NODATA`` pixels are never counted. Areas come from a per-row pixel area (m²), which is one
 constant for a projected grid and varies by latitude for a geographic one.
+
+Vocabulary, here and everywhere: a *measure* is an area or a volume (of a class, a region, a work
+unit: ``ChunkStats.measure``, ``units/measure`` in a store); the *pixel measure* is the measure of
+one pixel (``PixelMeasure``: m² per image row, or one mm² or mm³); the *measure unit* says which
+(``"m2"``, ``"mm2"``, ``"mm3"``; ``StoreMeta.measure_unit``, written ``measure`` on disk and in
+summaries).
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ NODATA = 255
 M2_PER_HA = 10_000.0
 
 
-Measure = np.ndarray | float | None  # m² per pixel for each row, or mm³ per voxel, or nothing
+PixelMeasure = np.ndarray | float | None  # m² per pixel for each row, or mm² / mm³ per pixel, or nothing
 MM3_PER_ML = 1_000.0
 
 
@@ -28,7 +34,7 @@ class ChunkStats:
     measure: np.ndarray  # float64, one per class: m², mm² or mm³; NaN without a measure
 
 
-def count_classes(labels: np.ndarray, n_classes: int, row_area: Measure) -> ChunkStats:
+def count_classes(labels: np.ndarray, n_classes: int, row_area: PixelMeasure) -> ChunkStats:
     """Per-class pixel counts and areas of a label chunk.
 
     ``row_area`` has one value per row (first axis) of a 2-D chunk, or is one value per pixel or
@@ -67,10 +73,10 @@ def merge(parts: Iterable[ChunkStats], n_classes: int) -> ChunkStats:
 
 
 def class_table(
-    total: ChunkStats, names: Sequence[str], measure: str | None
+    total: ChunkStats, names: Sequence[str], measure_unit: str | None
 ) -> dict[str, dict[str, float | int | None]]:
-    """``{name: {id, pixels, fraction, ...}}`` with ``area_m2``/``area_ha`` (measure ``m2``) or
-    ``volume_mm3``/``volume_ml`` (measure ``mm3``); fractions are of valid pixels."""
+    """``{name: {id, pixels, fraction, ...}}`` with ``area_m2``/``area_ha`` (unit ``m2``),
+    ``area_mm2`` (``mm2``) or ``volume_mm3``/``volume_ml`` (``mm3``); fractions are of valid pixels."""
     valid = int(total.pixels.sum())
     table: dict[str, dict[str, float | int | None]] = {}
     for cid, name in enumerate(names):
@@ -80,11 +86,11 @@ def class_table(
             "fraction": (int(total.pixels[cid]) / valid) if valid else 0.0,
         }
         value = float(total.measure[cid])
-        if measure == "m2":
+        if measure_unit == "m2":
             row.update(area_m2=value, area_ha=value / M2_PER_HA)
-        elif measure == "mm3":
+        elif measure_unit == "mm3":
             row.update(volume_mm3=value, volume_ml=value / MM3_PER_ML)
-        elif measure == "mm2":
+        elif measure_unit == "mm2":
             row.update(area_mm2=value, area_cm2=value / 100.0)
         table[name] = row
     return table

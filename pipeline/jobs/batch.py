@@ -187,8 +187,8 @@ def _run(
             except Exception as exc:
                 _fail(results[key], unwrap(exc))
                 continue
-            measure = job.measure
-            targets[key] = Target(job.source, job.grid, job.config.tiling.edge, str(store.path), measure,
+            pixel_measure = job.pixel_measure
+            targets[key] = Target(job.source, job.grid, job.config.tiling.edge, str(store.path), pixel_measure,
                                   len(job.model.classes))  # fmt: skip
             todo = pending_units(job.grid, store.units_done())
             results[key].units_run = len(todo)

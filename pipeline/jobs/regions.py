@@ -98,17 +98,17 @@ def label_store(
     (scratch / "chunks").mkdir(parents=True)
     volume = store.is_volume
     zarr.create_array(str(scratch / "local"), shape=shape, chunks=chunk, dtype="uint32", fill_value=0)
-    row_measure = store.pixel_measure()
+    pixel_measure = store.pixel_measure()
     bands = tuple(source.bands) if source is not None else ()
 
-    def measure_for(box: Box) -> np.ndarray | float | None:
-        if isinstance(row_measure, np.ndarray):
-            return row_measure[box.start[0] : box.stop[0]]
-        return row_measure
+    def measure_of_pixels(box: Box) -> np.ndarray | float | None:
+        if isinstance(pixel_measure, np.ndarray):
+            return pixel_measure[box.start[0] : box.stop[0]]
+        return pixel_measure
 
     mask_path = str(store.path / store.mask_path)
     label_items = [
-        LabelTask(mask_path, str(scratch), i, b, spec.connectivity, spec.classes, measure_for(b), source)
+        LabelTask(mask_path, str(scratch), i, b, spec.connectivity, spec.classes, measure_of_pixels(b), source)
         for i, b in enumerate(boxes)
     ]
     counts = [0] * len(boxes)
@@ -144,7 +144,7 @@ def label_store(
 
     context = TableContext(
         ndim=ndim,
-        measure=info.measure,
+        measure_unit=info.measure_unit,
         georef=store.georef,
         affine=np.asarray(info.volume.affine) if info.volume is not None else None,
         bands=bands,

@@ -23,7 +23,7 @@ from pipeline.config import JobConfig, RegionsConfig, RuntimeConfig
 from pipeline.core.geometry import TileGrid, WorkUnit
 from pipeline.core.georef import pixel_measure
 from pipeline.core.plan import Target, pending_units, pick_engine, resume_action
-from pipeline.core.stats import Measure, class_table
+from pipeline.core.stats import PixelMeasure, class_table
 from pipeline.errors import ConfigError, SourceError, StoreError, StoreExists, one_line
 from pipeline.jobs.cluster import ray_session, unwrap
 from pipeline.jobs.executors import Executor, RayExecutor, SerialExecutor
@@ -46,7 +46,7 @@ class Job:
     grid: TileGrid
     fingerprint: str
     store_path: Path
-    measure: Measure  # what one pixel measures (m² per row, mm², mm³), or None
+    pixel_measure: PixelMeasure  # what one pixel measures (m² per row, mm², mm³), or None
     regions: RegionSpec | None = None  # None: regions.enabled is false
 
     @property
@@ -122,10 +122,10 @@ def prepare(config: JobConfig) -> Job:
         regions = resolve(config.regions, ndim, [n for n, _ in model.classes])
     voxel = info.volume.voxel_volume_mm3 if info.volume is not None else None
     try:
-        measure = pixel_measure(info.georef, info.shape[0], voxel_mm3=voxel, pixel_area_mm2=info.pixel_area_mm2)
+        per_pixel = pixel_measure(info.georef, info.shape[0], voxel_mm3=voxel, pixel_area_mm2=info.pixel_area_mm2)
     except ValueError as exc:  # a grid whose pixel areas cannot be computed: before any store exists
         raise SourceError(f"{_shown(config.source.path)}: {exc}") from exc
-    return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path, measure, regions)
+    return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path, per_pixel, regions)
 
 
 def _shown(path: str | list[str]) -> str:
@@ -176,7 +176,7 @@ def create_store(job: Job) -> MaskStore:
 
 def finalize(job: Job, store: MaskStore) -> dict[str, dict[str, Any]]:
     """Sum the per-unit statistics the store holds, write them, mark the store complete."""
-    unit = store.info.measure
+    unit = store.info.measure_unit
     table = class_table(store.totals(), [n for n, _ in job.model.classes], unit)
     if job.regions is not None:
         with_region_counts(table, (store.regions_info or {}).get("per_class", {}))
@@ -301,7 +301,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     job = prepare(config)
     _, store, skipped = open_output(job, overwrite=overwrite)
     todo = pending_units(job.grid, store.units_done())
-    measure = job.measure
+    per_pixel = job.pixel_measure
     need_regions = regions_pending(job, store)
     engine = choose_engine(config.runtime, len(todo))
     timings = Timings()
@@ -311,14 +311,14 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
         with ray_session(config.runtime.address, enabled=engine == "ray", progress=progress):
             timings.startup_s = time.perf_counter() - mark
             if todo:
-                _predict(job, store, todo, measure, engine=engine, clock=clock, progress=progress)
+                _predict(job, store, todo, per_pixel, engine=engine, clock=clock, progress=progress)
             if need_regions:
                 mark = time.perf_counter()
                 label_regions(job, store, engine=engine, progress=progress)
                 timings.regions_s = time.perf_counter() - mark
     timings.workers_s, timings.compute_s = clock.workers_s, clock.compute_s
     table = finalize(job, store)
-    unit = store.info.measure
+    unit = store.info.measure_unit
     summary = RunSummary(
         store=config.output.path,
         status=store.status,
@@ -361,7 +361,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
 
 
 def _predict(
-    job: Job, store: MaskStore, todo: list[WorkUnit], measure: Measure, *, engine: str, clock: StreamClock,
+    job: Job, store: MaskStore, todo: list[WorkUnit], per_pixel: PixelMeasure, *, engine: str, clock: StreamClock,
     progress: bool,
 ) -> None:  # fmt: skip
     if job.info.series is not None:
@@ -369,7 +369,7 @@ def _predict(
             ingest_series(store, job.info.series, executor=executor_for(engine, job.config.runtime), progress=progress)
         except Exception as exc:
             raise unwrap(exc) from exc
-    target = Target(job.source, job.grid, job.config.tiling.edge, str(store.path), measure, len(job.model.classes))
+    target = Target(job.source, job.grid, job.config.tiling.edge, str(store.path), per_pixel, len(job.model.classes))
     rows = stream(
         {0: target},
         [(0, u.index) for u in todo],

@@ -59,7 +59,7 @@ class StoreView:
         self.meta = store.meta  # the raw record, as stored
         self.classes: list[str] = info.class_names
         self.shape: tuple[int, ...] = tuple(info.shape)
-        self.measure: str | None = info.measure
+        self.measure_unit: str | None = info.measure_unit
         self.georef = store.georef
         volume = info.volume
         self.affine: np.ndarray | None = np.asarray(volume.affine) if volume else None
@@ -382,7 +382,7 @@ class StoreView:
         grid = TileGrid.chunked(self.shape, tuple(mask.chunks))
         blocks = [b for b in _chunks_in(grid, window)]
         n = len(self.classes)
-        measure = self._store.pixel_measure()
+        pixel_measure = self._store.pixel_measure()
 
         def one(box: Box) -> ChunkStats:
             labels = np.asarray(mask[box.slices()])
@@ -390,7 +390,7 @@ class StoreView:
                 selected = selector(box)
                 if selected is not None:
                     labels = np.where(selected, labels, NODATA).astype(np.uint8)
-            rows = measure[box.start[0] : box.stop[0]] if isinstance(measure, np.ndarray) else measure
+            rows = pixel_measure[box.start[0] : box.stop[0]] if isinstance(pixel_measure, np.ndarray) else pixel_measure
             return count_classes(labels, n, rows)
 
         with warnings.catch_warnings():  # here, not in the threads: the filters are process-wide
@@ -403,9 +403,9 @@ class StoreView:
             "status": self.status,
             "window": {"start": list(window.start), "stop": list(window.stop)},
             "chunks_read": len(blocks),
-            "measure": self.measure,
+            "measure": self.measure_unit,
             "pixels": int(total.pixels.sum()),
-            "classes": class_table(total, self.classes, self.measure),
+            "classes": class_table(total, self.classes, self.measure_unit),
         }
 
     def _region_row(self, rid: int) -> dict[str, Any]:

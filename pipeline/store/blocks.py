@@ -42,9 +42,10 @@ def store_from_blocks(
         volume=volume,
     )
     store = MaskStore.create(path, layout)
-    measure = store.pixel_measure()
+    pixel_measure = store.pixel_measure()
     for unit in grid.units():
         labels = np.asarray(fill(unit.core), dtype=np.uint8)
-        store.write_unit(unit, labels, measure=measure, n_classes=len(classes))
-    store.mark_complete({"classes": class_table(store.totals(), classes, layout.measure), "measure": layout.measure})
+        store.write_unit(unit, labels, pixel_measure=pixel_measure, n_classes=len(classes))
+    measure_unit = layout.measure_unit
+    store.mark_complete({"classes": class_table(store.totals(), classes, measure_unit), "measure": measure_unit})
     return store

@@ -8,7 +8,7 @@ Layout::
       y, x                  pixel-centre coordinates (georeferenced, unrotated grids)
       spatial_ref           0-d; CF grid mapping: crs_wkt, spatial_ref, GeoTransform
       units/pixels          (uy, ux, class) int64 per work unit; -1 until the unit landed
-      units/measure         (uy, ux, class) float64 per work unit: m², mm² or mm³ (attrs measure)
+      units/measure         (uy, ux, class) float64 per work unit: m², mm² or mm³ (the unit: attrs measure)
       regions               (y, x) uint32 connected-region ids, 0 = none (volumes: labels/regions/0)
       region_table/         one 1-D array per column, one row per region (pipeline.core.region_table)
 
@@ -36,7 +36,7 @@ import zarr.errors
 from pipeline.core import ngff
 from pipeline.core.geometry import TileGrid, WorkUnit
 from pipeline.core.georef import Georef, cf_grid_mapping, pixel_measure
-from pipeline.core.stats import NODATA, ChunkStats, Measure, count_classes
+from pipeline.core.stats import NODATA, ChunkStats, PixelMeasure, count_classes
 from pipeline.core.transform import axis_centres
 from pipeline.core.volume import VolumeGeometry
 from pipeline.errors import StoreError
@@ -61,8 +61,8 @@ class StoreLayout:
     pixel_area_mm2: float | None = None  # 2-D medical images with a stated pixel spacing
 
     @property
-    def measure(self) -> str | None:
-        """What the per-unit measure sums: m² of ground, mm³ of tissue, mm² of an image, or nothing."""
+    def measure_unit(self) -> str | None:
+        """The unit of the store's measures: m² of ground, mm³ of tissue, mm² of an image, or None."""
         if self.volume is not None:
             return "mm3"
         if self.pixel_area_mm2 is not None:
@@ -118,7 +118,7 @@ class MaskStore:
             nodata=NODATA,
             crs=layout.georef.crs_wkt,
             transform=list(layout.georef.transform) if layout.georef.transform else None,
-            measure=layout.measure,
+            measure=layout.measure_unit,  # the key on disk: see StoreMeta.measure_unit
             pixel_area_mm2=layout.pixel_area_mm2,
             arrays={"mask": "mask" if layout.volume is None else VOLUME_MASK, "image": None},
         )
@@ -241,13 +241,13 @@ class MaskStore:
         info = self.info
         return Georef(info.crs, tuple(info.transform) if info.transform else None)  # type: ignore[arg-type]
 
-    def pixel_measure(self) -> Measure:
+    def pixel_measure(self) -> PixelMeasure:
         """What one pixel measures: m² per row (maps), mm² (medical images), mm³ (volumes), or None."""
         info = self.info
-        if info.measure is None:
+        if info.measure_unit is None:
             return None
-        voxel = float(np.prod(info.volume.spacing_mm)) if info.measure == "mm3" and info.volume else None
-        area = info.pixel_area_mm2 if info.measure == "mm2" else None
+        voxel = float(np.prod(info.volume.spacing_mm)) if info.measure_unit == "mm3" and info.volume else None
+        area = info.pixel_area_mm2 if info.measure_unit == "mm2" else None
         return pixel_measure(self.georef, info.shape[0], voxel_mm3=voxel, pixel_area_mm2=area)
 
     @property
@@ -308,19 +308,21 @@ class MaskStore:
 
     # -- writing -----------------------------------------------------------------------------
 
-    def write_unit(self, unit: WorkUnit, labels: np.ndarray, *, measure: Measure, n_classes: int) -> ChunkStats:
+    def write_unit(
+        self, unit: WorkUnit, labels: np.ndarray, *, pixel_measure: PixelMeasure, n_classes: int
+    ) -> ChunkStats:
         """Write a unit's chunks (``labels`` covers ``unit.core``), then its statistics row.
 
-        ``measure`` is m² per pixel for each image row, or one mm³ per voxel, or None.
+        ``pixel_measure`` is m² per pixel for each image row, or one mm³ per voxel, or None.
         """
         if not self._writing:  # each open reads and parses the array's metadata again: three a unit
             self._writing = {"mask": self.mask, "measure": self._units("measure"), "pixels": self._units("pixels")}
         mask = self._writing["mask"]
         for chunk in unit.chunks:
             mask[chunk.slices()] = labels[chunk.within(unit.core)]
-        if isinstance(measure, np.ndarray):
-            measure = measure[unit.core.start[0] : unit.core.stop[0]]
-        stats = count_classes(labels, n_classes, measure)
+        if isinstance(pixel_measure, np.ndarray):
+            pixel_measure = pixel_measure[unit.core.start[0] : unit.core.stop[0]]
+        stats = count_classes(labels, n_classes, pixel_measure)
         self._writing["measure"][unit.index] = stats.measure
         self._writing["pixels"][unit.index] = stats.pixels
         return stats

@@ -84,7 +84,9 @@ class StoreMeta(_Meta):
     nodata: int = 255
     crs: str | None = None
     transform: list[float] | None = None
-    measure: Literal["m2", "mm2", "mm3"] | None = None  # what the per-unit ``measure`` sums
+    # the unit of every measure in the store (``units/measure``, the class and region sums); the
+    # key on disk is ``measure``, as stores and summaries have always written it
+    measure_unit: Literal["m2", "mm2", "mm3"] | None = Field(None, alias="measure")
     pixel_area_mm2: float | None = None
     arrays: Arrays = Arrays()
     volume: VolumeMeta | None = None

@@ -233,8 +233,9 @@ class RuntimeConfig(_Frozen):
 
     address: str | None = Field(
         default=None,
-        description='null: embedded local Ray (or RAY_ADDRESS); "auto" or ray://HOST:10001 joins a cluster; '
-        '"local" always starts a local Ray.',
+        description="null: RAY_ADDRESS if set, else a local Ray of the run's own (never a head that `ray start` "
+        'left running here); "auto" joins that head; HOST:6379 or ray://HOST:10001 joins a cluster; "local" '
+        "always starts a local Ray.",
     )
     engine: Literal["auto", "ray", "process"] = Field(
         default="auto",

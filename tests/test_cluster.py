@@ -7,6 +7,7 @@ the PIDs of its processes (never `ray stop`, which would end every Ray on the ma
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import socket
@@ -138,3 +139,15 @@ def test_an_unreachable_cluster_fails_within_seconds(workdir: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 75 and time.monotonic() - started < 30  # transient: retry later
     assert result.stderr.strip().splitlines()[-1].startswith("raymask: error: cannot reach a Ray cluster at")
+
+
+def test_a_run_without_an_address_starts_its_own_ray_beside_a_running_head(ray_head: str, tmp_path: Path) -> None:
+    """`runtime.address: null` is documented as embedded Ray; `ray.init()` alone would join the head
+    that `ray start` left running here. The summary says which Ray a run used."""
+    result = subprocess.run(
+        [str(BIN / "raymask"), "run", str(ROOT / "configs" / "aerial-vegetation.yaml"), "--json",
+         "--set", "runtime.engine=ray", "--set", f"output.path={tmp_path}/own.zarr"],
+        env=clean_env(), capture_output=True, text=True, timeout=300, cwd=ROOT, stdin=subprocess.DEVNULL,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["cluster"].startswith("a local Ray started for this run")

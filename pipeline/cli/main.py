@@ -202,6 +202,7 @@ def _parser() -> argparse.ArgumentParser:
     catalog.add_argument("root")
     catalog.add_argument("--json", action="store_true", help="one JSON list on stdout")
     catalog.add_argument("--out", metavar="FILE", help="also write the table as .csv or .parquet")
+    catalog.add_argument("--overwrite", action="store_true", help="with --out: replace FILE if it exists")
     catalog.set_defaults(func=_cmd_catalog)
 
     info = sub.add_parser(
@@ -231,6 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     regions.add_argument("--limit", type=int, metavar="N", help="at most N rows (the table shows 20 unless given)")
     regions.add_argument("--json", action="store_true", help="one JSON object on stdout")
     regions.add_argument("--out", metavar="FILE", help="also write the rows as .csv or .parquet")
+    regions.add_argument("--overwrite", action="store_true", help="with --out: replace FILE if it exists")
     regions.add_argument("--compute", action="store_true", help="label the regions now (replaces existing ones)")
     regions.add_argument("--connectivity", type=int, choices=[4, 8, 6, 18, 26], help="with --compute: neighbours")
     regions.add_argument(
@@ -270,7 +272,8 @@ def _parser() -> argparse.ArgumentParser:
 
     export = sub.add_parser("export", help="write a store's mask as a Cloud-Optimized GeoTIFF (GDAL, QGIS)")
     export.add_argument("store")
-    export.add_argument("out", help="output .tif path")
+    export.add_argument("out", help="output .tif path (never one of the store's inputs)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     export.set_defaults(func=_cmd_export)
 
     schema = sub.add_parser(
@@ -325,10 +328,12 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 def _cmd_catalog(args: argparse.Namespace) -> int:
     from pipeline.store.catalog import catalog_rows, render, write_table_file
+    from pipeline.store.outputs import guard_output
 
+    out = guard_output(args.out, overwrite=args.overwrite) if args.out else None
     rows = catalog_rows(Path(args.root))
-    if args.out:
-        write_table_file(rows, Path(args.out))
+    if out is not None:
+        write_table_file(rows, out)
     print(json.dumps(rows, indent=2) if args.json else render(rows))
     return 0
 
@@ -345,6 +350,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
 def _cmd_regions(args: argparse.Namespace) -> int:
     from pipeline.jobs.report import regions_json, render_regions
     from pipeline.query import open_store
+    from pipeline.store.outputs import guard_output, store_inputs
 
     if args.compute:
         from pipeline.config import RegionsConfig
@@ -360,13 +366,17 @@ def _cmd_regions(args: argparse.Namespace) -> int:
     elif args.connectivity or args.label_classes:
         raise ConfigError("--connectivity and --classes apply with --compute")
     view = open_store(args.store)
+    if args.out:  # refused before any work, as every writing command does
+        out = guard_output(args.out, inputs=store_inputs(view._store), overwrite=args.overwrite)
+    elif args.overwrite:
+        raise ConfigError("--overwrite applies with --out")
     frame = view.regions(args.classes, min_pixels=args.min_pixels, min_area=args.min_area, min_volume=args.min_volume)
     size = "voxels" if "voxels" in frame else "pixels"
     frame = frame.sort_values([size, "id"], ascending=[False, True]) if args.sort == "size" else frame.sort_values("id")
     if args.out:
         from pipeline.store.catalog import write_frame
 
-        write_frame(frame, Path(args.out))
+        write_frame(frame, out)
     shown = frame if args.limit is None and args.json else frame.head(args.limit or 20)
     if args.json:
         print(json.dumps(regions_json(view, shown, len(frame)), indent=2))
@@ -408,11 +418,13 @@ def _cmd_zones(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from pipeline.query.export import export_geotiff
     from pipeline.store import COMPLETE, MaskStore
+    from pipeline.store.outputs import guard_output, store_inputs
 
     store = MaskStore.open(args.store)
+    out = guard_output(args.out, inputs=store_inputs(store), overwrite=args.overwrite)
     if store.status != COMPLETE:
         print(f"raymask: warning: {args.store} is {store.status}; unwritten chunks export as nodata", file=sys.stderr)
-    out = export_geotiff(store, Path(args.out))
+    out = export_geotiff(store, out)
     print(out)
     return 0
 

@@ -26,12 +26,15 @@ def local_cpus() -> int:
 
 
 @contextmanager
-def ray_session(address: str | None, *, enabled: bool = True, progress: bool = False) -> Iterator[None]:
-    """Ray for the block (nothing when ``enabled`` is false: the in-process engine); a Ray this
-    call started is shut down after it, one it joined is left running."""
-    owns = connect(address, progress=progress) if enabled else False
+def ray_session(address: str | None, *, enabled: bool = True, progress: bool = False) -> Iterator[str]:
+    """Ray for the block (nothing when ``enabled`` is false: the in-process engine), as a line that
+    says which Ray it is; a Ray this call started is shut down after it, one it joined is left running."""
+    if not enabled:
+        yield "this process (no Ray)"
+        return
+    owns = connect(address, progress=progress)
     try:
-        yield
+        yield describe_cluster(owns, address)
     finally:
         if owns:
             import ray
@@ -39,16 +42,37 @@ def ray_session(address: str | None, *, enabled: bool = True, progress: bool = F
             ray.shutdown()
 
 
+def describe_cluster(started: bool, address: str | None) -> str:
+    """``a local Ray started for this run (2 CPUs)``, ``the Ray cluster at HOST:PORT (3 nodes,
+    48 CPUs, 4 GPUs)``, or ``the Ray already running in this process (...)``."""
+    import ray
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    total = ray.cluster_resources()
+    size = f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {total.get('CPU', 0):g} CPUs"
+    if total.get("GPU"):
+        size += f", {total['GPU']:g} GPUs"
+    if started and (address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+        return f"a local Ray started for this run ({size})"
+    if started:
+        return f"the Ray cluster at {ray.get_runtime_context().gcs_address} ({size})"
+    return f"the Ray already running in this process ({size})"
+
+
 def connect(address: str | None, *, progress: bool = False) -> bool:
-    """Join ``address`` (or RAY_ADDRESS), or start an embedded Ray; True if this call started it."""
+    """Join ``address`` (or RAY_ADDRESS), or start an embedded Ray; True if this call started it.
+
+    No address means a Ray of this run's own, even when ``ray start`` left a head running on this
+    machine (``ray.init()`` would silently join that one); ``auto`` joins it on purpose.
+    """
     import ray
 
     if ray.is_initialized():
         return False
-    target = address or os.environ.get("RAY_ADDRESS") or None
-    if target and target not in ("auto", "local"):
+    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    if target not in ("auto", "local"):
         probe(target)
-    local = target in (None, "local")
+    local = target == "local"
     if progress and sys.stderr.isatty():  # starting a local Ray takes seconds: say so rather than sit silent
         print(
             f"raymask: {'starting a local Ray' if local else f'joining the Ray cluster at {target}'}...",

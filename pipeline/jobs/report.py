@@ -26,6 +26,7 @@ def render_summary(summary: RunSummary) -> str:
         f"units     {summary.units_run} computed, {summary.units_skipped} skipped (already written), "
         f"{summary.units_total} in all; {summary.chunks} chunks",
         f"time      {_timing(summary)}",
+        f"ran on    {summary.cluster}",
         f"exact     {'yes: tiled output equals whole-image inference' if summary.exact else 'no'}",
         "",
         _class_table(summary.classes, summary.measure),

@@ -32,6 +32,7 @@ from pipeline.jobs.regions import RegionSpec, label_store, resolve
 from pipeline.jobs.stream import StreamClock, stream
 from pipeline.sources.inputs import InputInfo, Source, open_input
 from pipeline.store import MaskStore, StoreLayout
+from pipeline.store.outputs import check_writable_folder, guard_output
 from workers.models.registry import ModelSpec, describe
 
 
@@ -75,6 +76,7 @@ class RunSummary:
     preview: str | None = None
     notes: list[str] = field(default_factory=list)
     engine: str = "process"  # where the units ran: "process" (this one) or "ray"
+    cluster: str = "this process (no Ray)"  # which Ray, in words: started here, joined at an address, ...
     timings: Timings = field(default_factory=lambda: Timings())
     workers: dict[str, Any] = field(default_factory=dict)  # actors, cpus, gpus and threads each, processes started
 
@@ -132,13 +134,26 @@ def _shown(path: str | list[str]) -> str:
     return path if isinstance(path, str) else f"{path[0]} (and {len(path) - 1} more)"
 
 
-def open_output(job: Job, *, overwrite: bool, batch: bool = False) -> tuple[str, MaskStore, int]:
-    """Act on what is at the job's output path (``plan.resume_action``): returns the action, the
-    store (for ``skip`` and ``version``: the complete one found, read-only) and the units done.
+def job_inputs(job: Job) -> list[str]:
+    """Every path the job reads: the source as configured (a file, band files or a DICOM folder),
+    the files behind it, and the model file; no output may be one of them or lie inside them."""
+    configured = job.config.source.path
+    paths = [configured] if isinstance(configured, str) else list(configured)
+    paths += list(job.source.paths) if job.info.series is None else list(job.info.series.paths)
+    model_path = getattr(job.config.model, "path", None)
+    if isinstance(model_path, str):
+        paths.append(model_path)
+    return [p for p in dict.fromkeys(paths) if "://" not in p and not p.startswith("/vsi")]
+
+
+def decide_output(job: Job, *, overwrite: bool, batch: bool = False) -> tuple[str, MaskStore | None]:
+    """What a run will do at the job's output path (``plan.resume_action``) and the store found
+    there, decided without changing anything; refused (one line) when it may not go ahead.
 
     Whatever is there is opened first, so a folder that is not a raymask store is refused, never removed.
     """
     given, path = job.config.output.path, job.store_path
+    guard_output(path, inputs=job_inputs(job), overwrite=overwrite, kind="store")
     existing = MaskStore.open(path) if path.exists() else None
     status = existing.status if existing is not None else None
     same = existing is not None and same_job(existing, job)
@@ -150,19 +165,32 @@ def open_output(job: Job, *, overwrite: bool, batch: bool = False) -> tuple[str,
             f"{given}: an incomplete store of a different job (config, model or source changed); "
             "pass --overwrite to start again"
         )
+    return action, existing
+
+
+def open_output(job: Job, *, overwrite: bool, batch: bool = False) -> tuple[str, MaskStore, int]:
+    """Act on what is at the job's output path: returns the action, the store (for ``skip`` and
+    ``version``: the complete one found, read-only) and the units done."""
+    action, existing = decide_output(job, overwrite=overwrite, batch=batch)
+    return (action, *apply_output(job, action, existing))
+
+
+def apply_output(job: Job, action: str, existing: MaskStore | None) -> tuple[MaskStore, int]:
+    """Carry out ``decide_output``'s action: the store to write (or the complete one found) and its units done."""
+    path = job.store_path
     if existing is not None and action in ("skip", "version"):
-        return action, existing, int(existing.units_done().sum())
+        return existing, int(existing.units_done().sum())
     if action == "resume":
         store = MaskStore.open(path, mode="r+")
-        return action, store, int(store.units_done().sum())
+        return store, int(store.units_done().sum())
     if action == "replace":
         MaskStore.remove(path)
-    return action, create_store(job), 0
+    return create_store(job), 0
 
 
 def create_store(job: Job) -> MaskStore:
     """A new, empty store for ``job`` at its output path."""
-    _check_writable(job.store_path)
+    check_writable_folder(job.store_path)
     layout = StoreLayout(
         grid=job.grid,
         classes=job.model.classes,
@@ -299,23 +327,25 @@ def choose_engine(runtime: RuntimeConfig, n_units: int) -> str:
 def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True) -> RunSummary:
     started = time.perf_counter()
     job = prepare(config)
-    _, store, skipped = open_output(job, overwrite=overwrite)
-    todo = pending_units(job.grid, store.units_done())
-    per_pixel = job.pixel_measure
-    need_regions = regions_pending(job, store)
-    engine = choose_engine(config.runtime, len(todo))
+    action, existing = decide_output(job, overwrite=overwrite)
+    done = existing.units_done() if action == "resume" and existing is not None else None
+    engine = choose_engine(config.runtime, job.grid.n_units - (int(done.sum()) if done is not None else 0))
     timings = Timings()
     clock = StreamClock()
-    if todo or need_regions:
-        mark = time.perf_counter()
-        with ray_session(config.runtime.address, enabled=engine == "ray", progress=progress):
-            timings.startup_s = time.perf_counter() - mark
-            if todo:
-                _predict(job, store, todo, per_pixel, engine=engine, clock=clock, progress=progress)
-            if need_regions:
-                mark = time.perf_counter()
-                label_regions(job, store, engine=engine, progress=progress)
-                timings.regions_s = time.perf_counter() - mark
+    mark = time.perf_counter()
+    # The cluster first: a run that cannot reach its cluster leaves what is at the output path as it was.
+    with ray_session(config.runtime.address, enabled=engine == "ray", progress=progress) as cluster:
+        timings.startup_s = time.perf_counter() - mark
+        store, skipped = apply_output(job, action, existing)
+        todo = pending_units(job.grid, store.units_done())
+        per_pixel = job.pixel_measure
+        need_regions = regions_pending(job, store)
+        if todo:
+            _predict(job, store, todo, per_pixel, engine=engine, clock=clock, progress=progress)
+        if need_regions:
+            mark = time.perf_counter()
+            label_regions(job, store, engine=engine, progress=progress)
+            timings.regions_s = time.perf_counter() - mark
     timings.workers_s, timings.compute_s = clock.workers_s, clock.compute_s
     table = finalize(job, store)
     unit = store.info.measure_unit
@@ -331,6 +361,7 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
         classes=table,
         measure=unit,
         engine=engine,
+        cluster=cluster,
         timings=timings,
     )
     if clock.placement is not None:
@@ -424,13 +455,3 @@ def _provenance(job: Job) -> dict[str, Any]:
             "edge": job.config.tiling.edge,
         },
     }
-
-
-def _check_writable(path: Path) -> None:
-    parent = path.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StoreError(f"{path}: cannot create the output folder {parent} ({exc.strerror})") from exc
-    if not os.access(parent, os.W_OK):
-        raise StoreError(f"{path}: the output folder {parent} is not writable")

@@ -1,0 +1,127 @@
+"""Hostile conditions found by trying raymask as a new user would (issue 11): nothing a command
+writes may replace one of its inputs or an existing file unasked, an output that cannot be made is
+one line before anything is written, and a run that cannot reach its cluster changes nothing.
+
+These run the console entry point in a subprocess, as a user would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import CT_SERIES, GeoTiffFactory, write_config
+from tests.test_bad_input import assert_one_line_error, raymask
+
+
+def digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def scene_store(tmp_path: Path, make_geotiff: GeoTiffFactory) -> tuple[Path, Path, Path]:
+    """A small two-band scene, its job config and the complete store made from it: (scene, config, store)."""
+    rng = np.random.default_rng(3)
+    scene = make_geotiff(rng.random((2, 40, 40)).astype(np.float32), name="scene.tif")
+    store = tmp_path / "out" / "scene.zarr"
+    config = write_config(
+        tmp_path / "job.yaml",
+        source={"path": str(scene)},
+        model={"kind": "ndvi", "red": 1, "nir": 2},
+        tiling={"chunk": 32},
+        output={"path": str(store), "preview": False},
+        runtime={"engine": "process"},
+    )
+    result = raymask("run", str(config))
+    assert result.returncode == 0, result.stderr
+    return scene, config, store
+
+
+def test_export_never_replaces_the_source_image(scene_store: tuple[Path, Path, Path]) -> None:
+    scene, _, store = scene_store
+    before = digest(scene)
+    for extra in ([], ["--overwrite"]):
+        result = raymask("export", str(store), str(scene), *extra)
+        assert_one_line_error(result, f"{scene}: is an input of this job")
+        assert digest(scene) == before
+
+
+def test_export_and_tables_refuse_an_existing_file_unless_asked(scene_store, tmp_path: Path) -> None:
+    _, _, store = scene_store
+    target = tmp_path / "mask.tif"
+    target.write_bytes(b"someone else's file")
+    assert_one_line_error(raymask("export", str(store), str(target)), f"{target}: already exists; pass --overwrite")
+    assert target.read_bytes() == b"someone else's file"
+    assert raymask("export", str(store), str(target), "--overwrite").returncode == 0
+    assert target.read_bytes()[:4] in (b"II*\x00", b"MM\x00*")
+
+    table = tmp_path / "regions.csv"
+    table.write_text("keep me")
+    assert_one_line_error(raymask("regions", str(store), "--out", str(table)), "already exists; pass --overwrite")
+    assert table.read_text() == "keep me"
+    assert raymask("regions", str(store), "--out", str(table), "--overwrite").returncode == 0
+    assert table.read_text().startswith("id,")
+    assert_one_line_error(raymask("catalog", str(store.parent), "--out", str(table)), "already exists")
+
+
+def test_export_into_the_store_itself_is_refused(scene_store) -> None:
+    _, _, store = scene_store
+    assert_one_line_error(raymask("export", str(store), str(store / "mask.tif")), "lies inside the input folder")
+
+
+def test_a_run_never_writes_its_store_over_or_inside_an_input(scene_store, tmp_path: Path) -> None:
+    scene, config, _ = scene_store
+    before = digest(scene)
+    result = raymask("run", str(config), "--set", f"output.path={scene}", "--overwrite")
+    assert_one_line_error(result, f"{scene}: is an input of this job")
+    assert digest(scene) == before
+    series = tmp_path / "series"
+    shutil.copytree(CT_SERIES, series)
+    ct = write_config(tmp_path / "ct.yaml", source={"path": str(series)}, model={"kind": "hu-tissue"},
+                      output={"path": str(series / "ct.zarr")})  # fmt: skip
+    assert_one_line_error(raymask("run", str(ct)), "lies inside the input folder")
+    assert sorted(p.name for p in series.iterdir()) == sorted(p.name for p in CT_SERIES.iterdir())
+
+
+@pytest.mark.parametrize("where", ["/proc/raymask.zarr", "/proc/raymask/deeper.zarr"])
+def test_an_output_that_cannot_be_created_is_one_line(scene_store, where: str) -> None:
+    _, config, _ = scene_store
+    result = raymask("run", str(config), "--set", f"output.path={where}")
+    assert_one_line_error(result, where)
+    assert "Traceback" not in result.stderr
+
+
+def test_an_export_that_cannot_be_created_is_one_line(scene_store) -> None:
+    _, _, store = scene_store
+    assert_one_line_error(raymask("export", str(store), "/proc/mask.tif"), "/proc/mask.tif: cannot write")
+
+
+def test_an_unreachable_cluster_changes_nothing_at_the_output(scene_store, tmp_path: Path) -> None:
+    _, config, store = scene_store
+    fresh = tmp_path / "fresh.zarr"
+    unreachable = ["--set", "runtime.address=127.0.0.1:1", "--set", "runtime.engine=auto"]
+    result = raymask("run", str(config), *unreachable, "--set", f"output.path={fresh}")
+    assert result.returncode == 75, result.stderr  # transient: try again when the cluster is back
+    assert not fresh.exists()  # no empty incomplete store to trip the next run with other settings
+    before = (store / "zarr.json").read_text()
+    result = raymask("run", str(config), *unreachable, "--overwrite")
+    assert result.returncode == 75, result.stderr
+    assert (store / "zarr.json").read_text() == before  # the complete store is still there, untouched
+    assert json.loads(before)["attributes"]["raymask"]["status"] == "complete"
+
+
+def test_the_summary_names_the_ray_it_ran_on(scene_store, tmp_path: Path, ray_address: str) -> None:
+    _, config, _ = scene_store
+    here = raymask("run", str(config), "--set", f"output.path={tmp_path}/a.zarr", "--json")
+    assert json.loads(here.stdout)["cluster"] == "this process (no Ray)"
+    joined = raymask("run", str(config), "--set", f"output.path={tmp_path}/b.zarr", "--set", "runtime.engine=ray",
+                     "--set", f"runtime.address={ray_address}", "--json")  # fmt: skip
+    assert joined.returncode == 0, joined.stderr
+    assert json.loads(joined.stdout)["cluster"].startswith(f"the Ray cluster at {ray_address} (1 node, 2 CPUs")
+    text = raymask("run", str(config), "--set", f"output.path={tmp_path}/c.zarr")
+    assert "ran on    this process (no Ray)" in text.stdout

@@ -125,3 +125,43 @@ def test_the_summary_names_the_ray_it_ran_on(scene_store, tmp_path: Path, ray_ad
     assert json.loads(joined.stdout)["cluster"].startswith(f"the Ray cluster at {ray_address} (1 node, 2 CPUs")
     text = raymask("run", str(config), "--set", f"output.path={tmp_path}/c.zarr")
     assert "ran on    this process (no Ray)" in text.stdout
+
+
+def ct_copy(tmp_path: Path) -> tuple[Path, list[Path]]:
+    """A copy of the bundled CT series and its files in slice order."""
+    import pydicom
+
+    folder = tmp_path / "series"
+    shutil.copytree(CT_SERIES, folder)
+    ordered = sorted(
+        folder.iterdir(), key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2])
+    )
+    return folder, ordered
+
+
+def ct_job(tmp_path: Path, folder: Path) -> Path:
+    return write_config(tmp_path / "ct.yaml", source={"path": str(folder)}, model={"kind": "hu-tissue"},
+                        output={"path": f"{tmp_path}/ct.zarr"})  # fmt: skip
+
+
+def test_a_dicom_file_copied_into_its_series_is_named_as_a_copy(tmp_path: Path) -> None:
+    folder, ordered = ct_copy(tmp_path)
+    copy = folder / "zz-copy.dcm"
+    shutil.copy(ordered[7], copy)
+    result = raymask("run", str(ct_job(tmp_path, folder)))
+    assert_one_line_error(result, "the same image as", "SOP Instance UID", "remove the copy")
+    assert ordered[7].name in result.stderr and copy.name in result.stderr
+    assert not (tmp_path / "ct.zarr").exists()
+
+
+def test_a_slice_with_an_edited_orientation_is_named_as_the_odd_file(tmp_path: Path) -> None:
+    import pydicom
+
+    folder, ordered = ct_copy(tmp_path)
+    odd = ordered[12]
+    ds = pydicom.dcmread(odd)
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 0, -1]  # a coronal header in an axial series
+    ds.save_as(odd)
+    result = raymask("run", str(ct_job(tmp_path, folder)))
+    assert_one_line_error(result, f"{odd}: ImageOrientationPatient [1, 0, 0, 0, 0, -1] differs from the other 19 files")
+    assert "missing" not in result.stderr

@@ -94,7 +94,8 @@ def discover(inputs: Sequence[str]) -> tuple[list[Series], list[str]]:
         groups[_series_key(header)].append((header, path))
     if not groups:
         raise SourceError(f"{', '.join(inputs)}: no DICOM images found ({len(files)} files looked at)")
-    return [_series(key, members) for key, members in sorted(groups.items())], notes
+    split = [part for key, members in sorted(groups.items()) for part in _by_orientation(key, members)]
+    return [_series(key, members) for key, members in split], notes
 
 
 def _candidate_files(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -136,19 +137,54 @@ def _series_key(header: pydicom.Dataset) -> str:
     if uid:
         return uid
     # The UIDs of some exports exist only in the file meta; one series then shares a frame of
-    # reference, an orientation and a frame size.
-    orientation = _orientation(header, None, header)
-    rounded = ",".join(f"{v:.4f}" for v in orientation) if orientation else "none"
-    return f"for:{header.get('FrameOfReferenceUID', '')}|iop:{rounded}|{header.Rows}x{header.Columns}"
+    # reference, an orientation and a frame size (the orientation is added by _by_orientation).
+    return f"for:{header.get('FrameOfReferenceUID', '')}|{header.Rows}x{header.Columns}"
+
+
+def _header_orientation(header: pydicom.Dataset) -> str:
+    orientation = _orientation(header, None, _first(header.get("SharedFunctionalGroupsSequence")))
+    return ",".join(f"{v:.4f}" for v in orientation) if orientation else "none"
+
+
+def _by_orientation(
+    key: str, members: list[tuple[pydicom.Dataset, str]]
+) -> list[tuple[str, list[tuple[pydicom.Dataset, str]]]]:
+    """One group's files split by orientation. Without series UIDs, planes of one frame of
+    reference in several orientations are several series (reformats), each of 2 files or more;
+    a single file whose orientation differs from the rest of its series is named as the odd one."""
+    buckets: dict[str, list[tuple[pydicom.Dataset, str]]] = defaultdict(list)
+    for header, path in members:
+        buckets[_header_orientation(header)].append((header, path))
+    uid_less = key.startswith("for:")
+    if len(buckets) > 1:
+        common = max(buckets, key=lambda o: len(buckets[o]))
+        odd = [o for o in buckets if o != common]
+        if not uid_less or any(len(buckets[o]) == 1 for o in odd):
+            smallest = min(odd, key=lambda o: len(buckets[o]))
+            _, path = buckets[smallest][0]
+            raise SourceError(
+                f"{path}: ImageOrientationPatient [{_shown(smallest)}] differs from the other "
+                f"{len(buckets[common])} files of its series ([{_shown(common)}]); remove the file or fix its header"
+            )
+    if not uid_less:
+        return [(key, members)]
+    head, _, size = key.rpartition("|")
+    return [(f"{head}|iop:{o}|{size}", group) for o, group in buckets.items()]
+
+
+def _shown(orientation: str) -> str:
+    return ", ".join(f"{float(v):g}" for v in orientation.split(",")) if orientation != "none" else "none"
 
 
 def _series(key: str, members: list[tuple[pydicom.Dataset, str]]) -> Series:
     modalities = sorted({str(h.get("Modality", "")) for h, _ in members})
     if len(modalities) > 1:
         raise SourceError(f"{members[0][1]}: mixed modalities {', '.join(modalities)} in one series ({key})")
+    _refuse_copies(key, members)
     for header, path in members:
         check_decoder(header, path)
     frames = [frame for header, path in members for frame in _frames(header, path)]
+    _refuse_odd_orientations(key, frames)
     positioned = all(f.plane.position is not None for f in frames)
     if not positioned:
         frames = [_stacked(f, k) for k, f in enumerate(frames)]
@@ -160,6 +196,40 @@ def _series(key: str, members: list[tuple[pydicom.Dataset, str]]) -> Series:
     header = members[0][0]
     description = str(header.get("SeriesDescription", "") or header.get("StudyDescription", "") or "")
     return Series(key, modalities[0], tuple(frames[i] for i in order), geometry, description, positioned)
+
+
+def _refuse_copies(key: str, members: list[tuple[pydicom.Dataset, str]]) -> None:
+    """The same image twice (a copied file: same SOP Instance UID) is named as such, not as two
+    frames that happen to share a position."""
+    seen: dict[str, str] = {}
+    for header, path in members:
+        uid = str(header.get("SOPInstanceUID", "") or header.file_meta.get("MediaStorageSOPInstanceUID", "") or "")
+        if not uid:
+            continue
+        if uid in seen:
+            raise SourceError(
+                f"{path}: the same image as {seen[uid]} (SOP Instance UID {uid}, series {key}); remove the copy"
+            )
+        seen[uid] = path
+
+
+def _refuse_odd_orientations(key: str, frames: list[Frame]) -> None:
+    """Every frame of a series shares one orientation; a file whose orientation differs from the
+    rest (an edited or misfiled header) is named, rather than leaving a gap among the others."""
+    by_orientation: dict[tuple[float, ...], list[Frame]] = defaultdict(list)
+    for frame in frames:
+        by_orientation[tuple(round(v, 4) for v in frame.plane.orientation)].append(frame)
+    if len(by_orientation) < 2:
+        return
+    common, *_ = sorted(by_orientation, key=lambda o: -len(by_orientation[o]))
+    odd = next(f for o, group in by_orientation.items() if o != common for f in group)
+    shown = ", ".join(f"{v:g}" for v in odd.plane.orientation)
+    expected = ", ".join(f"{v:g}" for v in common)
+    others = len(by_orientation[common])
+    raise SourceError(
+        f"{odd.path}: ImageOrientationPatient [{shown}] differs from the other {others} frames of series {key} "
+        f"([{expected}]); remove the file or fix its header"
+    )
 
 
 def _stacked(frame: Frame, k: int) -> Frame:

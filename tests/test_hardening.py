@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -165,3 +168,28 @@ def test_a_slice_with_an_edited_orientation_is_named_as_the_odd_file(tmp_path: P
     result = raymask("run", str(ct_job(tmp_path, folder)))
     assert_one_line_error(result, f"{odd}: ImageOrientationPatient [1, 0, 0, 0, 0, -1] differs from the other 19 files")
     assert "missing" not in result.stderr
+
+
+@pytest.mark.parametrize("engine", ["process", "ray"])
+def test_a_model_given_the_wrong_band_count_says_so(
+    tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, engine: str, ray_address: str
+) -> None:
+    scene = make_geotiff(np.random.default_rng(1).random((4, 48, 48)).astype(np.float32), name="four.tif")
+    model = scripted_unet(4, 2)
+    config = write_config(
+        tmp_path / "job.yaml",
+        source={"path": str(scene), "bands": [1, 2]},
+        model={"kind": "torchscript", "path": str(model), "classes": ["a", "b"], "stride": 4, "receptive_radius": 8},
+        tiling={"chunk": 16, "halo": 8},
+        output={"path": f"{tmp_path}/out.zarr", "preview": False},
+        runtime={"engine": engine, "max_retries": 1},
+    )
+    env = {"RAY_ADDRESS": ray_address} if engine == "ray" else {}
+    result = raymask_env(env, "run", str(config), "--no-progress")
+    assert_one_line_error(result, f"{model}: the model takes 4 input bands (its first layer), the job gives it 2")
+    assert '"complete"' not in (tmp_path / "out.zarr" / "zarr.json").read_text()
+
+
+def raymask_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
+                          timeout=300, stdin=subprocess.DEVNULL, env={**os.environ, **env})  # fmt: skip

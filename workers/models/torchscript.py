@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from pipeline.config import TorchScriptModelConfig
-from pipeline.errors import ModelError
+from pipeline.errors import ModelError, one_line
 
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -34,6 +34,10 @@ class TorchScriptModel:
             ) from exc
         self.module = module.eval()
         self.dtype = next((p.dtype for p in self.module.parameters()), torch.float32)
+        # the input channels of the first convolution-shaped weight: only to explain a failed call
+        # (never to refuse one: a grouped or depthwise first layer has fewer per weight)
+        first = next((p for p in self.module.parameters() if p.ndim in (4, 5)), None)
+        self.in_channels = int(first.shape[1]) if first is not None else None
         self.staging = PinnedStaging(slots=in_flight + 1) if self.device.type == "cuda" else None
 
     # -- the worker's interface ---------------------------------------------------------------
@@ -71,8 +75,18 @@ class TorchScriptModel:
             x = x.transpose(1, 2).reshape(n * z, c, h, w)
         autocast = AUTOCAST.get(self.config.precision)
         context = torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
-        with context:
-            out = self.module(x.to(self.dtype))
+        try:
+            with context:
+                out = self.module(x.to(self.dtype))
+        except RuntimeError as exc:
+            if self.in_channels is not None and self.in_channels != x.shape[1]:
+                raise ModelError(
+                    f"{self.config.path}: the model takes {self.in_channels} input bands (its first layer), "
+                    f"the job gives it {x.shape[1]} (source.bands)"
+                ) from exc
+            raise ModelError(
+                f"{self.config.path}: the model failed on a {tuple(x.shape)} input: {one_line(exc, 300)}"
+            ) from exc
         expected = (x.shape[0], len(self.config.classes), *x.shape[2:])
         if tuple(out.shape) != expected:
             raise ModelError(

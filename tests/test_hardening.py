@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import CT_SERIES, GeoTiffFactory, write_config
+from tests.conftest import CT_SERIES, ROOT, GeoTiffFactory, write_config
 from tests.test_bad_input import assert_one_line_error, raymask
 
 
@@ -193,3 +193,27 @@ def test_a_model_given_the_wrong_band_count_says_so(
 def raymask_env(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True,
                           timeout=300, stdin=subprocess.DEVNULL, env={**os.environ, **env})  # fmt: skip
+
+
+def test_submit_refuses_a_relative_output_path_for_a_remote_head(tmp_path: Path) -> None:
+    """Ray unpacks the working directory into a temporary folder on the head: a relative output
+    would be written there and lost. Refused before anything is sent."""
+    config = str(ROOT / "configs" / "aerial-vegetation.yaml")
+    result = raymask_env({}, "submit", config, "--address", "198.51.100.7:8265")  # a documentation address
+    assert_one_line_error(result, "output.path out/aber-vegetation.zarr is relative", "the cluster's nodes share")
+
+
+def test_a_head_without_raymask_says_so_in_one_line(tmp_path: Path) -> None:
+    """What a submitted job's shell runs first: without raymask on the head's PATH, one line and 127."""
+    from pipeline.jobs.submit import ENTRYPOINT_CHECK
+
+    done = subprocess.run(["/bin/sh", "-c", ENTRYPOINT_CHECK + "echo ran"], capture_output=True, text=True,
+                          env={"PATH": "/usr/bin:/bin"}, timeout=30)  # fmt: skip
+    assert done.returncode == 127 and done.stdout == ""
+    assert done.stderr.strip() == (
+        "raymask: error: raymask is not installed where the Ray head runs jobs (not on its PATH): "
+        "pip install raymask there, or use an image that has it"
+    )
+    found = subprocess.run(["/bin/sh", "-c", ENTRYPOINT_CHECK + "echo ran"], capture_output=True, text=True,
+                           env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}, timeout=30)  # fmt: skip
+    assert found.returncode == 0 and found.stdout == "ran\n"

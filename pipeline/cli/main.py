@@ -35,12 +35,14 @@ Every config key is listed by `raymask config-schema`.
 EPILOG_SUBMIT = """\
 examples:
   raymask submit configs/aerial-vegetation.yaml --address http://127.0.0.1:8265
-  raymask submit configs/ct-tissue.yaml --address http://head:8265 --set runtime.actors=8 --no-wait
+  raymask submit configs/ct-tissue.yaml --address http://head:8265 --set output.path=/shared/ct.zarr --no-wait
 
 The config is validated here, then travels in the job's runtime environment; the current
 directory travels as the job's working directory (files ignored by .gitignore stay behind),
-so relative paths mean the same on the cluster. The exit status is the job's: 0 if it succeeded.
-The raw form works too:
+so relative input paths mean the same on the cluster. A relative output path is made absolute
+against this folder when the head runs on this machine, and refused for a remote head (it would
+land in Ray's temporary copy of the folder): give a path on storage the nodes share.
+The exit status is the job's: 0 if it succeeded. The raw form works too (absolute outputs):
   ray job submit --address http://127.0.0.1:8265 --working-dir . -- raymask run CONFIG
 """
 

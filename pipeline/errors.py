@@ -57,6 +57,10 @@ class StoreExists(StoreError, FileExistsError):
     """A complete store exists where a job wants to write."""
 
 
+class StoreBusy(StoreError):
+    """Another live run holds the store's lease (one writer per store)."""
+
+
 class ClusterError(TransientError, ConnectionError):
     """A Ray cluster could not be reached."""
 

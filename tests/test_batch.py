@@ -55,7 +55,7 @@ def test_scheduled_semantics(tmp_path: Path, archive: Path, capsys: pytest.Captu
     config = nightly_config(tmp_path, archive)
     root = tmp_path / "masks"
     code, first = batch(capsys, config)
-    assert code == 0 and first["counts"] == {"done": 4, "resumed": 0, "skipped": 0, "failed": 0}
+    assert code == 0 and first["counts"] == {"done": 4, "resumed": 0, "skipped": 0, "busy": 0, "failed": 0}
     # Names mirror the input paths: a/b.tif and a_b.tif never collide, nothing leaves the root.
     stores = sorted(str(p.relative_to(root)) for p in root.rglob("*.zarr"))
     assert stores == ["a/b.tif.zarr", "a_b.tif.zarr", "aber.tif.zarr", "small.tif.zarr"]

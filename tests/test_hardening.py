@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -217,3 +218,108 @@ def test_a_head_without_raymask_says_so_in_one_line(tmp_path: Path) -> None:
     found = subprocess.run(["/bin/sh", "-c", ENTRYPOINT_CHECK + "echo ran"], capture_output=True, text=True,
                            env={"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin"}, timeout=30)  # fmt: skip
     assert found.returncode == 0 and found.stdout == "ran\n"
+
+
+HOLD = """
+import sys, time
+from pathlib import Path
+from pipeline.store.lease import store_lease
+with store_lease(Path(sys.argv[1]), command="a test holder"):
+    Path(sys.argv[2]).write_text("held")
+    time.sleep(float(sys.argv[3]))
+"""
+
+
+def hold_lease(store: Path, seconds: float, tmp_path: Path) -> subprocess.Popen[str]:
+    """Another process holding ``store``'s lease for ``seconds`` (returns once it holds it)."""
+    flag = tmp_path / f"held-{store.name}"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(store), str(flag), str(seconds)], text=True)
+    deadline = time.monotonic() + 60
+    while not flag.exists():
+        assert holder.poll() is None and time.monotonic() < deadline, "the holder never took the lease"
+        time.sleep(0.05)
+    return holder
+
+
+def test_two_runs_of_one_config_never_write_one_store_together(
+    tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet
+) -> None:
+    """An overlapping cron or a retried CI job: the second run is refused with the holder named,
+    and nothing of the first is disturbed."""
+    scene = make_geotiff(np.random.default_rng(2).random((3, 256, 256)).astype(np.float32), name="big.tif")
+    config = write_config(
+        tmp_path / "job.yaml",
+        source={"path": str(scene)},
+        model={"kind": "torchscript", "path": str(scripted_unet(3, 3)), "classes": ["a", "b", "c"], "stride": 4,
+               "receptive_radius": 8},
+        tiling={"chunk": 16, "halo": 8},  # 256 units: seconds of work in one process
+        output={"path": f"{tmp_path}/conc.zarr", "preview": False},
+        runtime={"engine": "process"},
+        regions={"enabled": False},
+    )  # fmt: skip
+    first = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--json", "--no-progress"],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    lease = tmp_path / ".conc.zarr.lease"
+    deadline = time.monotonic() + 60
+    while not lease.exists() and first.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    second = raymask("run", str(config), "--no-progress")
+    out, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err
+    assert_one_line_error(second, f"{tmp_path}/conc.zarr: in use by raymask run", f"pid {first.pid}", "--wait")
+    assert json.loads(out)["units_run"] == 256 and not lease.exists()
+
+
+def test_a_busy_store_is_waited_for_and_a_dead_holders_lease_taken_over(scene_store, tmp_path: Path) -> None:
+    _, config, _ = scene_store
+    store = tmp_path / "leased.zarr"
+    holder = hold_lease(store, 3.0, tmp_path)
+    started = time.monotonic()
+    waited = raymask("run", str(config), "--set", f"output.path={store}", "--wait", "--no-progress")
+    assert waited.returncode == 0, waited.stderr
+    assert time.monotonic() - started > 1.5 and holder.wait(timeout=30) == 0  # it ran after the holder let go
+
+    dead = tmp_path / "dead.zarr"
+    holder = hold_lease(dead, 600.0, tmp_path)
+    holder.kill()  # SIGKILL: no chance to release; the lease file stays behind
+    holder.wait(timeout=30)
+    assert (tmp_path / ".dead.zarr.lease").exists()
+    taken = raymask("run", str(config), "--set", f"output.path={dead}", "--no-progress")
+    assert taken.returncode == 0, taken.stderr
+    assert not (tmp_path / ".dead.zarr.lease").exists()
+
+
+def test_a_silent_lease_from_another_host_is_taken_over(scene_store, tmp_path: Path) -> None:
+    _, config, _ = scene_store
+    store = tmp_path / "remote.zarr"
+    stale = {"id": "x", "command": "raymask run", "host": "elsewhere", "pid": 1, "started": "then",
+             "heartbeat": time.time() - 600}  # fmt: skip
+    (tmp_path / ".remote.zarr.lease").write_text(json.dumps(stale))
+    assert raymask("run", str(config), "--set", f"output.path={store}", "--no-progress").returncode == 0
+    fresh = {**stale, "heartbeat": time.time()}
+    (tmp_path / ".remote.zarr.lease").write_text(json.dumps(fresh))
+    busy = raymask("run", str(config), "--set", f"output.path={store}", "--overwrite", "--no-progress")
+    assert_one_line_error(busy, "in use by raymask run (pid 1 on elsewhere")
+
+
+def test_overlapping_batches_share_the_inputs(tmp_path: Path, make_geotiff: GeoTiffFactory) -> None:
+    rng = np.random.default_rng(4)
+    for name in ("a.tif", "b.tif", "c.tif"):
+        make_geotiff(rng.random((2, 40, 40)).astype(np.float32), name=name)
+    config = write_config(
+        tmp_path / "nightly.yaml",
+        inputs=[f"{tmp_path}/*.tif"],
+        model={"kind": "ndvi", "red": 1, "nir": 2},
+        output={"root": f"{tmp_path}/masks", "preview": False},
+        runtime={"engine": "process"},
+    )
+    holder = hold_lease(tmp_path / "masks" / "b.tif.zarr", 600.0, tmp_path)
+    try:
+        result = raymask("batch", str(config), "--json", "--no-progress")
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
+    assert result.returncode == 0, result.stderr
+    statuses = {Path(r["input"]).name: r["status"] for r in json.loads(result.stdout)["results"]}
+    assert statuses == {"a.tif": "done", "b.tif": "busy", "c.tif": "done"}
+    assert not (tmp_path / "masks" / "b.tif.zarr").exists()

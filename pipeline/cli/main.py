@@ -166,6 +166,9 @@ def _parser() -> argparse.ArgumentParser:
         help="override a config key by its dotted path, e.g. tiling.halo=32 (repeatable)",
     )
     run.add_argument("--overwrite", action="store_true", help="replace an existing store at output.path")
+    run.add_argument(
+        "--wait", action="store_true", help="if another run is writing the store, wait for it (default: exit 1)"
+    )
     run.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     run.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     run.set_defaults(func=_cmd_run)
@@ -294,7 +297,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the summary only (Ray prints raylet errors there)
-        summary = run_job(config, overwrite=args.overwrite, progress=not (args.no_progress or args.json))
+        summary = run_job(
+            config, overwrite=args.overwrite, progress=not (args.no_progress or args.json), wait=args.wait
+        )
     if args.json:
         print(json.dumps(summary_json(summary), indent=2))
     else:

@@ -16,6 +16,7 @@ its message and traceback and never stops the others.
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import json
@@ -29,7 +30,7 @@ from typing import Any
 
 from pipeline.config import BatchConfig, SourceConfig
 from pipeline.core.plan import Target
-from pipeline.errors import ConfigError, RaymaskError, SourceError, one_line
+from pipeline.errors import ConfigError, RaymaskError, SourceError, StoreBusy, one_line
 from pipeline.jobs.cluster import ray_session, unwrap
 from pipeline.jobs.run import (
     Job,
@@ -43,6 +44,7 @@ from pipeline.jobs.run import (
 )
 from pipeline.jobs.stream import stream
 from pipeline.store import MaskStore, swap_in
+from pipeline.store.lease import store_lease
 
 REPORT = "batch-report.json"
 _GLOB_CHARS = set("*?[")
@@ -59,7 +61,7 @@ class BatchInput:
 class InputResult:
     input: str
     store: str
-    status: str  # done | resumed | skipped | failed
+    status: str  # done | resumed | skipped | busy (another run holds its store) | failed
     units_run: int = 0
     units_skipped: int = 0
     error: str | None = None
@@ -79,7 +81,7 @@ class BatchReport:
         return all(r.status != "failed" for r in self.results)
 
     def counts(self) -> dict[str, int]:
-        counts = {"done": 0, "resumed": 0, "skipped": 0, "failed": 0}
+        counts = {"done": 0, "resumed": 0, "skipped": 0, "busy": 0, "failed": 0}
         for r in self.results:
             counts[r.status] += 1
         return counts
@@ -124,22 +126,28 @@ def run_batch(config: BatchConfig, *, progress: bool = True) -> BatchReport:
     root.mkdir(parents=True, exist_ok=True)
     results: dict[int, InputResult] = {}
     planned: dict[int, tuple[Job, MaskStore, Path | None]] = {}
-    for key, item in enumerate(inputs):
-        store_path = root / f"{item.name}.zarr"
-        result = InputResult(input=item.label, store=str(store_path.relative_to(root)), status="done")
-        results[key] = result
-        try:
-            plan = _plan(config, item, store_path, result)
-        except RaymaskError as exc:
-            _fail(result, exc)
-            continue
-        if plan is not None:
-            planned[key] = plan
-    if planned:
-        _run(config, planned, results, progress=progress)
-    for key, (job, store, final) in planned.items():
-        if results[key].status != "failed":
-            _finish(job, store, final, results[key])
+    with contextlib.ExitStack() as leases:  # one writer per store: overlapping batches share the inputs
+        for key, item in enumerate(inputs):
+            store_path = root / f"{item.name}.zarr"
+            result = InputResult(input=item.label, store=str(store_path.relative_to(root)), status="done")
+            results[key] = result
+            try:
+                leases.enter_context(store_lease(store_path, command=f"raymask batch (input {item.label})"))
+            except StoreBusy as exc:
+                result.status, result.error = "busy", one_line(exc, 300)
+                continue
+            try:
+                plan = _plan(config, item, store_path, result)
+            except RaymaskError as exc:
+                _fail(result, exc)
+                continue
+            if plan is not None:
+                planned[key] = plan
+        if planned:
+            _run(config, planned, results, progress=progress)
+        for key, (job, store, final) in planned.items():
+            if results[key].status != "failed":
+                _finish(job, store, final, results[key])
     report = BatchReport(str(root), started, time.perf_counter() - clock, [results[k] for k in sorted(results)])
     (root / REPORT).write_text(json.dumps(report.to_json(), indent=2))
     return report

@@ -64,7 +64,9 @@ def render_batch(report: BatchReport, report_name: str) -> str:
     lines.append("")
     lines.append(
         f"{len(report.results)} inputs: {counts['done']} done, {counts['resumed']} resumed, "
-        f"{counts['skipped']} skipped (already complete), {counts['failed']} failed; {report.seconds:.1f} s"
+        f"{counts['skipped']} skipped (already complete), "
+        + (f"{counts['busy']} busy (another run holds them), " if counts["busy"] else "")
+        + f"{counts['failed']} failed; {report.seconds:.1f} s"
     )
     lines.append(f"report    {report.root}/{report_name}")
     return "\n".join(lines)

@@ -32,6 +32,7 @@ from pipeline.jobs.regions import RegionSpec, label_store, resolve
 from pipeline.jobs.stream import StreamClock, stream
 from pipeline.sources.inputs import InputInfo, Source, open_input
 from pipeline.store import MaskStore, StoreLayout
+from pipeline.store.lease import store_lease
 from pipeline.store.outputs import check_writable_folder, guard_output
 from workers.models.registry import ModelSpec, describe
 
@@ -274,7 +275,8 @@ def label_existing(
     n_chunks = math.prod(-(-size // chunk) for size, chunk in zip(store.mask.shape, store.mask.chunks, strict=True))
     engine = choose_engine(runtime, n_chunks)  # a handful of chunks is labelled here, as small jobs run
     try:
-        with ray_session(address, enabled=engine == "ray"):
+        lease = store_lease(Path(path), command="raymask regions --compute")
+        with lease, ray_session(address, enabled=engine == "ray"):
             summary = label_store(
                 store, spec, source=source, executor=executor_for(engine, runtime), progress=progress,
                 modality=modality,
@@ -324,9 +326,16 @@ def choose_engine(runtime: RuntimeConfig, n_units: int) -> str:
     )
 
 
-def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True) -> RunSummary:
+def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True, wait: bool = False) -> RunSummary:
+    """Run a job to a complete store; one writer at a time (``store_lease``: ``wait`` for a busy store)."""
     started = time.perf_counter()
     job = prepare(config)
+    check_writable_folder(job.store_path)  # the lease lives beside the store
+    with store_lease(job.store_path, command=f"raymask run (output {config.output.path})", wait=wait):
+        return _run_leased(config, job, started, overwrite=overwrite, progress=progress)
+
+
+def _run_leased(config: JobConfig, job: Job, started: float, *, overwrite: bool, progress: bool) -> RunSummary:
     action, existing = decide_output(job, overwrite=overwrite)
     done = existing.units_done() if action == "resume" and existing is not None else None
     engine = choose_engine(config.runtime, job.grid.n_units - (int(done.sum()) if done is not None else 0))

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test check lint bench clean
+.PHONY: demo test check lint bench fuzz clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -35,6 +35,10 @@ test: $(STAMP) lint
 # kill processes or run a job end to end for seconds (marked slow), on two pytest processes. `make test` runs everything, in one.
 check: $(STAMP) lint
 	$(VENV)/bin/pytest -q -m "not slow" -n 2 --dist loadfile
+
+# The fuzzers of tests/test_fuzz.py with 5000 examples each (make test runs them with 150).
+fuzz: $(STAMP)
+	HYPOTHESIS_PROFILE=fuzz $(VENV)/bin/pytest -q tests/test_fuzz.py
 
 bench: $(STAMP)
 	$(PY) bench/peers.py

@@ -323,3 +323,25 @@ def test_overlapping_batches_share_the_inputs(tmp_path: Path, make_geotiff: GeoT
     statuses = {Path(r["input"]).name: r["status"] for r in json.loads(result.stdout)["results"]}
     assert statuses == {"a.tif": "done", "b.tif": "busy", "c.tif": "done"}
     assert not (tmp_path / "masks" / "b.tif.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    ("keyword", "value", "message"),
+    [
+        ("ImagePositionPatient", [0, 0], "ImagePositionPatient must be 3 finite numbers"),
+        ("ImageOrientationPatient", [0, 0, 0, 0, 1, 0], "ImageOrientationPatient [0, 0, 0, 0, 1, 0] differs"),
+        ("PixelSpacing", [0.5, 0], "PixelSpacing must be 2 positive finite numbers"),
+        ("RescaleSlope", [1, 2], "RescaleSlope must be 1 finite numbers"),
+    ],
+)
+def test_malformed_geometry_in_one_dicom_header_is_one_line(tmp_path: Path, keyword: str, value, message: str) -> None:
+    """Found by tests/test_fuzz.py: these crashed the series assembler (ValueError, TypeError)."""
+    import pydicom
+
+    folder, ordered = ct_copy(tmp_path)
+    ds = pydicom.dcmread(ordered[5])
+    setattr(ds, keyword, value)
+    ds.save_as(ordered[5])
+    result = raymask("run", str(ct_job(tmp_path, folder)))
+    assert_one_line_error(result, message)
+    assert result.stderr.startswith(f"raymask: error: {ordered[5]}: ")

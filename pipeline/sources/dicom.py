@@ -11,6 +11,7 @@ per-frame functional groups.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -20,12 +21,18 @@ from typing import Any
 import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 
 from pipeline.core.geometry import Box
 from pipeline.core.volume import GeometryError, PlaneGeometry, VolumeGeometry, order_planes
 from pipeline.errors import SourceError, SourceNotFound, one_line
 
 # Objects that carry no image to segment: skipped with a note.
+# Values that break their VR's rules ("CT" as a UID, "nan" as a decimal string) would make pydicom
+# print a UserWarning per element read; raymask checks every value it uses itself and names the
+# file and the attribute in one line (_numbers), so pydicom's own reading validation stays quiet.
+pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
 _NON_IMAGE_PREFIXES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "segmentation (SEG)",
     "1.2.840.10008.5.1.4.1.1.481.3": "RT structure set (RTSTRUCT)",
@@ -142,8 +149,12 @@ def _series_key(header: pydicom.Dataset) -> str:
 
 
 def _header_orientation(header: pydicom.Dataset) -> str:
-    orientation = _orientation(header, None, _first(header.get("SharedFunctionalGroupsSequence")))
-    return ",".join(f"{v:.4f}" for v in orientation) if orientation else "none"
+    value = _orientation(header, None, _first(header.get("SharedFunctionalGroupsSequence")))
+    try:
+        orientation = [float(v) for v in (list(value) if isinstance(value, (list, tuple, MultiValue)) else [value])]
+    except (TypeError, ValueError):
+        return "unreadable"  # _frames names the file and the problem
+    return ",".join(f"{v:.4f}" for v in orientation) if value is not None else "none"
 
 
 def _by_orientation(
@@ -173,7 +184,9 @@ def _by_orientation(
 
 
 def _shown(orientation: str) -> str:
-    return ", ".join(f"{float(v):g}" for v in orientation.split(",")) if orientation != "none" else "none"
+    if orientation in ("none", "unreadable"):
+        return orientation
+    return ", ".join(f"{float(v):g}" for v in orientation.split(","))
 
 
 def _series(key: str, members: list[tuple[pydicom.Dataset, str]]) -> Series:
@@ -269,9 +282,17 @@ def _frames(header: pydicom.Dataset, path: str) -> list[Frame]:
     frames = []
     for index in range(count):
         group = per_frame[index] if per_frame is not None else None
-        position = _group_value(group, shared, "PlanePositionSequence", "ImagePositionPatient", header)
-        orientation = _orientation(header, group, shared)
-        spacing = _group_value(group, shared, "PixelMeasuresSequence", "PixelSpacing", header)
+        position = _numbers(
+            _group_value(group, shared, "PlanePositionSequence", "ImagePositionPatient", header),
+            3, path, "ImagePositionPatient",
+        )  # fmt: skip
+        orientation = _numbers(_orientation(header, group, shared), 6, path, "ImageOrientationPatient")
+        if orientation is not None and min(math.hypot(*orientation[:3]), math.hypot(*orientation[3:])) < 1e-3:
+            raise SourceError(f"{path}: ImageOrientationPatient has a zero direction ({_shown_numbers(orientation)})")
+        spacing = _numbers(
+            _group_value(group, shared, "PixelMeasuresSequence", "PixelSpacing", header),
+            2, path, "PixelSpacing", positive=True,
+        )  # fmt: skip
         slope = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleSlope", header)
         intercept = _group_value(group, shared, "PixelValueTransformationSequence", "RescaleIntercept", header)
         plane = PlaneGeometry(
@@ -285,8 +306,8 @@ def _frames(header: pydicom.Dataset, path: str) -> list[Frame]:
             Frame(
                 path=str(Path(path).absolute()),
                 index=index if count > 1 else None,
-                slope=float(slope if slope is not None else 1.0),
-                intercept=float(intercept if intercept is not None else 0.0),
+                slope=_one_number(slope, 1.0, path, "RescaleSlope"),
+                intercept=_one_number(intercept, 0.0, path, "RescaleIntercept"),
                 plane=plane,
                 spacing_stated=spacing is not None,
             )
@@ -294,9 +315,34 @@ def _frames(header: pydicom.Dataset, path: str) -> list[Frame]:
     return frames
 
 
-def _orientation(header: pydicom.Dataset, group: Any, shared: Any) -> list[float] | None:
-    value = _group_value(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient", header)
-    return [float(v) for v in value] if value is not None else None
+def _orientation(header: pydicom.Dataset, group: Any, shared: Any) -> Any:
+    return _group_value(group, shared, "PlaneOrientationSequence", "ImageOrientationPatient", header)
+
+
+def _numbers(value: Any, count: int, path: str, keyword: str, *, positive: bool = False) -> list[float] | None:
+    """A header's multi-valued number (a position, an orientation, a spacing) checked: ``count``
+    finite numbers (positive ones for spacings), or one line naming the file and the attribute."""
+    if value is None:
+        return None
+    items = list(value) if isinstance(value, (list, tuple, MultiValue)) else [value]
+    try:
+        numbers = [float(v) for v in items]
+    except (TypeError, ValueError):
+        numbers = []
+    if len(numbers) != count or not all(math.isfinite(v) and (v > 0 or not positive) for v in numbers):
+        kind = "positive finite numbers" if positive else "finite numbers"
+        raise SourceError(f"{path}: {keyword} must be {count} {kind}, found [{_shown_numbers(items)}]")
+    return numbers
+
+
+def _one_number(value: Any, default: float, path: str, keyword: str) -> float:
+    numbers = _numbers(value, 1, path, keyword)
+    return numbers[0] if numbers is not None else default
+
+
+def _shown_numbers(items: Any) -> str:
+    text = ", ".join(str(v) for v in list(items)[:8])
+    return text if len(text) <= 80 else text[:79] + "…"
 
 
 def _first(sequence: Any) -> Any:

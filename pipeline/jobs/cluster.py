@@ -52,11 +52,16 @@ def describe_cluster(started: bool, address: str | None) -> str:
     size = f"{len(nodes)} node{'s' if len(nodes) != 1 else ''}, {total.get('CPU', 0):g} CPUs"
     if total.get("GPU"):
         size += f", {total['GPU']:g} GPUs"
-    if started and (address or os.environ.get("RAY_ADDRESS") or "local") == "local":
+    if started and target_of(address) == "local":
         return f"a local Ray started for this run ({size})"
     if started:
         return f"the Ray cluster at {ray.get_runtime_context().gcs_address} ({size})"
     return f"the Ray already running in this process ({size})"
+
+
+def target_of(address: str | None) -> str:
+    """What ``address`` means here: itself, else RAY_ADDRESS, else ``local`` (a Ray of the run's own)."""
+    return address or os.environ.get("RAY_ADDRESS") or "local"
 
 
 def connect(address: str | None, *, progress: bool = False) -> bool:
@@ -69,7 +74,7 @@ def connect(address: str | None, *, progress: bool = False) -> bool:
 
     if ray.is_initialized():
         return False
-    target = address or os.environ.get("RAY_ADDRESS") or "local"
+    target = target_of(address)
     if target not in ("auto", "local"):
         probe(target)
     local = target == "local"

@@ -190,8 +190,7 @@ def apply_output(job: Job, action: str, existing: MaskStore | None) -> tuple[Mas
 
 
 def create_store(job: Job) -> MaskStore:
-    """A new, empty store for ``job`` at its output path."""
-    check_writable_folder(job.store_path)
+    """A new, empty store for ``job`` at its output path (``decide_output`` checked the folder)."""
     layout = StoreLayout(
         grid=job.grid,
         classes=job.model.classes,
@@ -332,10 +331,11 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     job = prepare(config)
     check_writable_folder(job.store_path)  # the lease lives beside the store
     with store_lease(job.store_path, command=f"raymask run (output {config.output.path})", wait=wait):
-        return _run_leased(config, job, started, overwrite=overwrite, progress=progress)
+        return _run_leased(job, started, overwrite=overwrite, progress=progress)
 
 
-def _run_leased(config: JobConfig, job: Job, started: float, *, overwrite: bool, progress: bool) -> RunSummary:
+def _run_leased(job: Job, started: float, *, overwrite: bool, progress: bool) -> RunSummary:
+    config = job.config
     action, existing = decide_output(job, overwrite=overwrite)
     done = existing.units_done() if action == "resume" and existing is not None else None
     engine = choose_engine(config.runtime, job.grid.n_units - (int(done.sum()) if done is not None else 0))

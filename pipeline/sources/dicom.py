@@ -27,12 +27,12 @@ from pipeline.core.geometry import Box
 from pipeline.core.volume import GeometryError, PlaneGeometry, VolumeGeometry, order_planes
 from pipeline.errors import SourceError, SourceNotFound, one_line
 
-# Objects that carry no image to segment: skipped with a note.
 # Values that break their VR's rules ("CT" as a UID, "nan" as a decimal string) would make pydicom
 # print a UserWarning per element read; raymask checks every value it uses itself and names the
 # file and the attribute in one line (_numbers), so pydicom's own reading validation stays quiet.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
 
+# Objects that carry no image to segment: skipped with a note.
 _NON_IMAGE_PREFIXES = {
     "1.2.840.10008.5.1.4.1.1.66.4": "segmentation (SEG)",
     "1.2.840.10008.5.1.4.1.1.481.3": "RT structure set (RTSTRUCT)",
@@ -148,13 +148,13 @@ def _series_key(header: pydicom.Dataset) -> str:
     return f"for:{header.get('FrameOfReferenceUID', '')}|{header.Rows}x{header.Columns}"
 
 
-def _header_orientation(header: pydicom.Dataset) -> str:
+def _header_orientation(header: pydicom.Dataset, path: str) -> str:
     value = _orientation(header, None, _first(header.get("SharedFunctionalGroupsSequence")))
     try:
-        orientation = [float(v) for v in (list(value) if isinstance(value, (list, tuple, MultiValue)) else [value])]
-    except (TypeError, ValueError):
+        orientation = _numbers(value, 6, path, "ImageOrientationPatient")
+    except SourceError:
         return "unreadable"  # _frames names the file and the problem
-    return ",".join(f"{v:.4f}" for v in orientation) if value is not None else "none"
+    return ",".join(f"{v:.4f}" for v in orientation) if orientation is not None else "none"
 
 
 def _by_orientation(
@@ -165,7 +165,7 @@ def _by_orientation(
     a single file whose orientation differs from the rest of its series is named as the odd one."""
     buckets: dict[str, list[tuple[pydicom.Dataset, str]]] = defaultdict(list)
     for header, path in members:
-        buckets[_header_orientation(header)].append((header, path))
+        buckets[_header_orientation(header, path)].append((header, path))
     uid_less = key.startswith("for:")
     if len(buckets) > 1:
         common = max(buckets, key=lambda o: len(buckets[o]))
@@ -197,7 +197,6 @@ def _series(key: str, members: list[tuple[pydicom.Dataset, str]]) -> Series:
     for header, path in members:
         check_decoder(header, path)
     frames = [frame for header, path in members for frame in _frames(header, path)]
-    _refuse_odd_orientations(key, frames)
     positioned = all(f.plane.position is not None for f in frames)
     if not positioned:
         frames = [_stacked(f, k) for k, f in enumerate(frames)]
@@ -224,25 +223,6 @@ def _refuse_copies(key: str, members: list[tuple[pydicom.Dataset, str]]) -> None
                 f"{path}: the same image as {seen[uid]} (SOP Instance UID {uid}, series {key}); remove the copy"
             )
         seen[uid] = path
-
-
-def _refuse_odd_orientations(key: str, frames: list[Frame]) -> None:
-    """Every frame of a series shares one orientation; a file whose orientation differs from the
-    rest (an edited or misfiled header) is named, rather than leaving a gap among the others."""
-    by_orientation: dict[tuple[float, ...], list[Frame]] = defaultdict(list)
-    for frame in frames:
-        by_orientation[tuple(round(v, 4) for v in frame.plane.orientation)].append(frame)
-    if len(by_orientation) < 2:
-        return
-    common, *_ = sorted(by_orientation, key=lambda o: -len(by_orientation[o]))
-    odd = next(f for o, group in by_orientation.items() if o != common for f in group)
-    shown = ", ".join(f"{v:g}" for v in odd.plane.orientation)
-    expected = ", ".join(f"{v:g}" for v in common)
-    others = len(by_orientation[common])
-    raise SourceError(
-        f"{odd.path}: ImageOrientationPatient [{shown}] differs from the other {others} frames of series {key} "
-        f"([{expected}]); remove the file or fix its header"
-    )
 
 
 def _stacked(frame: Frame, k: int) -> Frame:

@@ -12,6 +12,7 @@ Relative paths are resolved against the current directory, which is also what
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -211,7 +212,7 @@ class TilingConfig(_Frozen):
 
 
 class OutputConfig(_Frozen):
-    path: str = Field(description="The zarr store to write (a directory ending in .zarr).")
+    path: str = Field(min_length=1, description="The zarr store to write (a directory ending in .zarr).")
     preview: bool = Field(default=True, description="Write STORE.png: the image with the mask overlaid.")
 
 
@@ -274,6 +275,11 @@ class RuntimeConfig(_Frozen):
     )
     max_retries: int = Field(
         default=3, ge=0, description="Times a work unit is retried after the worker running it died."
+    )
+    max_pixels: PositiveInt = Field(
+        default=10**11,
+        description="Refuse inputs declaring more pixels (voxels) than this: a few-KB file can declare 10^12 "
+        "(a sparse or hostile TIFF). Raise it for real scenes larger than 100 gigapixels.",
     )
 
 
@@ -349,15 +355,67 @@ def load_batch_config(path: str | Path, overrides: list[str] | None = None) -> B
         raise ConfigError(f"{path}: {describe_validation_error(exc, BatchConfig)}") from exc
 
 
+MAX_CONFIG_BYTES = 1 << 20  # a job config is a few hundred bytes; a larger file is the wrong file or an attack
+MAX_CONFIG_VALUES = 100_000  # values after YAML aliases are expanded (a "billion laughs" document has 10^9)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader (no tags that build Python objects) that also refuses duplicate keys,
+    which the YAML spec forbids and PyYAML would silently resolve to the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)  # type: ignore[no-untyped-call]
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key) if isinstance(key, str | int | float | bool) else None
+        return super().construct_mapping(node, deep=deep)
+
+
+def parse_yaml(text: str, origin: str) -> Any:
+    """YAML text -> plain Python values, safely: no object tags, no duplicate keys, and no alias
+    chains that would expand into more than MAX_CONFIG_VALUES values once copied."""
+    try:
+        stream = io.StringIO(text)
+        stream.name = Path(origin).name  # PyYAML names the stream in its messages: the file, not "<unicode string>"
+        raw = yaml.load(stream, Loader=_StrictLoader)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{origin}: not valid YAML ({one_line(exc)})") from exc
+    if _expanded_size(raw, {}) > MAX_CONFIG_VALUES:
+        raise ConfigError(f"{origin}: YAML aliases expand to more than {MAX_CONFIG_VALUES} values; not a job config")
+    return raw
+
+
+def _expanded_size(value: object, memo: dict[int, int]) -> int:
+    """How many values ``value`` becomes once every alias is copied (shared objects counted each time)."""
+    if not isinstance(value, dict | list):
+        return 1
+    if id(value) not in memo:
+        memo[id(value)] = 0  # an alias cycle (PyYAML can build one) counts as its finite part
+        children = value.values() if isinstance(value, dict) else value
+        total = 1
+        for child in children:
+            total += _expanded_size(child, memo)
+            if total > MAX_CONFIG_VALUES:
+                break
+        memo[id(value)] = total
+    return memo[id(value)]
+
+
 def _read_yaml(path: Path) -> dict[str, Any]:
     try:
-        raw = yaml.safe_load(path.read_text())
+        size = path.stat().st_size
+        if path.is_file() and size > MAX_CONFIG_BYTES:
+            raise ConfigError(
+                f"{path}: config file is {size / 1e6:.1f} MB; job configs are at most "
+                f"{MAX_CONFIG_BYTES // (1 << 20)} MB (is this the right file?)"
+            )
+        raw = parse_yaml(path.read_text(), str(path))
     except FileNotFoundError as exc:
         raise ConfigError(f"{path}: config file not found") from exc
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config ({exc})") from exc
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML ({one_line(exc)})") from exc
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections")
     return raw
@@ -397,7 +455,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
         name = str(path)[4:]
         if name not in os.environ:
             raise ConfigError(f"{path}: environment variable {name} is not set")
-        raw = yaml.safe_load(os.environ[name])
+        raw = parse_yaml(os.environ[name], str(path))
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections")
         return config_from_dict(apply_overrides(raw, overrides or []), origin=str(path))
@@ -433,6 +491,15 @@ def describe_validation_error(exc: ValidationError, root: type[BaseModel]) -> st
             continue
         if err["type"] == "missing":
             parts.append(f"{where}: required key is missing")
+            continue
+        if err["type"] in ("union_tag_invalid", "union_tag_not_found"):  # model.kind
+            kinds = ", ".join(_MODEL_KINDS)
+            given = err.get("input")
+            got_kind = given.get("kind") if isinstance(given, dict) else None
+            if got_kind is None:
+                parts.append(f"{where}.kind: required key is missing (kinds: {kinds})")
+            else:
+                parts.append(f"{where}.kind: {got_kind!r} is not a model kind (kinds: {kinds})")
             continue
         message = str(err["msg"]).removeprefix("Value error, ")
         got = err.get("input")

@@ -51,7 +51,7 @@ def test_set_overrides_any_key_with_yaml_values(tmp_path: Path) -> None:
         ("tiling.halo=-1", r"tiling\.halo: Input should be greater than or equal to 0 \(got -1\)"),
         ("tiling.chnk=3", r"unknown key 'tiling\.chnk' \(allowed: chunk, halo, chunks_per_unit, edge\)"),
         ("colour=red", r"unknown key 'colour' \(allowed: source, model, tiling, output, regions, runtime\)"),
-        ("model.kind=deeplab", r"model: Input tag 'deeplab' found using 'kind' does not match"),
+        ("model.kind=deeplab", r"model.kind: 'deeplab' is not a model kind \(kinds: ndvi, rgb-vegetation"),
         ("model.water_below=0.5", r"water_below \(0\.5\) must not exceed vegetation_above \(0\.3\)"),
         ("source.bands=[0]", r"source\.bands\.0: Input should be greater than or equal to 1"),
     ],

@@ -297,9 +297,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the summary only (Ray prints raylet errors there)
-        summary = run_job(
-            config, overwrite=args.overwrite, progress=not (args.no_progress or args.json), wait=args.wait
-        )
+        summary = run_job(config, overwrite=args.overwrite, progress=_progress(args), wait=args.wait)
     if args.json:
         print(json.dumps(summary_json(summary), indent=2))
     else:
@@ -322,14 +320,27 @@ def _cmd_submit(args: argparse.Namespace) -> int:
     return 0 if status == "SUCCEEDED" else 1
 
 
+def _progress(args: argparse.Namespace) -> bool:
+    """Progress bars on a terminal only: in a pipe, a cron mail or a CI log they are noise."""
+    return not (args.no_progress or args.json) and sys.stderr.isatty()
+
+
 def _cmd_batch(args: argparse.Namespace) -> int:
     from pipeline.config import load_batch_config
     from pipeline.jobs.batch import REPORT, run_batch
     from pipeline.jobs.report import render_batch
 
     with contextlib.redirect_stdout(sys.stderr):  # stdout carries the report only
-        report = run_batch(load_batch_config(args.config, args.overrides), progress=not (args.no_progress or args.json))
+        report = run_batch(load_batch_config(args.config, args.overrides), progress=_progress(args))
     print(json.dumps(report.to_json(), indent=2) if args.json else render_batch(report, REPORT))
+    failed = [r for r in report.results if r.status == "failed"]
+    if failed:  # one line on stderr too, for cron mail and CI logs: how many, the first, where the rest are
+        first = failed[0].error or "failed"
+        print(
+            f"raymask: error: {len(failed)} of {len(report.results)} inputs failed; first: {first} "
+            f"(every error: {Path(report.root) / REPORT})",
+            file=sys.stderr,
+        )
     return 0 if report.ok else 1
 
 
@@ -365,9 +376,7 @@ def _cmd_regions(args: argparse.Namespace) -> int:
 
         classes = [c.strip() for c in args.label_classes.split(",")] if args.label_classes else None
         config = RegionsConfig(connectivity=args.connectivity, classes=classes)
-        _, notes = label_existing(
-            args.store, config, address=args.address, progress=not (args.no_progress or args.json)
-        )
+        _, notes = label_existing(args.store, config, address=args.address, progress=_progress(args))
         for note in notes:
             print(f"raymask: note: {note}", file=sys.stderr)
     elif args.connectivity or args.label_classes:

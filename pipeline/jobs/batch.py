@@ -55,6 +55,7 @@ class BatchInput:
     name: str  # store name relative to the root, without .zarr
     source: SourceConfig
     label: str  # what the report shows: the file, or the folder and series
+    problem: RaymaskError | None = None  # a study that could not even be split into series
 
 
 @dataclass
@@ -105,7 +106,12 @@ def expand_inputs(config: BatchConfig) -> list[BatchInput]:
         for match in matches:
             rel = _relative_name(Path(match), base)
             if Path(match).is_dir():
-                series, _ = discover([match])
+                try:
+                    series, _ = discover([match])
+                except RaymaskError as exc:  # this study fails on its own; the other inputs still run
+                    source = SourceConfig(path=match, kind="dicom")
+                    _add(found, BatchInput(f"{rel}/study", source, match, problem=exc))
+                    continue
                 for s in series:
                     tag = hashlib.sha256(s.key.encode()).hexdigest()[:8]
                     source = SourceConfig(path=s.paths, kind="dicom")
@@ -131,6 +137,9 @@ def run_batch(config: BatchConfig, *, progress: bool = True) -> BatchReport:
             store_path = root / f"{item.name}.zarr"
             result = InputResult(input=item.label, store=str(store_path.relative_to(root)), status="done")
             results[key] = result
+            if item.problem is not None:
+                _fail(result, item.problem)
+                continue
             try:
                 leases.enter_context(store_lease(store_path, command=f"raymask batch (input {item.label})"))
             except StoreBusy as exc:

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.config import JobConfig, RegionsConfig, RuntimeConfig
+from pipeline.config import HuTissueModelConfig, JobConfig, RegionsConfig, RuntimeConfig
 from pipeline.core.geometry import TileGrid, WorkUnit
 from pipeline.core.georef import pixel_measure
 from pipeline.core.plan import Target, pending_units, pick_engine, resume_action
@@ -103,6 +103,19 @@ def prepare(config: JobConfig) -> Job:
     store_path = Path(config.output.path).absolute()  # absolute: Ray workers have their own cwd
     opened = open_input(config.source, store_path=store_path)
     info = opened.info
+    declared = math.prod(info.shape)
+    if declared > config.runtime.max_pixels:
+        size = " × ".join(str(n) for n in info.shape)
+        raise SourceError(
+            f"{_shown(config.source.path)}: declares {size} = {declared:.3g} pixels, over runtime.max_pixels "
+            f"({config.runtime.max_pixels:.3g}); raise it if the image is meant to be that large"
+        )
+    hu_defaults = isinstance(config.model, HuTissueModelConfig) and "upper" not in config.model.model_fields_set
+    if hu_defaults and info.modality not in (None, "CT"):  # own thresholds (model.upper) suit any modality
+        raise SourceError(
+            f"{_shown(config.source.path)}: modality {info.modality}, but model.kind hu-tissue thresholds CT values "
+            "in Hounsfield units; set model.upper (and classes) to threshold other values"
+        )
     model = describe(config.model, info.bands)
     ndim = len(info.shape)
     chunk, halo = config.tiling.per_axis(ndim)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import rasterio
 import rasterio.shutil
 from affine import Affine
@@ -18,6 +17,7 @@ from rasterio.crs import CRS
 from rasterio.windows import Window
 
 from pipeline.core.colors import rgb
+from pipeline.core.geometry import Box
 from pipeline.core.stats import NODATA
 from pipeline.errors import StoreError
 from pipeline.store import MaskStore
@@ -57,7 +57,9 @@ def export_geotiff(store: MaskStore, out: Path) -> Path:
         with rasterio.open(staging, "w", **profile) as dst:
             for row in range(0, height, chunk_rows):
                 for col in range(0, width, chunk_cols):
-                    block = np.asarray(mask[row : row + chunk_rows, col : col + chunk_cols])
+                    block = store.read_mask(
+                        Box((row, col), (min(row + chunk_rows, height), min(col + chunk_cols, width)))
+                    )
                     dst.write(block, 1, window=Window(col, row, block.shape[1], block.shape[0]))  # type: ignore[call-arg]
             dst.write_colormap(1, _colormap(info.classes))
             dst.update_tags(1, **{f"class_{c.id}": c.name for c in info.classes})

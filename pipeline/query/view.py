@@ -212,7 +212,7 @@ class StoreView:
             out.update(inside=False, index=None, class_id=None, class_name=None, region=None)
             out["note"] = "the point is outside the image"
             return out
-        value = int(np.asarray(self._store.mask[index]))
+        value = int(self._store.read_mask(Box(index, tuple(i + 1 for i in index))).reshape(-1)[0])
         out.update(inside=True, index=list(index), class_id=None if value == NODATA else value)
         out["class_name"] = None if value == NODATA else self.classes[value]
         out["region"] = None
@@ -378,14 +378,14 @@ class StoreView:
         import dask
         from rasterio.errors import NotGeoreferencedWarning
 
-        mask = self._store.mask
-        grid = TileGrid.chunked(self.shape, tuple(mask.chunks))
+        store = self._store
+        grid = TileGrid.chunked(self.shape, tuple(store.mask.chunks))
         blocks = [b for b in _chunks_in(grid, window)]
         n = len(self.classes)
-        pixel_measure = self._store.pixel_measure()
+        pixel_measure = store.pixel_measure()
 
         def one(box: Box) -> ChunkStats:
-            labels = np.asarray(mask[box.slices()])
+            labels = store.read_mask(box)
             if selector is not None:
                 selected = selector(box)
                 if selected is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import warnings
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -101,6 +102,7 @@ def discover(inputs: Sequence[str]) -> tuple[list[Series], list[str]]:
         groups[_series_key(header)].append((header, path))
     if not groups:
         raise SourceError(f"{', '.join(inputs)}: no DICOM images found ({len(files)} files looked at)")
+    _refuse_odd_size(groups)
     split = [part for key, members in sorted(groups.items()) for part in _by_orientation(key, members)]
     return [_series(key, members) for key, members in split], notes
 
@@ -146,6 +148,28 @@ def _series_key(header: pydicom.Dataset) -> str:
     # The UIDs of some exports exist only in the file meta; one series then shares a frame of
     # reference, an orientation and a frame size (the orientation is added by _by_orientation).
     return f"for:{header.get('FrameOfReferenceUID', '')}|{header.Rows}x{header.Columns}"
+
+
+def _refuse_odd_size(groups: dict[str, list[tuple[pydicom.Dataset, str]]]) -> None:
+    """Without series UIDs the frame size is part of the series key; one file whose Rows or
+    Columns differ from the many others of its frame of reference is named as the odd one
+    (not left to look like a one-file series and a gap in the rest)."""
+    sizes: dict[str, list[str]] = defaultdict(list)
+    for key in groups:
+        if key.startswith("for:"):
+            sizes[key.rpartition("|")[0]].append(key)
+    for keys in sizes.values():
+        if len(keys) < 2:
+            continue
+        common = max(keys, key=lambda k: len(groups[k]))
+        for key in keys:
+            if key != common and len(groups[key]) == 1 < len(groups[common]):
+                header, path = groups[key][0]
+                rows, cols = common.rpartition("|")[2].split("x")
+                raise SourceError(
+                    f"{path}: Rows × Columns {header.Rows} × {header.Columns} differ from the other "
+                    f"{len(groups[common])} files of its series ({rows} × {cols}); remove the file or fix its header"
+                )
 
 
 def _header_orientation(header: pydicom.Dataset, path: str) -> str:
@@ -358,12 +382,39 @@ def decode_frames(frames: Iterable[Frame]) -> np.ndarray:
 
 
 def _pixels(path: str) -> np.ndarray:
+    with warnings.catch_warnings(record=True) as caught:  # pydicom warns, then fails, on a cut file
+        warnings.simplefilter("always")
+        try:
+            dataset = pydicom.dcmread(path)
+            return np.asarray(dataset.pixel_array)
+        except Exception as exc:  # pydicom and its plugins raise many types for broken pixel data
+            if any("End of file reached" in str(w.message) for w in caught):
+                raise SourceError(f"{path}: cannot decode pixel data: the file is truncated") from exc
+            size = _size_mismatch(dataset) if "dataset" in locals() else None
+            if size:
+                raise SourceError(f"{path}: cannot decode pixel data: {size}") from exc
+            message = one_line(exc, 200)
+            raise SourceError(f"{path}: cannot decode pixel data ({message})") from exc
+
+
+def _size_mismatch(ds: pydicom.Dataset) -> str | None:
+    """For native (uncompressed) pixel data: the header's arithmetic against the bytes there are."""
+    if ds.file_meta.TransferSyntaxUID.is_compressed or "PixelData" not in ds:
+        return None
     try:
-        dataset = pydicom.dcmread(path)
-        return np.asarray(dataset.pixel_array)
-    except Exception as exc:  # pydicom and its plugins raise many types for broken pixel data
-        message = one_line(exc, 200)
-        raise SourceError(f"{path}: cannot decode pixel data ({message})") from exc
+        frames = int(ds.get("NumberOfFrames", 1) or 1)
+        samples, bits = int(ds.get("SamplesPerPixel", 1)), int(ds.BitsAllocated)
+        expected = int(ds.Rows) * int(ds.Columns) * samples * frames * bits // 8
+    except (AttributeError, TypeError, ValueError):
+        return None
+    actual = len(ds.PixelData)
+    if actual >= expected:
+        return None
+    return (
+        f"PixelData holds {actual} bytes, but Rows × Columns × BitsAllocated/8 "
+        f"({ds.Rows} × {ds.Columns} × {bits}/8{f' × {frames} frames' if frames > 1 else ''}) make {expected}; "
+        "BitsAllocated or the image size in the header is wrong"
+    )
 
 
 @dataclass(frozen=True)

@@ -115,7 +115,18 @@ def _read(path: str, bands: list[int], window: Window, cache: dict[str, Any] | N
             src = cache[path] = rasterio.open(path)
         return _read_open(src, bands, window)
     except RasterioError as exc:
-        raise SourceError(f"{path}: read failed at {window} ({_short(exc)})") from exc
+        rows = f"{window.row_off}-{window.row_off + window.height}"
+        cols = f"{window.col_off}-{window.col_off + window.width}"
+        raise SourceError(
+            f"{path}: cannot read rows {rows}, columns {cols}: the file is truncated or corrupt ({_cause(exc)})"
+        ) from exc
+
+
+def _cause(exc: BaseException) -> str:
+    """GDAL's own words: rasterio's "Read failed. See previous exception" wraps them in its cause."""
+    while exc.__cause__ is not None or (exc.__context__ is not None and "previous exception" in str(exc)):
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+    return _short(exc)
 
 
 # Warnings a read may raise that raymask handles itself: a plain image has no georeference (the
@@ -178,6 +189,8 @@ def open_source(config: SourceConfig) -> tuple[RasterSource, RasterInfo]:
             raise SourceError(
                 f"{paths[0]}: band {band} requested, but the {'stack' if len(paths) > 1 else 'file'} has {available}"
             )
+    for path, band in _files_and_bands(paths, bands):
+        _check_band_values(path, band, infos[paths.index(path)])
     if len(paths) > 1:
         dtypes = tuple(infos[b - 1].dtypes[0] for b in bands)
         nodata = tuple(infos[b - 1].nodata[0] for b in bands)
@@ -190,6 +203,30 @@ def open_source(config: SourceConfig) -> tuple[RasterSource, RasterInfo]:
     return RasterSource(paths=absolute, bands=bands), info
 
 
+def _files_and_bands(paths: tuple[str, ...], bands: tuple[int, ...]) -> list[tuple[str, int]]:
+    """(file, band in that file) for each selected band: a stack of band files has band 1 of each."""
+    return [(paths[b - 1], 1) for b in bands] if len(paths) > 1 else [(paths[0], b) for b in bands]
+
+
+def _check_band_values(path: str, band: int, info: RasterInfo) -> None:
+    """Refuse bands whose numbers are not measurements a model can take."""
+    dtype = info.dtypes[band - 1]
+    if dtype.startswith("complex"):
+        raise SourceError(
+            f"{path}: {dtype} values (band {band}); raymask segments real values: take the amplitude first "
+            "(e.g. gdal_translate -ot Float32 with a VRT pixel function 'mod')"
+        )
+    with open_raster(path) as src:
+        if src.colorinterp[band - 1] == ColorInterp.palette:
+            raise SourceError(
+                f"{path}: band {band} holds palette indices (a colour table), not measurements; "
+                "expand it to colour bands first: gdal_translate -expand rgb"
+            )
+
+
+ZIP_MAGIC = b"PK\x03\x04"
+
+
 def _describe(path: str) -> RasterInfo:
     if not is_remote(path):
         if not Path(path).exists():
@@ -198,9 +235,18 @@ def _describe(path: str) -> RasterInfo:
             raise SourceError(f"{path}: is a directory, expected a raster file")
         if not os.access(path, os.R_OK):
             raise SourceError(f"{path}: not readable (permission denied)")
+        with open(path, "rb") as head:
+            if head.read(4) == ZIP_MAGIC:
+                raise SourceError(
+                    f"{path}: a zip archive; give a raster inside it as /vsizip/{Path(path).absolute()}/MEMBER.tif, "
+                    "or unzip a DICOM study and give its folder"
+                )
     try:
         with open_raster(path) as src, warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            for member in src.files[1:]:  # a VRT's sources (GDAL opens them only when read)
+                if not is_remote(member) and not Path(member).exists():
+                    raise SourceError(f"{path}: member {member} not found")
             gt = src.transform.to_gdal() if not src.transform.is_identity else None
             crs = src.crs.to_wkt() if src.crs else None
             return RasterInfo(
@@ -214,6 +260,6 @@ def _describe(path: str) -> RasterInfo:
         raise SourceError(f"{path}: not a raster GDAL can read ({_short(exc)})") from exc
 
 
-def _short(exc: Exception) -> str:
+def _short(exc: BaseException) -> str:
     text = one_line(exc)
     return text if len(text) < 160 else text[:157] + "..."

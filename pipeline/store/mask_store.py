@@ -34,12 +34,12 @@ import zarr
 import zarr.errors
 
 from pipeline.core import ngff
-from pipeline.core.geometry import TileGrid, WorkUnit
+from pipeline.core.geometry import Box, TileGrid, WorkUnit
 from pipeline.core.georef import Georef, cf_grid_mapping, pixel_measure
 from pipeline.core.stats import NODATA, ChunkStats, PixelMeasure, count_classes
 from pipeline.core.transform import axis_centres
 from pipeline.core.volume import VolumeGeometry
-from pipeline.errors import StoreError
+from pipeline.errors import StoreError, one_line
 from pipeline.store.meta import FORMAT, VERSION, StoreMeta, parse_meta
 
 VOLUME_IMAGE = "0"  # the NGFF image's level 0, at the root
@@ -87,6 +87,11 @@ class MaskStore:
         try:
             group = zarr.open_group(str(path), mode=mode)  # type: ignore[arg-type]
         except (zarr.errors.GroupNotFoundError, FileNotFoundError, ValueError) as exc:
+            meta = path / "zarr.json"
+            if meta.is_file():
+                raise StoreError(
+                    f"{path}: not a raymask store any more: zarr.json is damaged ({one_line(exc, 80)})"
+                ) from exc
             raise StoreError(f"{path}: not a zarr store") from exc
         store = cls(path, group)
         _ = store.info  # parses and checks the metadata: a foreign, damaged or newer store fails here
@@ -121,6 +126,7 @@ class MaskStore:
             measure=layout.measure_unit,  # the key on disk: see StoreMeta.measure_unit
             pixel_area_mm2=layout.pixel_area_mm2,
             arrays={"mask": "mask" if layout.volume is None else VOLUME_MASK, "image": None},
+            every_chunk=True,
         )
         names = [n for n, _ in layout.classes]
         if layout.volume is not None:
@@ -231,6 +237,30 @@ class MaskStore:
     def mask(self) -> zarr.Array:
         return cast(zarr.Array, self.group[self.info.arrays.mask])
 
+    def read_mask(self, box: Box) -> np.ndarray:
+        """The labels in ``box``; a chunk file that is missing (where every chunk was written) or
+        cannot be decoded is one line naming the store and the chunk, never nodata or a traceback."""
+        mask = self.mask
+        first = [a // c for a, c in zip(box.start, mask.chunks)]
+        last = [max(f, (b - 1) // c) for f, b, c in zip(first, box.stop, mask.chunks)]
+        keys = ["/".join(str(i + f) for i, f in zip(index, first))
+                for index in np.ndindex(*[b - a + 1 for a, b in zip(first, last)])]  # fmt: skip
+        if self.info.every_chunk and box.size:
+            root = self.path / self.info.arrays.mask / "c"
+            for key in keys:
+                if not (root / key).is_file():
+                    raise StoreError(
+                        f"{self.path}: mask chunk {key} is missing; the store is damaged "
+                        "(run its job again with --overwrite)"
+                    )
+        try:
+            return np.asarray(mask[box.slices()])
+        except Exception as exc:  # the codecs raise RuntimeError, ValueError, ... on damaged bytes
+            where = keys[0] if len(keys) == 1 else f"{keys[0]} .. {keys[-1]}"
+            raise StoreError(
+                f"{self.path}: mask chunk {where} cannot be decoded ({one_line(exc, 120)}); the store is damaged"
+            ) from exc
+
     @property
     def image(self) -> zarr.Array | None:
         path = self.info.arrays.image
@@ -316,7 +346,11 @@ class MaskStore:
         ``pixel_measure`` is m² per pixel for each image row, or one mm³ per voxel, or None.
         """
         if not self._writing:  # each open reads and parses the array's metadata again: three a unit
-            self._writing = {"mask": self.mask, "measure": self._units("measure"), "pixels": self._units("pixels")}
+            self._writing = {
+                "mask": self.mask.with_config({"write_empty_chunks": True}),  # see StoreMeta.every_chunk
+                "measure": self._units("measure"),
+                "pixels": self._units("pixels"),
+            }
         mask = self._writing["mask"]
         for chunk in unit.chunks:
             mask[chunk.slices()] = labels[chunk.within(unit.core)]

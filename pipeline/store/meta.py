@@ -93,6 +93,9 @@ class StoreMeta(_Meta):
     stats: dict[str, Any] | None = None  # set when complete: {"classes": {...}, "measure": ...}
     regions: RegionsMeta | None = None
     image_ingested: bool = False
+    # every mask chunk has a file, even an all-nodata one (stores before this key skip those), so a
+    # missing chunk file in a complete store is damage, not nodata
+    every_chunk: bool = False
     raymask_version: str | None = None
     identity: dict[str, str] = Field(default_factory=dict)
     job: dict[str, Any] | None = None

@@ -78,23 +78,47 @@ class TorchScriptModel:
         try:
             with context:
                 out = self.module(x.to(self.dtype))
-        except RuntimeError as exc:
+        except Exception as exc:  # RuntimeError, torch.jit.Error (a scripted `raise`), anything a model raises
             if self.in_channels is not None and self.in_channels != x.shape[1]:
                 raise ModelError(
                     f"{self.config.path}: the model takes {self.in_channels} input bands (its first layer), "
                     f"the job gives it {x.shape[1]} (source.bands)"
                 ) from exc
             raise ModelError(
-                f"{self.config.path}: the model failed on a {tuple(x.shape)} input: {one_line(exc, 300)}"
+                f"{self.config.path}: the model failed on a {tuple(x.shape)} input: {_model_message(exc)}"
             ) from exc
-        expected = (x.shape[0], len(self.config.classes), *x.shape[2:])
-        if tuple(out.shape) != expected:
-            raise ModelError(
-                f"{self.config.path}: returned shape {tuple(out.shape)}, expected {expected} (N, classes, ...)"
-            )
+        self._check_output(out, x)
         if slicewise:
             out = out.reshape(n, z, -1, h, w).transpose(1, 2)
         return out
+
+    def _check_output(self, out: object, x: torch.Tensor) -> None:
+        """The contract (N x classes x spatial logits, finite), each breach said in the user's terms."""
+        path, classes = self.config.path, len(self.config.classes)
+        if not isinstance(out, torch.Tensor):
+            kind = type(out).__name__
+            raise ModelError(f"{path}: returned a {kind}, expected one tensor of logits (N, classes, ...)")
+        if out.ndim != x.ndim or out.shape[0] != x.shape[0]:
+            raise ModelError(
+                f"{path}: returned shape {tuple(out.shape)} for an input of {tuple(x.shape)} (N, classes, ...)"
+            )
+        if out.shape[1] != classes:
+            raise ModelError(
+                f"{path}: returns {out.shape[1]} classes, but model.classes names {classes}; "
+                "list one name per output channel"
+            )
+        if tuple(out.shape[2:]) != tuple(x.shape[2:]):
+            got, given = " × ".join(map(str, out.shape[2:])), " × ".join(map(str, x.shape[2:]))
+            raise ModelError(
+                f"{path}: returns {got} for a {given} window; logits must match the input size "
+                "(upsample in the network; model.stride only says which sizes it accepts)"
+            )
+        if out.is_floating_point() and not bool(torch.isfinite(out).all()):
+            bad = int((~torch.isfinite(out)).sum())
+            raise ModelError(
+                f"{path}: returned NaN or infinite logits ({bad} values in a {tuple(out.shape)} output); "
+                "check model.scale and model.normalize against what the network was trained on"
+            )
 
     def _prepare(self, raw: torch.Tensor, valid: Sequence[np.ndarray]) -> torch.Tensor:
         """``(x * scale - mean) / std`` per band in float32, then 0 at invalid pixels."""
@@ -114,6 +138,15 @@ class TorchScriptModel:
             return x
         mask = self._to_device(valid).unsqueeze(1)
         return torch.where(mask, x, torch.zeros((), dtype=torch.float32, device=x.device))
+
+
+def _model_message(exc: BaseException) -> str:
+    """What the model said: TorchScript wraps it in its own traceback, whose last line is the
+    original ``Type: message``."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    if "TorchScript interpreter" in str(exc) and lines:
+        return " ".join(lines[-1].split())[:300]
+    return one_line(exc, 300)
 
 
 class PinnedStaging:

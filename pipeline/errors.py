@@ -20,6 +20,8 @@ Third-party exceptions are translated at the boundary with ``raise ... from exc`
 
 from __future__ import annotations
 
+import errno
+
 
 class RaymaskError(Exception):
     """Base of every error raymask raises on purpose."""
@@ -85,6 +87,22 @@ def describe(exc: BaseException) -> str:
     import traceback
 
     return f"{one_line(exc)}\n{''.join(traceback.format_exception(exc))}"
+
+
+_OS_HINTS = {
+    errno.ENOSPC: "free some space, then run the same command again: the run resumes where it stopped",
+    errno.EDQUOT: "the disk quota is used up; free some, then run the same command again to resume",
+    errno.EROFS: "the filesystem is read-only",
+}
+
+
+def os_error_line(exc: OSError) -> str:
+    """``FILE: No space left on device; free some space, then ...``: an operating-system error
+    (disk full, quota, permissions, read-only filesystem) as the one line a user can act on."""
+    where = exc.filename if exc.filename is not None else "raymask"
+    text = f"{where}: {exc.strerror or one_line(exc)}"
+    hint = _OS_HINTS.get(exc.errno or 0)
+    return f"{text}; {hint}" if hint else text
 
 
 def rebuild(name: str, message: str) -> Exception:

@@ -7,6 +7,7 @@ These run the console entry point in a subprocess, as a user would.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -14,6 +15,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -117,6 +119,17 @@ def test_an_unreachable_cluster_changes_nothing_at_the_output(scene_store, tmp_p
     assert result.returncode == 75, result.stderr
     assert (store / "zarr.json").read_text() == before  # the complete store is still there, untouched
     assert json.loads(before)["attributes"]["raymask"]["status"] == "complete"
+
+
+def test_a_batch_that_cannot_reach_its_cluster_creates_nothing(tmp_path: Path, make_geotiff: GeoTiffFactory) -> None:
+    make_geotiff(np.ones((2, 16, 16), np.uint16), name="a.tif")
+    root = tmp_path / "root"
+    config = write_config(tmp_path / "batch.yaml", inputs=[f"{tmp_path}/*.tif"], model={"kind": "ndvi"},
+                          output={"root": str(root)}, runtime={"address": "127.0.0.1:1"})  # fmt: skip
+    result = raymask("batch", str(config))
+    assert result.returncode == 75, result.stderr
+    assert "cannot reach a Ray cluster at '127.0.0.1:1'" in result.stderr.splitlines()[-1]
+    assert not root.exists()  # no empty stores, no report: the next batch starts clean
 
 
 def test_the_summary_names_the_ray_it_ran_on(scene_store, tmp_path: Path, ray_address: str) -> None:
@@ -345,3 +358,63 @@ def test_malformed_geometry_in_one_dicom_header_is_one_line(tmp_path: Path, keyw
     result = raymask("run", str(ct_job(tmp_path, folder)))
     assert_one_line_error(result, message)
     assert result.stderr.startswith(f"raymask: error: {ordered[5]}: ")
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs mounted at ``where`` for the block (root only: the test is skipped otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    where.mkdir(parents=True, exist_ok=True)
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {made.stderr.decode().strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], check=False)
+
+
+def test_a_full_disk_is_one_line_and_the_run_resumes_once_space_is_freed(tmp_path: Path) -> None:
+    """Disk full mid-run: one line naming the store and what to do, exit 1, the store incomplete;
+    once there is space the same command resumes (units already written are skipped)."""
+    with tmpfs(tmp_path / "small", "300k") as small:
+        store = small / "aber.zarr"
+        args = ("run", "configs/aerial-vegetation.yaml", "--set", f"output.path={store}", "--set", "tiling.chunk=64")
+        full = subprocess.run([*RAYMASK_IN_ROOT, *args], capture_output=True, text=True, cwd=ROOT, timeout=300,
+                              stdin=subprocess.DEVNULL)  # fmt: skip
+        assert_one_line_error(full, f"{store}: No space left on device", "run the same command again")
+        meta = json.loads((store / "zarr.json").read_text())["attributes"]["raymask"]
+        assert meta["status"] == "incomplete"
+        subprocess.run(["mount", "-o", "remount,size=32m", str(small)], check=True)
+        again = subprocess.run([*RAYMASK_IN_ROOT, *args, "--json"], capture_output=True, text=True, cwd=ROOT,
+                               timeout=300, stdin=subprocess.DEVNULL)  # fmt: skip
+        assert again.returncode == 0, again.stderr
+        summary = json.loads(again.stdout)
+        assert summary["status"] == "complete"
+        assert 0 < summary["units_skipped"] < summary["units_total"], summary  # it resumed
+
+
+def test_queries_work_on_a_read_only_filesystem(scene_store, tmp_path: Path) -> None:
+    """info, query, regions, zones and export only read: they work on a read-only mount (export
+    writing elsewhere), and the one command that writes into the store says why it cannot."""
+    _, _, store = scene_store
+    with tmpfs(tmp_path / "ro", "16m") as ro:
+        shutil.copytree(store, ro / "scene.zarr")
+        subprocess.run(["mount", "-o", "remount,ro", str(ro)], check=True)
+        copy = str(ro / "scene.zarr")
+        zones = tmp_path / "zones.geojson"
+        zones.write_text(json.dumps({"type": "FeatureCollection", "features": [{"type": "Feature", "properties": {},
+            "geometry": {"type": "Polygon", "coordinates": [[[500000, 5700000], [500200, 5700000],
+            [500200, 5699800], [500000, 5699800], [500000, 5700000]]]}}]}))  # fmt: skip
+        for args in (["info", copy, "--json"], ["query", copy, "--bbox", "0,0,20,20", "--crs", "pixel", "--json"],
+                     ["regions", copy, "--limit", "3"], ["zones", copy, str(zones), "--crs", "EPSG:32631"],
+                     ["export", copy, str(tmp_path / "mask.tif")]):  # fmt: skip
+            result = raymask(*args)
+            assert result.returncode == 0, (args, result.stderr)
+            assert result.stderr.strip() == "", (args, result.stderr)
+        result = raymask("regions", copy, "--compute")
+        assert_one_line_error(result, "Read-only file system")
+
+
+RAYMASK_IN_ROOT = [sys.executable, "-m", "pipeline.cli"]

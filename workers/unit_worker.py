@@ -29,7 +29,7 @@ from pipeline.config import ModelConfig
 from pipeline.core.geometry import WorkUnit, inside_image, pad_to_window
 from pipeline.core.plan import Item, Target, group_batches
 from pipeline.core.stats import NODATA
-from pipeline.errors import describe
+from pipeline.errors import RaymaskError, StoreError, describe, os_error_line
 from pipeline.sources.geotiff import WORKER_QUIET
 from pipeline.store import MaskStore
 from workers.models.registry import Segmenter, build
@@ -177,6 +177,10 @@ class UnitWorker:
             assert window.valid is not None
             labels[~window.valid[core]] = NODATA
             self._store(key).write_unit(unit, labels, pixel_measure=target.pixel_measure, n_classes=target.n_classes)
+        except OSError as exc:  # disk full, read-only, permissions: named by the store, with what to do
+            if exc.filename is None:
+                exc.filename = str(target.store)
+            return _error_row(window.item, exc)
         except Exception as exc:
             return _error_row(window.item, exc)
         finally:
@@ -217,6 +221,8 @@ def quiet_worker_warnings() -> None:
 
 def _error_row(item: Item, exc: BaseException | None) -> Row:
     assert exc is not None
+    if isinstance(exc, OSError) and not isinstance(exc, RaymaskError):  # disk full, read-only, ...
+        exc = StoreError(os_error_line(exc))
     return {"key": item[0], "unit": item[1], "error": describe(exc), "error_type": exc.__class__.__name__}
 
 

@@ -119,6 +119,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's final flush stays quiet
         return 141  # what a shell reports for a command killed by SIGPIPE
+    except OSError as exc:  # disk full, quota, read-only filesystem, permissions: the file and what to do
+        from pipeline.errors import os_error_line
+
+        print(f"raymask: error: {os_error_line(exc)}", file=sys.stderr)
+        return 1
 
 
 def _join_coordinates(argv: list[str]) -> list[str]:

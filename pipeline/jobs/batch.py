@@ -31,7 +31,7 @@ from typing import Any
 from pipeline.config import BatchConfig, SourceConfig
 from pipeline.core.plan import Target
 from pipeline.errors import ConfigError, RaymaskError, SourceError, StoreBusy, one_line
-from pipeline.jobs.cluster import ray_session, unwrap
+from pipeline.jobs.cluster import probe, ray_session, target_of, unwrap
 from pipeline.jobs.run import (
     Job,
     choose_engine,
@@ -129,6 +129,9 @@ def run_batch(config: BatchConfig, *, progress: bool = True) -> BatchReport:
     if root.exists() and not root.is_dir():
         raise ConfigError(f"{config.output.root}: the output root is a file, not a folder")
     inputs = expand_inputs(config)
+    target = target_of(config.runtime.address)
+    if target not in ("local", "auto"):
+        probe(target)  # an unreachable cluster fails here, before any store or report exists
     root.mkdir(parents=True, exist_ok=True)
     results: dict[int, InputResult] = {}
     planned: dict[int, tuple[Job, MaskStore, Path | None]] = {}
@@ -139,6 +142,11 @@ def run_batch(config: BatchConfig, *, progress: bool = True) -> BatchReport:
             results[key] = result
             if item.problem is not None:
                 _fail(result, item.problem)
+                continue
+            if not _stays_inside(root, store_path):
+                _fail(
+                    result, SourceError(f"{store_path}: leaves output.root {root} through a symbolic link; not written")
+                )
                 continue
             try:
                 leases.enter_context(store_lease(store_path, command=f"raymask batch (input {item.label})"))
@@ -267,6 +275,16 @@ def _fixed_part(pattern: str) -> Path:
         fixed.append(part)
     base = Path(*fixed) if fixed else Path(".")
     return base if _has_glob(pattern) else base.parent  # a plain path is named after itself
+
+
+def _stays_inside(root: Path, store: Path) -> bool:
+    """Whether ``store`` (and every folder on the way to it) resolves inside ``root``: names never
+    hold ``..`` (_relative_name), but a symbolic link already under the root could point anywhere."""
+    try:
+        store.resolve().relative_to(root.resolve())
+    except ValueError:
+        return False
+    return True
 
 
 def _relative_name(match: Path, base: Path) -> str:

@@ -32,14 +32,49 @@ def ray_session(address: str | None, *, enabled: bool = True, progress: bool = F
     if not enabled:
         yield "this process (no Ray)"
         return
-    owns = connect(address, progress=progress)
+    saved, owns = {name: os.environ.get(name) for name in AUTH_ENV}, False
     try:
+        owns = connect(address, progress=progress)
         yield describe_cluster(owns, address)
     finally:
         if owns:
             import ray
 
             ray.shutdown()
+        if any(os.environ.get(name) != value for name, value in saved.items()):
+            for name, value in saved.items():  # the embedded Ray's token lives and dies with it
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
+            _reload_ray_auth()
+
+
+# Ray's token authentication (Ray >= 2.52). Ray 2.60 has no setting that binds its GCS, raylet and
+# worker gRPC servers to loopback: they listen on every interface even for a one-machine Ray. So
+# the Ray that raymask starts for a run requires a random token, inherited by the processes it
+# spawns and known to no one else: anyone who can reach the ports is refused (see SECURITY.md).
+AUTH_ENV = ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+
+
+def _protect_local_ray() -> None:
+    if os.environ.get("RAY_AUTH_MODE"):  # the user configured authentication themselves
+        return
+    import secrets
+
+    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
+    os.environ["RAY_AUTH_MODE"] = "token"
+    os.environ["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+    _reload_ray_auth()
+
+
+def _reload_ray_auth() -> None:
+    """Make this process's Ray read the authentication settings again: it reads them once, when
+    first imported (Ray's own tests reset them the same way)."""
+    from ray._raylet import AuthenticationTokenLoader, Config  # type: ignore[attr-defined]
+
+    Config.initialize("")
+    AuthenticationTokenLoader.instance().reset_cache()
 
 
 def describe_cluster(started: bool, address: str | None) -> str:
@@ -84,6 +119,8 @@ def connect(address: str | None, *, progress: bool = False) -> bool:
             file=sys.stderr,
         )
     options: dict[str, Any] = {"num_cpus": local_cpus()} if local else {}
+    if local:
+        _protect_local_ray()
     try:
         ray.init(
             address=target,

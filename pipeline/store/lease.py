@@ -134,5 +134,8 @@ def _heartbeat(path: Path, me: dict[str, Any], stop: threading.Event) -> None:
         if _read(path).get("id") != me["id"]:
             return  # taken over (we were silent too long): the new holder's file is not ours to touch
         tmp = path.with_name(f"{path.name}.{me['id']}.tmp")
-        tmp.write_text(json.dumps({**me, "heartbeat": time.time()}))
-        os.replace(tmp, path)
+        try:
+            tmp.write_text(json.dumps({**me, "heartbeat": time.time()}))
+            os.replace(tmp, path)
+        except OSError:  # a full disk: the run itself reports it; this beat is skipped, the next one tries again
+            tmp.unlink(missing_ok=True)

@@ -29,9 +29,7 @@ class TorchScriptModel:
         try:
             module = torch.jit.load(config.path, map_location=self.device)
         except (RuntimeError, ValueError, OSError) as exc:
-            raise ModelError(
-                f"{config.path}: not a TorchScript file torch.jit.load can read ({exc.__class__.__name__})"
-            ) from exc
+            raise ModelError(_load_failure(config.path, exc)) from exc
         self.module = module.eval()
         self.dtype = next((p.dtype for p in self.module.parameters()), torch.float32)
         # the input channels of the first convolution-shaped weight: only to explain a failed call
@@ -138,6 +136,16 @@ class TorchScriptModel:
             return x
         mask = self._to_device(valid).unsqueeze(1)
         return torch.where(mask, x, torch.zeros((), dtype=torch.float32, device=x.device))
+
+
+def _load_failure(path: str, exc: BaseException) -> str:
+    """Why torch.jit.load refused ``path``, in one line: its first line of explanation, and the
+    likely cause when the file uses operators this PyTorch does not have (saved by a newer one)."""
+    first = next((line.strip() for line in str(exc).splitlines() if line.strip()), exc.__class__.__name__)
+    text = f"{path}: not a TorchScript file torch.jit.load (PyTorch {torch.__version__}) can read ({first[:160]})"
+    if "similar ops" in str(exc) or "Unknown builtin op" in str(exc):
+        text += "; it uses an operator this PyTorch lacks: it was probably saved by a newer PyTorch"
+    return text
 
 
 def _model_message(exc: BaseException) -> str:

@@ -2,7 +2,7 @@
 
     python bench/gpu_model.py --out bench/gpu_model.json     # on a machine with a CUDA GPU
 
-What runs is ``workers.models.torchscript.TorchScriptModel``, the class every raymask actor uses:
+What runs is ``workers.models.network.NetworkModel``, the class every raymask actor uses:
 uint8 windows stacked into page-locked memory, one non-blocking copy, scale / normalise / fill on
 the device, the network under autocast, argmax; ``launch`` overlaps the next batch's staging with
 the previous batch's kernels as the worker does (two batches in flight). Side by side, in the same
@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from pipeline.config import TorchScriptModelConfig  # noqa: E402
-from workers.models.torchscript import TorchScriptModel  # noqa: E402
+from workers.models.network import NetworkModel  # noqa: E402
 
 SIDE = 512
 
@@ -76,7 +76,7 @@ def windows(n: int, seed: int = 0) -> tuple[list[np.ndarray], list[np.ndarray]]:
 
 
 def raymask_path(
-    model: TorchScriptModel, images: list[np.ndarray], valid: list[np.ndarray], batch: int
+    model: NetworkModel, images: list[np.ndarray], valid: list[np.ndarray], batch: int
 ) -> tuple[float, np.ndarray]:
     """Seconds for all windows through ``launch`` with two batches in flight; and the labels."""
     out = []
@@ -127,7 +127,7 @@ def main() -> None:
         for precision in ("float32", "bfloat16", "float16"):
             config = TorchScriptModelConfig(kind="torchscript", path=str(path), classes=["a", "b"], stride=16,
                                             scale=1 / 255, precision=precision)  # fmt: skip
-            model = TorchScriptModel(config, device="cuda")
+            model = NetworkModel(config, device="cuda")
             for batch in (1, 8, 32):
                 raymask_path(model, images[: 2 * batch], valid[: 2 * batch], batch)  # warm-up (cuDNN autotune)
                 model_alone(model.module, on_gpu[: 2 * batch], batch, precision)

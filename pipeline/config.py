@@ -152,11 +152,12 @@ class Normalize(_Frozen):
         return self
 
 
-class TorchScriptModelConfig(_Frozen):
-    """A TorchScript file whose module maps N x bands x H x W to N x classes x H x W logits."""
+class NetworkModelConfig(_Frozen):
+    """A network file mapping N x bands x H x W (x D) to N x classes x H x W logits: what the
+    torchscript, torch-export and onnx kinds share."""
 
-    kind: Literal["torchscript"] = Field(description="A TorchScript network (torch.jit.save).")
-    path: str = Field(description="Local path of a file saved with torch.jit.save.")
+    kind: str
+    path: str = Field(description="Local path of the network file (never a URL: weights come from local files).")
     classes: list[str | ClassSpec] = Field(
         min_length=1, description="One per output channel, in order: a name, or {name, color: '#rrggbb'}."
     )
@@ -175,8 +176,42 @@ class TorchScriptModelConfig(_Frozen):
     )
 
 
+class TorchScriptModelConfig(NetworkModelConfig):
+    """A TorchScript file whose module maps N x bands x H x W to N x classes x H x W logits."""
+
+    kind: Literal["torchscript"] = Field(description="A TorchScript network (torch.jit.save).")
+
+
+class TorchExportModelConfig(NetworkModelConfig):
+    """A ``torch.export`` program (``.pt2``, saved with ``torch.export.save``): TorchScript's successor."""
+
+    kind: Literal["torch-export"] = Field(description="An exported program (torch.export.save, a .pt2 file).")
+
+
+class OnnxModelConfig(NetworkModelConfig):
+    """An ONNX graph run by onnxruntime: the CUDA execution provider on a GPU actor, the CPU one otherwise."""
+
+    kind: Literal["onnx"] = Field(
+        description="An ONNX network (onnxruntime; export with dynamic batch and spatial axes)."
+    )
+
+    @field_validator("precision")
+    @classmethod
+    def _float32(cls, value: str) -> str:
+        if value != "float32":
+            raise ValueError("an ONNX graph runs in the precision it was exported in; export it in float16 instead")
+        return value
+
+
 ModelConfig = Annotated[
-    Union[NdviModelConfig, RgbVegetationModelConfig, HuTissueModelConfig, TorchScriptModelConfig],
+    Union[
+        NdviModelConfig,
+        RgbVegetationModelConfig,
+        HuTissueModelConfig,
+        TorchScriptModelConfig,
+        TorchExportModelConfig,
+        OnnxModelConfig,
+    ],
     Field(discriminator="kind"),
 ]
 
@@ -283,7 +318,9 @@ class RuntimeConfig(_Frozen):
     )
 
 
-_MODEL_DOC = "The segmenter, chosen by kind: ndvi, rgb-vegetation, hu-tissue (built in) or torchscript."
+_MODEL_DOC = (
+    "The segmenter, chosen by kind: ndvi, rgb-vegetation, hu-tissue (built in), torchscript, torch-export or onnx."
+)
 _TILING_DOC = "Chunks of the store, the halo of context around each, and chunks per work unit."
 _REGIONS_DOC = "Connected regions per class, labelled across chunks, with their table."
 _RUNTIME_DOC = "Where and how units run: engine, Ray address, actors, CPUs, GPUs, threads, batches, retries."
@@ -516,6 +553,8 @@ _MODEL_KINDS: dict[str, type[BaseModel]] = {
     "rgb-vegetation": RgbVegetationModelConfig,
     "hu-tissue": HuTissueModelConfig,
     "torchscript": TorchScriptModelConfig,
+    "torch-export": TorchExportModelConfig,
+    "onnx": OnnxModelConfig,
 }
 
 

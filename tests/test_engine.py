@@ -32,7 +32,7 @@ from tests.conftest import (
     units_done,
     write_config,
 )
-from workers.models.torchscript import PinnedStaging, TorchScriptModel
+from workers.models.network import NetworkModel, PinnedStaging
 from workers.unit_worker import UnitWorker
 
 DEMO = ROOT / "configs" / "aerial-vegetation.yaml"
@@ -246,12 +246,12 @@ def test_autocast_runs_on_the_cpu_and_is_reported_not_exact(
     meta = json.loads((tmp_path / "bf16.zarr" / "zarr.json").read_text())["attributes"]["raymask"]
     assert meta["model"]["exact_tiling"] is False
     labels = np.asarray(zarr.open_array(str(tmp_path / "bf16.zarr" / "mask"))[:])
-    reference = TorchScriptModel(job.config.model.model_copy(update={"precision": "float32"}))  # type: ignore[union-attr]
+    reference = NetworkModel(job.config.model.model_copy(update={"precision": "float32"}))  # type: ignore[union-attr]
     with rasterio.open(image) as src:
         pixels, valid = src.read()[None], np.ones((1, 96, 96), dtype=bool)
     want = reference.predict(pixels, valid)[0]
     assert (labels == want).mean() > 0.9  # bfloat16 rounds: close to float32, not equal by promise
-    autocast = TorchScriptModel(job.config.model).logits(pixels, valid)  # type: ignore[arg-type]
+    autocast = NetworkModel(job.config.model).logits(pixels, valid)  # type: ignore[arg-type]
     exact = reference.logits(pixels, valid)
     assert 0 < np.abs(autocast - exact).max() < 0.5  # the network really ran in bfloat16
 
@@ -294,7 +294,10 @@ def test_a_unit_whose_workers_keep_dying_fails_with_a_worker_error_and_resumes_l
     assert len(err) == 1 and err[0].startswith("raymask: error: ") and "its worker died 1 times" in err[0], err
     assert json.loads((store / "zarr.json").read_text())["attributes"]["raymask"]["status"] == "incomplete"
     assert main(["run", str(config), "--json"]) == 0
-    assert json.loads(capsys.readouterr().out)["status"] == "complete"
+    # the session Ray's "(raylet) A worker died" notice about the killed actor may reach this process's
+    # stdout at any moment (it is this test process's Ray, not the run's); the summary is the rest
+    out = [line for line in capsys.readouterr().out.splitlines() if "(raylet)" not in line]
+    assert json.loads("\n".join(out))["status"] == "complete"
     assert main(["run", str(config), "--json", "--set", f"output.path={tmp_path}/clean.zarr"]) == 0
     capsys.readouterr()
     assert chunk_bytes(store) == chunk_bytes(tmp_path / "clean.zarr")

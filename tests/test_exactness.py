@@ -22,7 +22,7 @@ from pipeline.config import load_config
 from pipeline.core.geometry import inside_image, pad_to_window
 from pipeline.jobs.run import prepare
 from tests.conftest import GeoTiffFactory, tiny_unet, write_config
-from workers.models.torchscript import TorchScriptModel
+from workers.models.network import NetworkModel
 
 ROWS, COLS, STRIDE = 203, 157, 4
 
@@ -60,7 +60,7 @@ def job_config(tmp_path: Path, model: Path, image: Path, *, chunk: int, halo: in
 def stitched_logits(config: Path) -> np.ndarray:
     """Logits assembled from each work unit's read window, cropped to its core (no Ray)."""
     job = prepare(load_config(config))
-    model = TorchScriptModel(job.config.model)  # type: ignore[arg-type]
+    model = NetworkModel(job.config.model)  # type: ignore[arg-type]
     out = np.full((3, ROWS, COLS), np.nan, dtype=np.float32)
     for unit in job.grid.units():
         data, valid = job.source.read(inside_image(unit.read, job.grid.shape))

@@ -24,7 +24,7 @@ from pipeline.core.geometry import TileGrid, WorkUnit
 from pipeline.core.georef import pixel_measure
 from pipeline.core.plan import Target, pending_units, pick_engine, resume_action
 from pipeline.core.stats import PixelMeasure, class_table
-from pipeline.errors import ConfigError, SourceError, StoreError, StoreExists, one_line
+from pipeline.errors import ConfigError, ModelError, SourceError, StoreError, StoreExists, one_line
 from pipeline.jobs.cluster import ray_session, unwrap
 from pipeline.jobs.executors import Executor, RayExecutor, SerialExecutor
 from pipeline.jobs.ingest import ingest_series
@@ -133,6 +133,8 @@ def prepare(config: JobConfig) -> Job:
     grid = TileGrid.create(
         info.shape, chunk=chunk, halo=halo, stride=stride, chunks_per_unit=(config.tiling.chunks_per_unit,) * ndim
     )
+    if model.fixed_window is not None:
+        _check_fixed_window(config, model.fixed_window, grid)
     regions = None
     if config.regions.enabled:
         regions = resolve(config.regions, ndim, [n for n, _ in model.classes])
@@ -142,6 +144,18 @@ def prepare(config: JobConfig) -> Job:
     except ValueError as exc:  # a grid whose pixel areas cannot be computed: before any store exists
         raise SourceError(f"{_shown(config.source.path)}: {exc}") from exc
     return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path, per_pixel, regions)
+
+
+def _check_fixed_window(config: JobConfig, fixed: tuple[int, ...], grid: TileGrid) -> None:
+    """A network exported with a fixed input size takes only windows of that size (before any store exists)."""
+    shapes = sorted({u.read.shape[-len(fixed) :] for u in grid.units()}, reverse=True)
+    if shapes != [fixed]:
+        shown = ", ".join(" × ".join(map(str, s)) for s in shapes[:4]) + (", ..." if len(shapes) > 4 else "")
+        raise ModelError(
+            f"{getattr(config.model, 'path', 'model')}: the graph takes a fixed {' × '.join(map(str, fixed))} input, "
+            f"but this job's windows are {shown} (units plus halo, smaller at the image edges); "
+            "export it with dynamic spatial axes"
+        )
 
 
 def _shown(path: str | list[str]) -> str:

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from pipeline.config import ModelConfig, RuntimeConfig, TorchScriptModelConfig
+from pipeline.config import ModelConfig, NetworkModelConfig, RuntimeConfig
 from pipeline.core.plan import Item, Placement, Target, batch_for, lease_size, place_actors, square_order
 from pipeline.errors import ConfigError, WorkerError, describe, one_line, rebuild
 from pipeline.jobs.cluster import local_cpus
@@ -115,7 +115,7 @@ def _in_process(
 def _local_device(runtime: RuntimeConfig, model: ModelConfig) -> str:
     """The GPU when this machine has one and the model can use it (index models are numpy: CPU)."""
     no_gpu = runtime.gpus_per_actor != "auto" and float(runtime.gpus_per_actor) == 0
-    if no_gpu or not isinstance(model, TorchScriptModelConfig):
+    if no_gpu or not isinstance(model, NetworkModelConfig):
         return "cpu"
     import torch
 

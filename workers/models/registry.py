@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -18,8 +19,9 @@ from pipeline.config import (
     HuTissueModelConfig,
     ModelConfig,
     NdviModelConfig,
+    NetworkModelConfig,
+    OnnxModelConfig,
     RgbVegetationModelConfig,
-    TorchScriptModelConfig,
 )
 from pipeline.core.colors import default_color
 from pipeline.errors import ConfigError, ModelError
@@ -46,6 +48,7 @@ class ModelSpec:
     identity: str
     dims: int | None = None  # spatial dimensions the network takes; None: per pixel, any
     mixed_precision: bool = False  # autocast: tiles and whole image may round differently
+    fixed_window: tuple[int, ...] | None = None  # an ONNX graph exported with a fixed spatial input size
 
     @property
     def pixelwise(self) -> bool:
@@ -69,7 +72,7 @@ def describe(config: ModelConfig, n_bands: int) -> ModelSpec:
     if isinstance(config, RgbVegetationModelConfig):
         _check_positions(config, n_bands, red=config.red, green=config.green, blue=config.blue)
         return ModelSpec("rgb-vegetation", RGB_CLASSES, 1, 0, _config_hash(config))
-    return _describe_torchscript(config, n_bands)
+    return _describe_network(config, n_bands)
 
 
 def build(config: ModelConfig, *, device: str = "cpu", in_flight: int = 2) -> Segmenter:
@@ -85,12 +88,12 @@ def build(config: ModelConfig, *, device: str = "cpu", in_flight: int = 2) -> Se
         from workers.models.indices import HuTissueModel
 
         return HuTissueModel(config)
-    from workers.models.torchscript import TorchScriptModel
+    from workers.models.network import NetworkModel
 
-    return TorchScriptModel(config, device=device, in_flight=in_flight)
+    return NetworkModel(config, device=device, in_flight=in_flight)
 
 
-def _describe_torchscript(config: TorchScriptModelConfig, n_bands: int) -> ModelSpec:
+def _describe_network(config: NetworkModelConfig, n_bands: int) -> ModelSpec:
     path = Path(config.path)
     if not path.is_file():
         raise ModelError(f"{config.path}: model file not found")
@@ -98,6 +101,7 @@ def _describe_torchscript(config: TorchScriptModelConfig, n_bands: int) -> Model
         raise ConfigError(
             f"model.normalize: {len(config.normalize.mean)} values given but the source has {n_bands} selected bands"
         )
+    _check_archive(config)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     classes = tuple(
         (c, default_color(i)) if isinstance(c, str) else (c.name, c.color or default_color(i))
@@ -107,15 +111,60 @@ def _describe_torchscript(config: TorchScriptModelConfig, n_bands: int) -> Model
         raise ConfigError(f"model.classes: {len(classes)} classes, at most 255 fit a uint8 mask with 255 as nodata")
     settings = _config_hash(config.model_copy(update={"path": ""}))
     identity = f"{digest[:16]}-{settings}"
+    fixed = None
+    if isinstance(config, OnnxModelConfig):
+        from workers.models.onnx import input_shape
+
+        fixed = _check_onnx_input(config, input_shape(config.path), n_bands)
     return ModelSpec(
-        "torchscript",
+        config.kind,
         classes,
         config.stride,
         config.receptive_radius,
         identity,
         dims=config.dims,
         mixed_precision=config.precision != "float32",
+        fixed_window=fixed,
     )
+
+
+def _check_archive(config: NetworkModelConfig) -> None:
+    """On the driver, before any store: is the file the kind of archive its kind says? (TorchScript
+    and torch.export files are zip archives with a known layout; the workers load them.) ONNX
+    graphs are opened by onnxruntime here instead (_check_onnx_input)."""
+    if config.kind == "onnx":
+        return
+    try:
+        with zipfile.ZipFile(config.path) as archive:
+            names = archive.namelist()
+    except (zipfile.BadZipFile, OSError):
+        names = []
+    if config.kind == "torchscript" and not any("/code/" in n for n in names):
+        saved_weights = any(n.endswith("/data.pkl") for n in names)
+        hint = "; it holds pickled weights (torch.save): script or export the network first" if saved_weights else ""
+        raise ModelError(f"{config.path}: not a TorchScript file (torch.jit.save){hint}")
+    if config.kind == "torch-export" and not any(n.endswith("/archive_format") for n in names):
+        raise ModelError(f"{config.path}: not an exported program (torch.export.save, a .pt2 file)")
+
+
+def _check_onnx_input(config: OnnxModelConfig, shape: list[int | str | None], n_bands: int) -> tuple[int, ...] | None:
+    """The graph's declared input against the job, on the driver: its rank, its band count, and
+    the fixed spatial size it may have (checked against the windows once the grid is known)."""
+    rank = config.dims + 2
+    if len(shape) != rank:
+        raise ModelError(
+            f"{config.path}: the graph's input has {len(shape)} axes; model.dims {config.dims} needs {rank} "
+            f"(N, bands, {'D, ' if config.dims == 3 else ''}H, W)"
+        )
+    bands = shape[1]
+    if isinstance(bands, int) and bands != n_bands:
+        raise ModelError(
+            f"{config.path}: the graph takes {bands} input bands, the job gives it {n_bands} (source.bands)"
+        )
+    spatial = shape[2:]
+    if all(isinstance(n, int) for n in spatial):
+        return tuple(int(n) for n in spatial)  # type: ignore[arg-type]
+    return None
 
 
 def _check_positions(config: ModelConfig, n_bands: int, **positions: int) -> None:
@@ -126,5 +175,5 @@ def _check_positions(config: ModelConfig, n_bands: int, **positions: int) -> Non
             )
 
 
-def _config_hash(config: ModelConfig) -> str:
+def _config_hash(config: ModelConfig | NetworkModelConfig) -> str:
     return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]

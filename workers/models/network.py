@@ -1,41 +1,35 @@
-"""TorchScript model files: N x bands x (Z x) H x W in, N x classes x (Z x) H x W logits out.
+"""Network models (torchscript, torch-export, onnx): N x bands x (Z x) H x W in, N x classes x (Z x) H x W logits out.
 
+The three kinds differ only in how the file is loaded and called (``_load``); the rest is one path.
 A batch goes to the device in one copy, in the source's own dtype (a uint8 image moves a quarter
 of the bytes of its float32 form): on a GPU it is stacked straight into page-locked memory and
 copied with ``non_blocking``, so the copy and the next batch's stacking overlap the previous
 batch's kernels. Scaling, normalisation and the neutral fill of invalid pixels then run on the
 device, in float32, in the same order as before the network existed: scale, normalise, fill.
-``launch`` returns before the labels are back, so a worker keeps two batches in flight.
+The logits are checked (shape, class count, finite) before the argmax. ``launch`` returns before
+the labels are back, so a worker keeps two batches in flight.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.config import TorchScriptModelConfig
+from pipeline.config import NetworkModelConfig, OnnxModelConfig, TorchExportModelConfig
 from pipeline.errors import ModelError, one_line
 
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-class TorchScriptModel:
-    def __init__(self, config: TorchScriptModelConfig, *, device: str = "cpu", in_flight: int = 2) -> None:
+class NetworkModel:
+    def __init__(self, config: NetworkModelConfig, *, device: str = "cpu", in_flight: int = 2) -> None:
         self.config = config
         self.device = torch.device(device)
-        try:
-            module = torch.jit.load(config.path, map_location=self.device)
-        except (RuntimeError, ValueError, OSError) as exc:
-            raise ModelError(_load_failure(config.path, exc)) from exc
-        self.module = module.eval()
-        self.dtype = next((p.dtype for p in self.module.parameters()), torch.float32)
-        # the input channels of the first convolution-shaped weight: only to explain a failed call
-        # (never to refuse one: a grouped or depthwise first layer has fewer per weight)
-        first = next((p for p in self.module.parameters() if p.ndim in (4, 5)), None)
-        self.in_channels = int(first.shape[1]) if first is not None else None
+        self.module, self.dtype, self.in_channels = _load(config, self.device)
         self.staging = PinnedStaging(slots=in_flight + 1) if self.device.type == "cuda" else None
 
     # -- the worker's interface ---------------------------------------------------------------
@@ -75,7 +69,7 @@ class TorchScriptModel:
         context = torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
         try:
             with context:
-                out = self.module(x.to(self.dtype))
+                out = self.module(x if self.dtype == torch.float32 else x.to(self.dtype))
         except Exception as exc:  # RuntimeError, torch.jit.Error (a scripted `raise`), anything a model raises
             if self.in_channels is not None and self.in_channels != x.shape[1]:
                 raise ModelError(
@@ -138,11 +132,42 @@ class TorchScriptModel:
         return torch.where(mask, x, torch.zeros((), dtype=torch.float32, device=x.device))
 
 
-def _load_failure(path: str, exc: BaseException) -> str:
+def _load(
+    config: NetworkModelConfig, device: torch.device
+) -> tuple[Callable[[torch.Tensor], Any], torch.dtype, int | None]:
+    """(the network as a callable on tensors, the dtype it takes, its input bands where known).
+
+    The bands are only used to explain a failed call, never to refuse one (a grouped or depthwise
+    first layer has fewer per weight)."""
+    if isinstance(config, OnnxModelConfig):
+        from workers.models.onnx import OnnxNetwork
+
+        network = OnnxNetwork(config.path, device=str(device))
+        return network, torch.float32, network.in_channels
+    try:
+        if isinstance(config, TorchExportModelConfig):
+            module = torch.export.load(config.path).module().to(device)
+        else:
+            module = torch.jit.load(config.path, map_location=device).eval()
+    except Exception as exc:  # RuntimeError, ValueError, OSError, zipfile's and pickle's errors
+        raise ModelError(_load_failure(config, exc)) from exc
+    parameters = list(module.parameters())
+    dtype = parameters[0].dtype if parameters else torch.float32
+    first = next((p for p in parameters if p.ndim in (4, 5)), None)  # the first convolution-shaped weight
+    return module, dtype, int(first.shape[1]) if first is not None else None
+
+
+def _load_failure(config: NetworkModelConfig, exc: BaseException) -> str:
     """Why torch.jit.load refused ``path``, in one line: its first line of explanation, and the
     likely cause when the file uses operators this PyTorch does not have (saved by a newer one)."""
+    path = config.path
+    what = (
+        "an exported program torch.export.load"
+        if config.kind == "torch-export"
+        else "a TorchScript file torch.jit.load"
+    )
     first = next((line.strip() for line in str(exc).splitlines() if line.strip()), exc.__class__.__name__)
-    text = f"{path}: not a TorchScript file torch.jit.load (PyTorch {torch.__version__}) can read ({first[:160]})"
+    text = f"{path}: not {what} (PyTorch {torch.__version__}) can read ({first[:160]})"
     if "similar ops" in str(exc) or "Unknown builtin op" in str(exc):
         text += "; it uses an operator this PyTorch lacks: it was probably saved by a newer PyTorch"
     return text

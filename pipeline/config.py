@@ -16,7 +16,7 @@ import io
 import json
 import os
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, cast
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast
 
 import yaml
 from pydantic import (
@@ -31,6 +31,9 @@ from pydantic import (
 )
 
 from pipeline.errors import ConfigError, one_line
+
+if TYPE_CHECKING:
+    from pipeline.card import ModelCard
 
 Color = Annotated[str, Field(pattern=r"^#[0-9a-fA-F]{6}$")]
 
@@ -385,9 +388,9 @@ class BatchConfig(_Frozen):
 
 
 def load_batch_config(path: str | Path, overrides: list[str] | None = None) -> BatchConfig:
-    raw = _read_yaml(Path(path))
+    raw = with_card(apply_overrides(_read_yaml(Path(path)), overrides or []), str(path))
     try:
-        return BatchConfig.model_validate(apply_overrides(raw, overrides or []))
+        return BatchConfig.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(f"{path}: {describe_validation_error(exc, BatchConfig)}") from exc
 
@@ -500,7 +503,40 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
     return config_from_dict(apply_overrides(raw, overrides or []), origin=str(path))
 
 
+def with_card(raw: dict[str, Any], origin: str) -> dict[str, Any]:
+    """``raw`` with ``model: {card: PATH, ...}`` resolved from the model card (pipeline.card)."""
+    model = raw.get("model")
+    if not (isinstance(model, dict) and "card" in model):
+        return raw
+    from pipeline.card import model_from_card
+
+    try:
+        card, card_path = load_card(str(model["card"]))
+        return {**raw, "model": model_from_card(model, card, card_path)}
+    except ConfigError as exc:
+        raise ConfigError(f"{origin}: {exc}") from exc
+
+
+def load_card(path: str | Path) -> tuple[ModelCard, Path]:
+    """The model card at ``path`` (pipeline.card.find_card) and its file; one line if missing or malformed."""
+    from pipeline.card import ModelCard, find_card
+
+    card_path = find_card(path)
+    try:
+        text = card_path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{card_path}: cannot read the model card ({exc})") from exc
+    raw = parse_yaml(text, str(card_path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{card_path}: a model card is a mapping of keys")
+    try:
+        return ModelCard.model_validate(raw), card_path
+    except ValidationError as exc:
+        raise ConfigError(f"{card_path}: {describe_validation_error(exc, ModelCard)}") from exc
+
+
 def config_from_dict(raw: dict[str, Any], *, origin: str = "config") -> JobConfig:
+    raw = with_card(raw, origin)
     try:
         return JobConfig.model_validate(raw)
     except ValidationError as exc:

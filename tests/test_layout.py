@@ -15,7 +15,7 @@ PACKAGES = ("pipeline", "workers")
 
 # Lowest first; a module may import its own layer and the ones below it, never above.
 LAYERS = [
-    ("pipeline.errors", "pipeline.config"),  # shared vocabulary: errors and the config models
+    ("pipeline.errors", "pipeline.config", "pipeline.card"),  # shared vocabulary: errors and the config models
     ("pipeline.core",),  # pure: geometry, georef, volume, statistics, regions maths, planning
     ("pipeline.store",),  # the zarr mask store
     ("pipeline.sources",),  # readers of the inputs

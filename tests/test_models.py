@@ -4,6 +4,7 @@ bad network files are one line each, before any store exists."""
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -11,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 import zarr
 
-from tests.conftest import S2, run_json, tiny_unet, write_config
+from pipeline.config import load_config
+from tests.conftest import ROOT, S2, run_json, tiny_unet, write_config
 from tests.test_bad_input import assert_one_line_error, raymask
 from tests.test_volume import tiny_unet3d, write_series
 
@@ -131,3 +134,71 @@ def test_bad_network_files_are_one_line_before_any_store(
     config = job(tmp_path, kind, make(tmp_path), **model)
     assert_one_line_error(raymask("run", str(config)), message)
     assert not (tmp_path / f"{kind}.zarr").exists()
+
+
+# -- model cards ----------------------------------------------------------------------------------
+
+POLYP = ROOT / "configs" / "polyp-frames.yaml"
+
+
+def card_job(tmp_path: Path, name: str, **model: object) -> Path:
+    raw = yaml.safe_load(POLYP.read_text())
+    raw["model"] = {"card": str(ROOT / "models" / "MODEL.yaml"), **model}
+    raw["source"]["path"] = str(ROOT / raw["source"]["path"])
+    raw["output"] = {"path": f"{tmp_path}/{name}.zarr", "preview": False}
+    return write_config(tmp_path / f"{name}.yaml", **raw)
+
+
+def test_a_config_naming_only_the_card_runs_as_the_explicit_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], shipped_store
+) -> None:
+    explicit, _ = shipped_store("polyp-frames.yaml")
+    summary = run_json(capsys, str(card_job(tmp_path, "card")))
+    assert summary["status"] == "complete" and summary["exact"] is True
+    assert np.array_equal(zarr.open_array(f"{tmp_path}/card.zarr/mask", mode="r")[:],
+                          zarr.open_array(str(explicit / "mask"), mode="r")[:])  # fmt: skip
+    assert [c["name"] for c in json.loads((tmp_path / "card.zarr" / "zarr.json").read_text())["attributes"]["raymask"]
+            ["classes"]] == ["background", "polyp"]  # fmt: skip
+
+
+def test_what_the_config_states_overrides_the_card(tmp_path: Path) -> None:
+    config = load_config(card_job(tmp_path, "over", receptive_radius=40, classes=["bg", "lesion"]))
+    assert config.model.receptive_radius == 40  # type: ignore[union-attr]
+    assert [getattr(c, "name", c) for c in config.model.classes] == ["bg", "lesion"]  # type: ignore[union-attr]
+    assert config.model.stride == 4 and Path(config.model.path) == ROOT / "models" / "polyp-demo.pt"  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [
+        ({"classes": ["a", "b", "c"]}, "model.classes names 3 classes, but the card"),
+        ({"dims": 3}, "model.dims: 3, but the card"),
+        ({"kind": "onnx"}, "model.kind: 'onnx', but the card"),
+    ],
+    ids=["class-count", "dims", "kind"],
+)
+def test_a_config_that_contradicts_the_card_is_one_line(tmp_path: Path, model: dict, message: str) -> None:
+    result = raymask("run", str(card_job(tmp_path, "bad", **model)))
+    assert_one_line_error(result, "bad.yaml:", message)
+    assert not (tmp_path / "bad.zarr").exists()
+
+
+def test_a_missing_or_malformed_card_is_one_line(tmp_path: Path) -> None:
+    config = write_config(tmp_path / "job.yaml", source={"path": str(S2)}, model={"card": str(tmp_path / "none")},
+                          output={"path": f"{tmp_path}/o.zarr"})  # fmt: skip
+    assert_one_line_error(raymask("run", str(config)), f"{tmp_path}/none: no model card (MODEL.yaml) there")
+    card = tmp_path / "MODEL.yaml"
+    card.write_text("weights: m.pt\nclasses: [a]\nstrid: 4\n")
+    result = raymask("model", "show", str(card))
+    assert_one_line_error(result, "MODEL.yaml: unknown key 'strid'")
+
+
+def test_model_show_prints_the_card() -> None:
+    result = raymask("model", "show", str(ROOT / "models" / "polyp-demo.pt"))
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(None, 1) if not line.startswith("receptive") else ("receptive", line[16:].strip())
+                 for line in result.stdout.splitlines())  # fmt: skip
+    assert lines["classes"].strip() == "background #303030, polyp #ff3b30"
+    assert lines["input"].strip() == "red, green, blue" and lines["stride"].strip() == "4"
+    shown = json.loads(raymask("model", "show", str(ROOT / "models"), "--json").stdout)
+    assert shown["receptive_radius"] == 30 and shown["weights"] == "polyp-demo.pt"

@@ -104,6 +104,18 @@ to a zone when its centre lies inside. GeoJSON is WGS84 lon/lat unless the file 
 """
 
 
+EPILOG_MODEL = """\
+examples:
+  raymask model show models/MODEL.yaml
+  raymask model show models/polyp-demo.pt --json          # the card beside the weights
+
+A job config can name just the card, and override what it states:
+  model: {card: models/MODEL.yaml, receptive_radius: 32}
+The number of classes, the kind and the dimensions are fixed by the weights: a config that says
+otherwise is an error, not an override.
+"""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(_join_coordinates(list(sys.argv[1:] if argv is None else argv)))
@@ -286,6 +298,18 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     export.set_defaults(func=_cmd_export)
 
+    model = sub.add_parser(
+        "model",
+        help="model cards: show what a network is and needs (MODEL.yaml beside its weights)",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EPILOG_MODEL,
+    )
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    show = model_sub.add_parser("show", help="print a model card: classes, bands, scaling, stride, radius, stitching")
+    show.add_argument("path", help="a MODEL.yaml, the folder holding it, or the weights file beside it")
+    show.add_argument("--json", action="store_true", help="the card as JSON on stdout")
+    show.set_defaults(func=_cmd_model_show)
+
     schema = sub.add_parser(
         "config-schema",
         help="print the JSON schema of job configs (--batch: of batch configs): every key, type, default, meaning",
@@ -447,6 +471,21 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"raymask: warning: {args.store} is {store.status}; unwritten chunks export as nodata", file=sys.stderr)
     out = export_geotiff(store, out)
     print(out)
+    return 0
+
+
+def _cmd_model_show(args: argparse.Namespace) -> int:
+    from pipeline.card import describe_card
+    from pipeline.config import load_card
+
+    card, path = load_card(args.path)
+    if args.json:
+        print(json.dumps({"card": str(path), **card.model_dump(mode="json", exclude_none=True)}, indent=2))
+        return 0
+    rows = describe_card(card, path)
+    width = max(len(label) for label, _ in rows)
+    for label, value in rows:
+        print(f"{label:<{width}}  {value}")
     return 0
 
 

@@ -95,6 +95,14 @@ def model_from_card(model: dict[str, Any], card: ModelCard, card_path: Path) -> 
         )
     merged.update(stated)
     merged["path"] = str(weights) if "path" not in stated else stated["path"]
+    # No exactness is claimed for a network the card says needs blending, nor with a declared radius
+    # below the measured one: an unknown radius (None) is never exact, whatever the halo.
+    measured = (card.measured or {}).get("receptive_radius")
+    declared = merged.get("receptive_radius")
+    needs_blend = card.stitch == "blend" or (card.measured or {}).get("equivariant") is False
+    too_small = isinstance(measured, int) and isinstance(declared, int) and declared < measured
+    if needs_blend or too_small:
+        merged["receptive_radius"] = None
     return merged
 
 

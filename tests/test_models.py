@@ -26,8 +26,9 @@ KINDS = {"torchscript": ".pt", "torch-export": ".pt2", "onnx": ".onnx"}
 def save(network: torch.nn.Module, kind: str, path: Path, example: torch.Tensor) -> Path:
     """``network`` saved as ``kind``, with dynamic batch and spatial axes."""
     network = network.eval()
-    dynamic = {"x": dict.fromkeys(range(example.ndim), torch.export.Dim.AUTO)}
-    dynamic["x"].pop(1)  # the bands are fixed
+    axes = dict.fromkeys(range(example.ndim), torch.export.Dim.AUTO)
+    axes.pop(1)  # the bands are fixed
+    dynamic = (axes,)  # by position: the forward's argument may have any name
     if kind == "torchscript":
         torch.jit.save(torch.jit.script(network), str(path))
     elif kind == "torch-export":
@@ -202,3 +203,101 @@ def test_model_show_prints_the_card() -> None:
     assert lines["input"].strip() == "red, green, blue" and lines["stride"].strip() == "4"
     shown = json.loads(raymask("model", "show", str(ROOT / "models"), "--json").stdout)
     assert shown["receptive_radius"] == 30 and shown["weights"] == "polyp-demo.pt"
+
+
+# -- raymask model check ----------------------------------------------------------------------------
+
+
+def conv_stack(layers: int, dilation: int = 1) -> torch.nn.Module:
+    """``layers`` 3x3 convolutions: receptive radius exactly ``layers * dilation``."""
+    torch.manual_seed(1)
+    parts: list[torch.nn.Module] = []
+    for _ in range(layers):
+        parts += [torch.nn.Conv2d(3, 3, 3, padding=dilation, dilation=dilation), torch.nn.Tanh()]
+    return torch.nn.Sequential(*parts).eval()
+
+
+class InstanceNormNet(torch.nn.Module):  # MONAI's default UNet and nnU-Net normalise per instance
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm, self.head = (
+            torch.nn.Conv2d(3, 8, 3, padding=1),
+            torch.nn.InstanceNorm2d(8),
+            torch.nn.Conv2d(8, 2, 1),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.norm(self.conv(x))))
+
+
+class GlobalPoolNet(torch.nn.Module):  # DeepLabV3's ASPP image pooling
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.Conv2d(16, 2, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        features = torch.relu(self.conv(x))
+        pooled = features.mean(dim=(2, 3), keepdim=True).expand_as(features)
+        return self.head(torch.cat([features, pooled], dim=1))
+
+
+@pytest.mark.parametrize(("layers", "dilation"), [(1, 1), (3, 1), (4, 2), (6, 3)])
+def test_check_measures_the_receptive_radius_of_known_networks(layers: int, dilation: int) -> None:
+    from workers.models.check import check_network
+
+    result = check_network(conv_stack(layers, dilation), bands=3)
+    assert result.equivariant and result.stitch == "exact"
+    assert result.receptive_radius == layers * dilation
+    assert result.suggested_halo is not None and result.suggested_halo > layers * dilation
+
+
+def test_check_finds_the_unet_exact_at_its_stride_and_within_its_halo() -> None:
+    from workers.models.check import check_network
+
+    result = check_network(tiny_unet(3, 3).eval(), bands=3, stride=4)
+    assert result.equivariant and result.stitch == "exact"
+    assert result.receptive_radius is not None and 4 <= result.receptive_radius <= 24  # the exactness tests' halo
+
+
+@pytest.mark.parametrize("network", [InstanceNormNet, GlobalPoolNet], ids=["instance-norm", "global-pooling"])
+def test_check_sends_instance_norm_and_global_pooling_to_blending(network: type[torch.nn.Module]) -> None:
+    from workers.models.check import check_network
+
+    result = check_network(network().eval(), bands=3)
+    assert result.stitch == "blend" and result.suggested_halo is None
+    assert not result.equivariant or result.receptive_radius is None
+    assert "blend" in result.summary()
+
+
+def test_model_check_writes_its_measurement_into_the_card(tmp_path: Path) -> None:
+    weights = save(conv_stack(3), "torch-export", tmp_path / "net.pt2", torch.randn(1, 3, 32, 32))
+    result = raymask("model", "check", str(weights), "--write")
+    assert result.returncode == 0, result.stderr
+    assert "receptive radius 3 px (measured); halo 4 makes tiles exact" in result.stdout
+    card = yaml.safe_load((tmp_path / "MODEL.yaml").read_text())
+    assert card["measured"]["receptive_radius"] == 3 and card["receptive_radius"] == 4 and card["stitch"] == "exact"
+    shown = raymask("model", "show", str(tmp_path))
+    assert shown.returncode == 0 and "stitching         exact" in shown.stdout, shown.stdout
+    onnx = save(InstanceNormNet(), "onnx", tmp_path / "inorm.onnx", torch.randn(1, 3, 32, 32))
+    verdict = json.loads(raymask("model", "check", str(onnx), "--json").stdout)
+    assert verdict["stitch"] == "blend"
+
+
+@pytest.mark.parametrize(
+    ("card", "stated"),
+    [({"stitch": "blend", "receptive_radius": 3}, {}),
+     ({"receptive_radius": 6, "measured": {"receptive_radius": 6, "equivariant": True}}, {"receptive_radius": 3})],
+    ids=["card-says-blend", "declared-below-measured"],
+)  # fmt: skip
+def test_no_exactness_is_claimed_against_the_card(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], card: dict, stated: dict
+) -> None:
+    save(conv_stack(3), "torch-export", tmp_path / "net.pt2", torch.randn(1, 3, 32, 32))
+    (tmp_path / "MODEL.yaml").write_text(yaml.safe_dump({"weights": "net.pt2", "classes": ["a", "b", "c"], **card}))
+    config = write_config(
+        tmp_path / "job.yaml", source={"path": str(S2), "bands": [1, 2, 3]},
+        model={"card": str(tmp_path), "scale": 0.01, **stated}, tiling={"chunk": 128, "halo": 8},
+        output={"path": f"{tmp_path}/o.zarr", "preview": False}, runtime={"engine": "process"},
+    )  # fmt: skip
+    summary = run_json(capsys, str(config))
+    assert summary["status"] == "complete" and summary["exact"] is False

@@ -109,6 +109,8 @@ examples:
   raymask model show models/MODEL.yaml
   raymask model show models/polyp-demo.pt --json          # the card beside the weights
 
+  raymask model check models/polyp-demo.pt --stride 4    # equivariant? receptive radius? the halo
+
 A job config can name just the card, and override what it states:
   model: {card: models/MODEL.yaml, receptive_radius: 32}
 The number of classes, the kind and the dimensions are fixed by the weights: a config that says
@@ -310,6 +312,21 @@ def _parser() -> argparse.ArgumentParser:
     show.add_argument("--json", action="store_true", help="the card as JSON on stdout")
     show.set_defaults(func=_cmd_model_show)
 
+    check = model_sub.add_parser(
+        "check",
+        help="measure whether a network is translation-equivariant and its receptive radius: the stitching it needs",
+    )
+    check.add_argument("path", help="the weights (.pt, .pt2, .onnx), or a MODEL.yaml / its folder")
+    check.add_argument("--bands", type=int, help="input bands (default: the card's bands, else the first layer's)")
+    check.add_argument("--dims", type=int, choices=(2, 3), help="2 or 3 (default: the card's, else 2)")
+    check.add_argument("--stride", type=int, help="total downsampling (default: the card's, else 1)")
+    check.add_argument("--window", type=int, help="side of the test window in pixels (default 128 in 2-D, 40 in 3-D)")
+    check.add_argument(
+        "--write", action="store_true", help="write the result into the card (MODEL.yaml), made if missing"
+    )
+    check.add_argument("--json", action="store_true", help="the measurements as JSON on stdout")
+    check.set_defaults(func=_cmd_model_check)
+
     schema = sub.add_parser(
         "config-schema",
         help="print the JSON schema of job configs (--batch: of batch configs): every key, type, default, meaning",
@@ -486,6 +503,21 @@ def _cmd_model_show(args: argparse.Namespace) -> int:
     width = max(len(label) for label, _ in rows)
     for label, value in rows:
         print(f"{label:<{width}}  {value}")
+    return 0
+
+
+def _cmd_model_check(args: argparse.Namespace) -> int:
+    from pipeline.jobs.model_check import run_check
+
+    result, written = run_check(
+        args.path, bands=args.bands, dims=args.dims, stride=args.stride, window=args.window, write=args.write
+    )
+    if args.json:
+        print(json.dumps({**result.to_json(), "card_written": str(written) if written else None}, indent=2))
+        return 0
+    print(f"{args.path}: {result.summary()}")
+    if written:
+        print(f"wrote {written}")
     return 0
 
 

@@ -134,3 +134,41 @@ def describe_card(card: ModelCard, card_path: Path) -> list[tuple[str, str]]:
     if card.measured:
         rows.append(("measured", ", ".join(f"{k} {v}" for k, v in card.measured.items())))
     return rows
+
+
+def bundle_metadata(folder: Path) -> dict[str, Any]:
+    """A MONAI bundle's ``configs/metadata.json`` ({} if it has none); one line if unreadable."""
+    import json
+
+    path = folder / "configs" / "metadata.json"
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: not a MONAI bundle folder (expected configs/ and models/ in it)")
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{path}: not readable JSON ({exc})") from exc
+    return meta if isinstance(meta, dict) else {}
+
+
+def bundle_classes(folder: Path) -> list[str]:
+    """Class names from the bundle's ``network_data_format.outputs.pred.channel_def``, in channel order."""
+    outputs = bundle_metadata(folder).get("network_data_format", {}).get("outputs", {})
+    channels = next(
+        (o.get("channel_def") for o in outputs.values() if isinstance(o, dict) and o.get("channel_def")), None
+    )
+    if not isinstance(channels, dict) or not channels:
+        raise ConfigError(
+            f"{folder}: the bundle's metadata names no output channels (network_data_format.outputs.*.channel_def); "
+            "list model.classes in the job config"
+        )
+    return [str(channels[k]) for k in sorted(channels, key=int)]
+
+
+def bundle_in_channels(folder: Path) -> int | None:
+    inputs = bundle_metadata(folder).get("network_data_format", {}).get("inputs", {})
+    for spec in inputs.values():
+        if isinstance(spec, dict) and isinstance(spec.get("num_channels"), int):
+            return int(spec["num_channels"])
+    return None

@@ -191,6 +191,15 @@ class TorchExportModelConfig(NetworkModelConfig):
     kind: Literal["torch-export"] = Field(description="An exported program (torch.export.save, a .pt2 file).")
 
 
+class MonaiBundleModelConfig(NetworkModelConfig):
+    """A MONAI bundle folder: ``configs/inference.json|yaml`` (the network, ``network_def``),
+    ``configs/metadata.json`` (class names and input channels where stated) and ``models/model.ts``
+    (TorchScript) or ``models/model.pt`` (weights). Offline: nothing is downloaded."""
+
+    kind: Literal["monai-bundle"] = Field(description="A MONAI bundle folder (offline; weights from models/).")
+    path: str = Field(description="The bundle folder (holding configs/ and models/).")
+
+
 class OnnxModelConfig(NetworkModelConfig):
     """An ONNX graph run by onnxruntime: the CUDA execution provider on a GPU actor, the CPU one otherwise."""
 
@@ -214,6 +223,7 @@ ModelConfig = Annotated[
         TorchScriptModelConfig,
         TorchExportModelConfig,
         OnnxModelConfig,
+        MonaiBundleModelConfig,
     ],
     Field(discriminator="kind"),
 ]
@@ -504,8 +514,16 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> JobConf
 
 
 def with_card(raw: dict[str, Any], origin: str) -> dict[str, Any]:
-    """``raw`` with ``model: {card: PATH, ...}`` resolved from the model card (pipeline.card)."""
+    """``raw`` with ``model: {card: PATH, ...}`` resolved from the model card (pipeline.card), and a
+    MONAI bundle's class names taken from its metadata where the config names none."""
     model = raw.get("model")
+    if isinstance(model, dict) and model.get("kind") == "monai-bundle" and "classes" not in model and "path" in model:
+        from pipeline.card import bundle_classes
+
+        try:
+            return {**raw, "model": {**model, "classes": bundle_classes(Path(str(model["path"])))}}
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: {exc}") from exc
     if not (isinstance(model, dict) and "card" in model):
         return raw
     from pipeline.card import model_from_card
@@ -591,6 +609,7 @@ _MODEL_KINDS: dict[str, type[BaseModel]] = {
     "torchscript": TorchScriptModelConfig,
     "torch-export": TorchExportModelConfig,
     "onnx": OnnxModelConfig,
+    "monai-bundle": MonaiBundleModelConfig,
 }
 
 

@@ -301,3 +301,83 @@ def test_no_exactness_is_claimed_against_the_card(
     )  # fmt: skip
     summary = run_json(capsys, str(config))
     assert summary["status"] == "complete" and summary["exact"] is False
+
+
+# -- MONAI bundles --------------------------------------------------------------------------------
+
+
+def make_bundle(folder: Path, *, scripted: bool = False, channel_def: dict | None = None, channels: int = 2) -> Path:
+    """A MONAI bundle folder built here (nothing downloaded): a 2-D MONAI UNet with BatchNorm."""
+    import json as _json
+
+    from monai.bundle import ConfigParser
+
+    (folder / "configs").mkdir(parents=True)
+    (folder / "models").mkdir()
+    network_def = {"_target_": "UNet", "spatial_dims": 2, "in_channels": channels, "out_channels": 3,
+                   "channels": [8, 16, 32], "strides": [2, 2], "norm": "batch"}  # fmt: skip
+    (folder / "configs" / "inference.json").write_text(_json.dumps({"network_def": network_def}))
+    classes = {"0": "other", "1": "vegetation", "2": "water"} if channel_def is None else channel_def
+    meta = {"network_data_format": {"inputs": {"image": {"num_channels": channels}},
+                                    "outputs": {"pred": {"channel_def": classes}}}}  # fmt: skip
+    (folder / "configs" / "metadata.json").write_text(_json.dumps(meta))
+    parser = ConfigParser()
+    parser.read_config(str(folder / "configs" / "inference.json"))
+    torch.manual_seed(3)
+    net = parser.get_parsed_content("network_def").eval()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.running_mean.uniform_(-0.5, 0.5)
+                module.running_var.uniform_(0.5, 2.0)
+    if scripted:
+        torch.jit.save(torch.jit.script(net), str(folder / "models" / "model.ts"))
+    else:
+        torch.save(net.state_dict(), folder / "models" / "model.pt")
+    return folder
+
+
+def bundle_job(tmp_path: Path, name: str, path: Path, **model: object) -> Path:
+    return write_config(
+        tmp_path / f"{name}.yaml",
+        source={"path": str(S2), "bands": [3, 8]},
+        model={"kind": "monai-bundle", "path": str(path), "stride": 4,
+               "normalize": {"mean": [66, 340], "std": [42, 172]}, **model},
+        tiling={"chunk": 128, "halo": 32},
+        output={"path": f"{tmp_path}/{name}.zarr", "preview": False},
+        regions={"enabled": False},
+        runtime={"engine": "process"},
+    )  # fmt: skip
+
+
+def test_a_monai_bundle_runs_with_classes_from_its_metadata(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    weights = make_bundle(tmp_path / "weights-bundle")
+    scripted = make_bundle(tmp_path / "scripted-bundle", scripted=True)
+    masks = {}
+    for name, bundle in (("weights", weights), ("scripted", scripted)):
+        summary = run_json(capsys, str(bundle_job(tmp_path, name, bundle)))
+        assert summary["status"] == "complete"
+        assert list(summary["classes"]) == ["other", "vegetation", "water"]  # from metadata.json's channel_def
+        masks[name] = zarr.open_array(f"{tmp_path}/{name}.zarr/mask", mode="r")[:]
+    assert np.array_equal(
+        masks["weights"], masks["scripted"]
+    )  # the network from its config + weights = its TorchScript
+    assert len(np.unique(masks["weights"])) > 1
+
+
+@pytest.mark.parametrize(
+    ("setup", "message"),
+    [
+        (lambda d: make_bundle(d / "b", channels=4), "the bundle's network takes 4 input channels, the job gives it 2"),
+        (lambda d: (make_bundle(d / "b") / "models" / "model.pt").unlink() or d / "b",
+         "the bundle has no weights (models/model.ts or models/model.pt); nothing is downloaded"),
+        (lambda d: make_bundle(d / "b", channel_def={}), "the bundle's metadata names no output channels"),
+    ],
+    ids=["channels", "no-weights", "no-classes"],
+)  # fmt: skip
+def test_a_broken_bundle_is_one_line_before_any_store(
+    tmp_path: Path, setup: Callable[[Path], Path], message: str
+) -> None:
+    result = raymask("run", str(bundle_job(tmp_path, "bad", setup(tmp_path))))
+    assert_one_line_error(result, message)
+    assert not (tmp_path / "bad.zarr").exists()

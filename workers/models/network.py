@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from pipeline.config import NetworkModelConfig, OnnxModelConfig, TorchExportModelConfig
+from pipeline.config import MonaiBundleModelConfig, NetworkModelConfig, OnnxModelConfig, TorchExportModelConfig
 from pipeline.errors import ModelError, one_line
 
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -144,9 +145,12 @@ def _load(
 
         network = OnnxNetwork(config.path, device=str(device))
         return network, torch.float32, network.in_channels
+    module: torch.nn.Module
     try:
         if isinstance(config, TorchExportModelConfig):
             module = torch.export.load(config.path).module().to(device)
+        elif isinstance(config, MonaiBundleModelConfig):
+            module = _bundle_network(Path(config.path), device)
         else:
             module = torch.jit.load(config.path, map_location=device).eval()
     except Exception as exc:  # RuntimeError, ValueError, OSError, zipfile's and pickle's errors
@@ -155,6 +159,27 @@ def _load(
     dtype = parameters[0].dtype if parameters else torch.float32
     first = next((p for p in parameters if p.ndim in (4, 5)), None)  # the first convolution-shaped weight
     return module, dtype, int(first.shape[1]) if first is not None else None
+
+
+def _bundle_network(folder: Path, device: torch.device) -> torch.nn.Module:
+    """A MONAI bundle's network: models/model.ts as TorchScript, else ``network_def`` from its
+    inference config (monai.bundle.ConfigParser) with the weights of models/model.pt, read with
+    ``torch.load(weights_only=True)`` (tensors only: no pickled code runs)."""
+    scripted = folder / "models" / "model.ts"
+    if scripted.is_file():
+        return torch.jit.load(str(scripted), map_location=device).eval()
+    from monai.bundle import ConfigParser
+
+    from workers.models.registry import _bundle_config
+
+    parser = ConfigParser()
+    parser.read_config(str(_bundle_config(folder)))
+    network = parser.get_parsed_content("network_def")
+    state = torch.load(folder / "models" / "model.pt", map_location=device, weights_only=True)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]  # bundles saved by MONAI's CheckpointSaver nest it
+    network.load_state_dict(state)
+    return network.to(device).eval()
 
 
 def _load_failure(config: NetworkModelConfig, exc: BaseException) -> str:

@@ -95,7 +95,9 @@ def build(config: ModelConfig, *, device: str = "cpu", in_flight: int = 2) -> Se
 
 def _describe_network(config: NetworkModelConfig, n_bands: int) -> ModelSpec:
     path = Path(config.path)
-    if not path.is_file():
+    if config.kind == "monai-bundle":
+        path = _bundle_weights(config, n_bands)
+    elif not path.is_file():
         raise ModelError(f"{config.path}: model file not found")
     if config.normalize is not None and len(config.normalize.mean) != n_bands:
         raise ConfigError(
@@ -128,11 +130,41 @@ def _describe_network(config: NetworkModelConfig, n_bands: int) -> ModelSpec:
     )
 
 
+def _bundle_weights(config: NetworkModelConfig, n_bands: int) -> Path:
+    """The bundle's weights file (models/model.ts, else models/model.pt), its network config and its
+    input channels checked on the driver; returns the weights (hashed into the model's identity)."""
+    from pipeline.card import bundle_in_channels
+
+    folder = Path(config.path)
+    if not folder.is_dir():
+        raise ModelError(f"{config.path}: not a MONAI bundle folder")
+    weights = next((folder / "models" / n for n in ("model.ts", "model.pt") if (folder / "models" / n).is_file()), None)
+    if weights is None:
+        raise ModelError(
+            f"{config.path}: the bundle has no weights (models/model.ts or models/model.pt); nothing is downloaded"
+        )
+    if weights.suffix == ".pt" and not _bundle_config(folder):
+        raise ModelError(
+            f"{config.path}: the bundle has weights but no configs/inference.json or .yaml to build its network"
+        )
+    channels = bundle_in_channels(folder)
+    if channels is not None and channels != n_bands:
+        raise ModelError(
+            f"{config.path}: the bundle's network takes {channels} input channels, the job gives it {n_bands}"
+        )
+    return weights
+
+
+def _bundle_config(folder: Path) -> Path | None:
+    names = ("inference.json", "inference.yaml", "inference.yml")
+    return next((folder / "configs" / n for n in names if (folder / "configs" / n).is_file()), None)
+
+
 def _check_archive(config: NetworkModelConfig) -> None:
     """On the driver, before any store: is the file the kind of archive its kind says? (TorchScript
     and torch.export files are zip archives with a known layout; the workers load them.) ONNX
     graphs are opened by onnxruntime here instead (_check_onnx_input)."""
-    if config.kind == "onnx":
+    if config.kind in ("onnx", "monai-bundle"):
         return
     try:
         with zipfile.ZipFile(config.path) as archive:

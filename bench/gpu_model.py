@@ -107,14 +107,73 @@ def model_alone(module: torch.jit.ScriptModule, x: torch.Tensor, batch: int, pre
     return time.perf_counter() - start
 
 
+def compare_kinds(scratch: Path, images: list[np.ndarray], valid: list[np.ndarray], out: Path) -> None:
+    """The same networks as torchscript, torch-export and onnx (onnxruntime's CUDA provider) on the GPU:
+    labels against TorchScript's and windows/s at batch 8, float32."""
+    import warnings
+
+    from pipeline.config import OnnxModelConfig, TorchExportModelConfig
+
+    rows = []
+    for name, make in (("small CNN (fast)", small_cnn), ("MONAI UNet 32-512 (slow)", monai_unet)):
+        scripted = make(scratch / "net.pt")
+        module = torch.jit.load(str(scripted))
+        eager = _eager(name)
+        eager.load_state_dict(module.state_dict())
+        example = torch.randn(2, 3, SIDE, SIDE)
+        axes = ({0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO, 3: torch.export.Dim.AUTO},)
+        torch.export.save(torch.export.export(eager.eval(), (example,), dynamic_shapes=axes), str(scratch / "net.pt2"))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(eager.eval(), (example,), str(scratch / "net.onnx"), dynamo=True, dynamic_shapes=axes)
+        reference = None
+        for kind, cls, path in (("torchscript", TorchScriptModelConfig, scripted),
+                                ("torch-export", TorchExportModelConfig, scratch / "net.pt2"),
+                                ("onnx", OnnxModelConfig, scratch / "net.onnx")):  # fmt: skip
+            config = cls(kind=kind, path=str(path), classes=["a", "b"], stride=16, scale=1 / 255)  # type: ignore[arg-type]
+            model = NetworkModel(config, device="cuda")
+            raymask_path(model, images[:16], valid[:16], 8)
+            seconds, labels = raymask_path(model, images, valid, 8)
+            reference = labels if reference is None else reference
+            providers = getattr(model.module, "providers", None)
+            rows.append({"network": name, "kind": kind, "windows_per_s": len(images) / seconds,
+                         "labels_equal_to_torchscript": float((labels == reference).mean()),
+                         "onnx_providers": providers})  # fmt: skip
+            print(json.dumps(rows[-1]), flush=True)
+    out.write_text(
+        json.dumps({"device": torch.cuda.get_device_name(), "torch": torch.__version__, "rows": rows}, indent=1)
+    )
+
+
+def _eager(name: str) -> torch.nn.Module:
+    """The eager architecture of the scripted network, to export (its weights are loaded from the script)."""
+    from torch import nn
+
+    if name.startswith("small"):
+        return nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(32, 32, 3, padding=1), nn.ReLU(), nn.Upsample(scale_factor=2.0, mode="nearest"),
+            nn.Conv2d(32, 16, 3, padding=1), nn.ReLU(), nn.Conv2d(16, 2, 1),
+        )  # fmt: skip
+    from monai.networks.nets import UNet
+
+    return UNet(spatial_dims=2, in_channels=3, out_channels=2, channels=(32, 64, 128, 256, 512),
+                strides=(2, 2, 2, 2), num_res_units=2, norm="batch")  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "gpu_model.json")
     parser.add_argument("--windows", type=int, default=256)
+    parser.add_argument("--kinds", type=Path, help="compare torchscript, torch-export and onnx instead; write here")
     args = parser.parse_args()
     assert torch.cuda.is_available(), "this benchmark needs a CUDA GPU"
     scratch = Path("/tmp/raymask-gpu-bench")
     scratch.mkdir(exist_ok=True)
+    if args.kinds:
+        images, valid = windows(args.windows)
+        compare_kinds(scratch, images, valid, args.kinds)
+        return
     nets = {
         "small CNN (fast)": small_cnn(scratch / "cnn.pt"),
         "MONAI UNet 32-512 (slow)": monai_unet(scratch / "unet.pt"),

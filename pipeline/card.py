@@ -172,3 +172,9 @@ def bundle_in_channels(folder: Path) -> int | None:
         if isinstance(spec, dict) and isinstance(spec.get("num_channels"), int):
             return int(spec["num_channels"])
     return None
+
+
+def bundle_config(folder: Path) -> Path | None:
+    """The bundle's inference config (``configs/inference.json``, ``.yaml`` or ``.yml``), if any."""
+    names = ("inference.json", "inference.yaml", "inference.yml")
+    return next((folder / "configs" / n for n in names if (folder / "configs" / n).is_file()), None)

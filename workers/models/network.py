@@ -170,10 +170,10 @@ def _bundle_network(folder: Path, device: torch.device) -> torch.nn.Module:
         return torch.jit.load(str(scripted), map_location=device).eval()
     from monai.bundle import ConfigParser
 
-    from workers.models.registry import _bundle_config
+    from pipeline.card import bundle_config
 
     parser = ConfigParser()
-    parser.read_config(str(_bundle_config(folder)))
+    parser.read_config(str(bundle_config(folder)))
     network = parser.get_parsed_content("network_def")
     state = torch.load(folder / "models" / "model.pt", map_location=device, weights_only=True)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):

@@ -133,7 +133,7 @@ def _describe_network(config: NetworkModelConfig, n_bands: int) -> ModelSpec:
 def _bundle_weights(config: NetworkModelConfig, n_bands: int) -> Path:
     """The bundle's weights file (models/model.ts, else models/model.pt), its network config and its
     input channels checked on the driver; returns the weights (hashed into the model's identity)."""
-    from pipeline.card import bundle_in_channels
+    from pipeline.card import bundle_config, bundle_in_channels
 
     folder = Path(config.path)
     if not folder.is_dir():
@@ -143,7 +143,7 @@ def _bundle_weights(config: NetworkModelConfig, n_bands: int) -> Path:
         raise ModelError(
             f"{config.path}: the bundle has no weights (models/model.ts or models/model.pt); nothing is downloaded"
         )
-    if weights.suffix == ".pt" and not _bundle_config(folder):
+    if weights.suffix == ".pt" and not bundle_config(folder):
         raise ModelError(
             f"{config.path}: the bundle has weights but no configs/inference.json or .yaml to build its network"
         )
@@ -153,11 +153,6 @@ def _bundle_weights(config: NetworkModelConfig, n_bands: int) -> Path:
             f"{config.path}: the bundle's network takes {channels} input channels, the job gives it {n_bands}"
         )
     return weights
-
-
-def _bundle_config(folder: Path) -> Path | None:
-    names = ("inference.json", "inference.yaml", "inference.yml")
-    return next((folder / "configs" / n for n in names if (folder / "configs" / n).is_file()), None)
 
 
 def _check_archive(config: NetworkModelConfig) -> None:

@@ -95,15 +95,17 @@ def model_from_card(model: dict[str, Any], card: ModelCard, card_path: Path) -> 
         )
     merged.update(stated)
     merged["path"] = str(weights) if "path" not in stated else stated["path"]
-    # No exactness is claimed for a network the card says needs blending, nor with a declared radius
-    # below the measured one: an unknown radius (None) is never exact, whatever the halo.
+    return merged  # whether the card allows an exactness claim is decided at run time (card_doubt)
+
+
+def card_doubt(card: ModelCard, declared: int | None) -> str | None:
+    """Why the card forbids claiming exact tiling with ``declared`` as the receptive radius, or None."""
     measured = (card.measured or {}).get("receptive_radius")
-    declared = merged.get("receptive_radius")
-    needs_blend = card.stitch == "blend" or (card.measured or {}).get("equivariant") is False
-    too_small = isinstance(measured, int) and isinstance(declared, int) and declared < measured
-    if needs_blend or too_small:
-        merged["receptive_radius"] = None
-    return merged
+    if card.stitch == "blend" or (card.measured or {}).get("equivariant") is False:
+        return "its model card says the network needs blended stitching (not translation-equivariant)"
+    if isinstance(measured, int) and declared is not None and declared < measured:
+        return f"the declared receptive radius {declared} is below the {measured} px its model card measured"
+    return None
 
 
 def describe_card(card: ModelCard, card_path: Path) -> list[tuple[str, str]]:

@@ -535,6 +535,17 @@ def with_card(raw: dict[str, Any], origin: str) -> dict[str, Any]:
         raise ConfigError(f"{origin}: {exc}") from exc
 
 
+def card_beside(model: NetworkModelConfig) -> tuple[ModelCard, Path] | None:
+    """The model card next to a network's weights (or in its bundle folder), if there is one."""
+    from pipeline.card import CARD_NAME
+
+    weights = Path(model.path)
+    for candidate in (weights / CARD_NAME, weights.with_name(CARD_NAME)):
+        if candidate.is_file():
+            return load_card(candidate)
+    return None
+
+
 def load_card(path: str | Path) -> tuple[ModelCard, Path]:
     """The model card at ``path`` (pipeline.card.find_card) and its file; one line if missing or malformed."""
     from pipeline.card import ModelCard, find_card

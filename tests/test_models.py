@@ -301,6 +301,13 @@ def test_no_exactness_is_claimed_against_the_card(
     )  # fmt: skip
     summary = run_json(capsys, str(config))
     assert summary["status"] == "complete" and summary["exact"] is False
+    assert any(n.startswith("tiling not claimed exact:") and "model card" in n for n in summary["notes"]), summary
+    # naming the weights directly, not the card, changes nothing: the card beside them is read
+    direct = yaml.safe_load(config.read_text())
+    direct["model"] = {"kind": "torch-export", "path": str(tmp_path / "net.pt2"), "classes": ["a", "b", "c"],
+                       "receptive_radius": stated.get("receptive_radius", 3), "scale": 0.01}  # fmt: skip
+    direct["output"]["path"] = f"{tmp_path}/direct.zarr"
+    assert run_json(capsys, str(write_config(tmp_path / "direct.yaml", **direct)))["exact"] is False
 
 
 # -- MONAI bundles --------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ statistics summed from the store before it is marked complete.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -19,7 +20,14 @@ from typing import Any
 import numpy as np
 
 from pipeline import __version__
-from pipeline.config import HuTissueModelConfig, JobConfig, RegionsConfig, RuntimeConfig
+from pipeline.config import (
+    HuTissueModelConfig,
+    JobConfig,
+    NetworkModelConfig,
+    RegionsConfig,
+    RuntimeConfig,
+    card_beside,
+)
 from pipeline.core.geometry import TileGrid, WorkUnit
 from pipeline.core.georef import pixel_measure
 from pipeline.core.plan import Target, pending_units, pick_engine, resume_action
@@ -117,6 +125,8 @@ def prepare(config: JobConfig) -> Job:
             "in Hounsfield units; set model.upper (and classes) to threshold other values"
         )
     model = describe(config.model, info.bands)
+    if _card_doubt(config) is not None:  # the card beside the weights knows better than the config
+        model = dataclasses.replace(model, receptive_radius=None)
     ndim = len(info.shape)
     chunk, halo = config.tiling.per_axis(ndim)
     stride = (model.stride,) * ndim
@@ -144,6 +154,16 @@ def prepare(config: JobConfig) -> Job:
     except ValueError as exc:  # a grid whose pixel areas cannot be computed: before any store exists
         raise SourceError(f"{_shown(config.source.path)}: {exc}") from exc
     return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path, per_pixel, regions)
+
+
+def _card_doubt(config: JobConfig) -> str | None:
+    """Why the network's model card forbids an exactness claim (pipeline.card.card_doubt), or None."""
+    from pipeline.card import card_doubt
+
+    if not isinstance(config.model, NetworkModelConfig):
+        return None
+    found = card_beside(config.model)
+    return card_doubt(found[0], config.model.receptive_radius) if found else None
 
 
 def _check_fixed_window(config: JobConfig, fixed: tuple[int, ...], grid: TileGrid) -> None:
@@ -411,6 +431,8 @@ def _run_leased(job: Job, started: float, *, overwrite: bool, progress: bool) ->
         summary.notes.append(
             f"mixed precision ({config.model.precision}): tiled output is not guaranteed to equal whole-image inference"  # type: ignore[union-attr]
         )
+    elif (doubt := _card_doubt(config)) is not None:
+        summary.notes.append(f"tiling not claimed exact: {doubt}")
     elif not job.exact:
         summary.notes.append(
             f"tiling is not exact: halo {job.context_halo} < receptive radius {job.model.receptive_radius}"

@@ -76,6 +76,7 @@ class MaskStore:
         self.group = group
         self._writing: dict[str, zarr.Array] = {}
         self._info: StoreMeta | None = None  # arrays write_unit writes, opened once (their metadata is fixed)
+        self._reader: zarr.Array | None = None  # the mask as read_mask reads it, opened once
 
     # -- opening -----------------------------------------------------------------------------
 
@@ -240,12 +241,14 @@ class MaskStore:
     def read_mask(self, box: Box) -> np.ndarray:
         """The labels in ``box``; a chunk file that is missing (where every chunk was written) or
         cannot be decoded is one line naming the store and the chunk, never nodata or a traceback."""
-        mask = self.mask
+        if self._reader is None:  # opened once: each open reads and parses the array's metadata
+            self._reader = self.mask
+        mask = self._reader
         first = [a // c for a, c in zip(box.start, mask.chunks)]
         last = [max(f, (b - 1) // c) for f, b, c in zip(first, box.stop, mask.chunks)]
         keys = ["/".join(str(i + f) for i, f in zip(index, first))
                 for index in np.ndindex(*[b - a + 1 for a, b in zip(first, last)])]  # fmt: skip
-        if self.info.every_chunk and box.size:
+        if self.info.every_chunk and self.info.complete and box.size:  # an unfinished store lacks chunks
             root = self.path / self.info.arrays.mask / "c"
             for key in keys:
                 if not (root / key).is_file():

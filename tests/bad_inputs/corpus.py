@@ -968,6 +968,17 @@ def _(d: Path) -> list[str]:
     return ["query", str(store), "--bbox", "0,0,400,400", "--crs", "pixel"]
 
 
+@case("store-incomplete-query", "store", "an unfinished store (status incomplete, one chunk not yet written), queried",
+      '"status": "incomplete"', exit=0)  # fmt: skip
+def _(d: Path) -> list[str]:
+    store = made_store(d)
+    next(p for p in sorted((store / "mask" / "c").rglob("*")) if p.is_file()).unlink()
+    meta = json.loads((store / "zarr.json").read_text())
+    meta["attributes"]["raymask"]["status"] = "incomplete"
+    (store / "zarr.json").write_text(json.dumps(meta))
+    return ["query", str(store), "--bbox", "0,0,400,400", "--crs", "pixel", "--json"]
+
+
 @case("store-newer-version", "store", "a store whose format version is 99",
       "aber.zarr: written by a newer raymask")  # fmt: skip
 def _(d: Path) -> list[str]:

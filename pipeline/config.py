@@ -177,6 +177,11 @@ class NetworkModelConfig(_Frozen):
         default="float32",
         description="Autocast the network to bfloat16 or float16 (GPUs); tiling is then not guaranteed exact.",
     )
+    tta: Literal["none", "flips"] = Field(
+        default="none",
+        description='Test-time augmentation: "flips" runs the window mirrored along every combination of spatial '
+        "axes (4 passes in 2-D, 8 in 3-D) and averages the logits, as nnU-Net does; exact tiling stays exact.",
+    )
 
 
 class TorchScriptModelConfig(NetworkModelConfig):
@@ -257,11 +262,51 @@ class TilingConfig(_Frozen):
         default="replicate",
         description="How the image is padded, once, to a multiple of the stride: repeat the last row/column, or zeros.",
     )
+    stitch: Literal["exact", "blend"] | None = Field(
+        default=None,
+        description='"exact": each chunk from one window (chunk + halo), equal to whole-image inference for '
+        'translation-equivariant models; "blend": overlapping windows weighted and summed, equal to '
+        "sliding-window inference (MONAI's), for models that are not equivariant (InstanceNorm, attention, "
+        'global pooling); null: the model card\'s stitch, else "exact".',
+    )
+    window: PositiveInt | list[PositiveInt] | None = Field(
+        default=None,
+        description="blend: the window the network sees, per axis ([z, y, x]; 2-D networks on volumes: z is 1); "
+        "null: the chunk.",
+    )
+    overlap: float = Field(
+        default=0.25, ge=0, lt=1, description="blend: fraction of a window shared with the next one (MONAI's overlap)."
+    )
+    weights: Literal["gaussian", "constant"] = Field(
+        default="gaussian", description="blend: how each window's logits are weighted (gaussian: centre counts most)."
+    )
+    sigma: float = Field(
+        default=0.125,
+        gt=0,
+        description="blend: the gaussian's sigma as a fraction of the window (MONAI, nnU-Net: 1/8).",
+    )
+
+    def blend_window(self, ndim: int, chunk: tuple[int, ...], network_dims: int) -> tuple[int, ...]:
+        """The blend window, one value per image axis (a 2-D network on a volume: 1 along z)."""
+        if self.window is None:
+            window = chunk
+        elif isinstance(self.window, int):
+            window = (self.window,) * ndim
+        else:
+            window = self._axes(self.window, ndim, "window")
+        if ndim == 3 and network_dims == 2:
+            window = (1, *window[1:])
+        return tuple(window)
 
 
 class OutputConfig(_Frozen):
     path: str = Field(min_length=1, description="The zarr store to write (a directory ending in .zarr).")
     preview: bool = Field(default=True, description="Write STORE.png: the image with the mask overlaid.")
+    probabilities: bool = Field(
+        default=False,
+        description="Also store each class's softmax probability (network models), uint8: 0..254 for 0..1, "
+        "255 = nodata; feeds the region table's mean_probability and `raymask export --probabilities`.",
+    )
 
 
 class RegionsConfig(_Frozen):
@@ -360,6 +405,8 @@ class JobConfig(_Frozen):
     def identity(self) -> str:
         """A hash of everything that determines the output bytes (not where or how it runs)."""
         payload = self.model_dump(mode="json", include={"source", "model", "tiling", "regions"})
+        if self.output.probabilities:  # only when set: stores made before the key keep their identity
+            payload["probabilities"] = True
         return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:16]
 
 

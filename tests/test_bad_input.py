@@ -90,7 +90,11 @@ def test_stride_that_does_not_divide_the_chunk(tmp_path: Path) -> None:
         ("tiling.chunk=0", "tiling.chunk: Input should be greater than 0 (got 0)"),
         ("tiling.chunk=-64", "tiling.chunk: Input should be greater than 0 (got -64)"),
         ("tiling.halo=-8", "tiling.halo: Input should be greater than or equal to 0 (got -8)"),
-        ("tiling.overlap=8", "unknown key 'tiling.overlap' (allowed: chunk, halo, chunks_per_unit, edge)"),
+        (
+            "tiling.padding=8",
+            "unknown key 'tiling.padding' (allowed: chunk, halo, chunks_per_unit, edge, stitch, window, overlap, "
+            "weights, sigma)",
+        ),
     ],
 )
 def test_bad_tiling_and_unknown_keys(tmp_path: Path, override: str, message: str) -> None:

@@ -49,7 +49,11 @@ def test_set_overrides_any_key_with_yaml_values(tmp_path: Path) -> None:
         ("tiling.chunk=0", r"tiling\.chunk: Input should be greater than 0 \(got 0\)"),
         ("tiling.chunk=-5", r"tiling\.chunk: Input should be greater than 0 \(got -5\)"),
         ("tiling.halo=-1", r"tiling\.halo: Input should be greater than or equal to 0 \(got -1\)"),
-        ("tiling.chnk=3", r"unknown key 'tiling\.chnk' \(allowed: chunk, halo, chunks_per_unit, edge\)"),
+        (
+            "tiling.chnk=3",
+            r"unknown key 'tiling\.chnk' \(allowed: chunk, halo, chunks_per_unit, edge, stitch, window, overlap, "
+            r"weights, sigma\)",
+        ),
         ("colour=red", r"unknown key 'colour' \(allowed: source, model, tiling, output, regions, runtime\)"),
         ("model.kind=deeplab", r"model.kind: 'deeplab' is not a model kind \(kinds: ndvi, rgb-vegetation"),
         ("model.water_below=0.5", r"water_below \(0\.5\) must not exceed vegetation_above \(0\.3\)"),

@@ -26,12 +26,14 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pipeline.config import ModelConfig
-from pipeline.core.geometry import WorkUnit, inside_image, pad_to_window
+from pipeline.core.blend import BlendGrid, accumulate
+from pipeline.core.geometry import Box, WorkUnit, inside_image, pad_to_window
 from pipeline.core.plan import Item, Target, group_batches
 from pipeline.core.stats import NODATA
-from pipeline.errors import RaymaskError, StoreError, describe, os_error_line
+from pipeline.errors import ModelError, RaymaskError, StoreError, describe, os_error_line
 from pipeline.sources.geotiff import WORKER_QUIET
 from pipeline.store import MaskStore
+from workers.models.prediction import Prediction, finish
 from workers.models.registry import Segmenter, build
 
 T = TypeVar("T")
@@ -40,8 +42,12 @@ Row = dict[str, Any]  # {"key": int, "unit": tuple, "error": str, "error_type": 
 
 @dataclass
 class _Window:
+    """One unit on its way through the worker. ``frame`` is the box (image pixels; with blending,
+    padded-grid pixels) that ``image``, ``valid`` and the unit's prediction cover."""
+
     item: Item
     unit: WorkUnit
+    frame: Box
     image: np.ndarray | None = None
     valid: np.ndarray | None = None
     error: BaseException | None = None
@@ -102,10 +108,10 @@ class UnitWorker:
         (``error``) and class name (``error_type``) and the others go on; the caller decides
         whether that stops the run. Rows come in the order the units finish.
         """
-        windows = [_Window(item, self.targets[item[0]].grid.unit(item[1])) for item in items]
-        batches = group_batches(windows, lambda w: (w.item[0], w.unit.read.shape), self.batch_size)
+        windows = [self._window(item) for item in items]
+        batches = group_batches(windows, self._batch_key, self.batch_size)
         reads: deque[list[Future[_Window]]] = deque()
-        launched: deque[tuple[list[_Window], Callable[[], np.ndarray]]] = deque()
+        launched: deque[tuple[list[_Window], Callable[[], Prediction]]] = deque()
         writes: deque[Future[Row]] = deque()
         upcoming = iter(batches)
 
@@ -128,55 +134,125 @@ class UnitWorker:
             if launched and (len(launched) >= self.in_flight or not reads):
                 done, collect = launched.popleft()
                 try:
-                    labels = collect()
+                    outputs = collect()
                 except Exception as exc:
                     for w in done:
                         w.image = w.valid = None
                     writes.extend(self.writers.submit(_error_row, w.item, exc) for w in done)
                 else:
-                    writes.extend(self.writers.submit(self._write, w, labels[j]) for j, w in enumerate(done))
+                    writes.extend(self.writers.submit(self._write, w, outputs, j) for j, w in enumerate(done))
             while writes and (writes[0].done() or len(writes) > 2 * self.batch_size):
                 yield writes.popleft().result()
         while writes:
             yield writes.popleft().result()
 
-    # -- stages (reader threads, the calling thread, writer threads) ---------------------------
+    def _window(self, item: Item) -> _Window:
+        target = self.targets[item[0]]
+        unit = target.grid.unit(item[1])
+        if target.blend is None:
+            return _Window(item, unit, unit.read)
+        return _Window(item, unit, target.blend.reach(unit.core))
+
+    def _batch_key(self, window: _Window) -> tuple[object, ...]:
+        """Units whose windows stack into one model call; a blended unit is a model call of its own
+        (its windows are batched inside it)."""
+        if self.targets[window.item[0]].blend is not None:
+            return ("blend", window.item)
+        return (window.item[0], window.frame.shape)
+
+    # -- stages (reader threads, the model thread, writer threads) ----------------------------
 
     def _read(self, window: _Window) -> _Window:
         target = self.targets[window.item[0]]
         cache = self._local.__dict__.setdefault("datasets", {})
         try:
-            data, valid = target.source.read(inside_image(window.unit.read, target.grid.shape), cache=cache)
-            window.image = pad_to_window(data, window.unit.read, target.grid.shape, edge=target.edge)
-            window.valid = pad_to_window(valid, window.unit.read, target.grid.shape, edge=target.edge)
+            if target.blend is not None:
+                window.image, window.valid = _read_padded(target, target.blend.to_image(window.frame), cache)
+                return window
+            data, valid = target.source.read(inside_image(window.frame, target.grid.shape), cache=cache)
+            window.image = pad_to_window(data, window.frame, target.grid.shape, edge=target.edge)
+            window.valid = pad_to_window(valid, window.frame, target.grid.shape, edge=target.edge)
         except Exception as exc:
             window.error = exc
         return window
 
-    def _launch(self, batch: list[_Window]) -> Callable[[], np.ndarray]:
-        """Queue a model call on the model thread; the result, called, gives the labels (or raises)."""
+    def _launch(self, batch: list[_Window]) -> Callable[[], Prediction]:
+        """Queue a model call on the model thread; the result, called, gives the outputs (or raises)."""
+        target = self.targets[batch[0].item[0]]
+        if target.blend is not None:
+            blended = self.runner.submit(self._blend, batch[0])
+            return lambda: blended.result()()
         images = [w.image for w in batch if w.image is not None]
         valid = [w.valid for w in batch if w.valid is not None]
-        call = self.runner.submit(self._call_model, images, valid)
+        call = self.runner.submit(self._call_model, images, valid, target.probabilities)
         return lambda: call.result()()
 
-    def _call_model(self, images: list[np.ndarray], valid: list[np.ndarray]) -> Callable[[], np.ndarray]:
+    def _call_model(
+        self, images: list[np.ndarray], valid: list[np.ndarray], probabilities: bool
+    ) -> Callable[[], Prediction]:
         launch = getattr(self.model, "launch", None)
         if launch is not None:
-            return launch(images, valid)  # type: ignore[no-any-return]
+            return launch(images, valid, probabilities=probabilities)  # type: ignore[no-any-return]
+        if probabilities:
+            raise ModelError("output.probabilities needs a network model: this model gives labels, not logits")
         labels = self.model.predict(np.stack(images), np.stack(valid))
-        return lambda: labels
+        return lambda: Prediction(labels)
 
-    def _write(self, window: _Window, predicted: np.ndarray) -> Row:
+    def _blend(self, window: _Window) -> Callable[[], Prediction]:
+        """A blended unit: every window of the sliding-window grid over its core through the network,
+        weighted and summed into a core-sized accumulator; then labels (and probabilities) of the core."""
+        target = self.targets[window.item[0]]
+        grid = target.blend
+        assert grid is not None and window.image is not None and window.valid is not None
+        forward = getattr(self.model, "forward", None)
+        if forward is None:
+            raise ModelError("tiling.stitch blend needs a network model (it sums logits)")
+
+        core = grid.to_padded(window.unit.core)
+        weights = self._weights(grid)
+        blended = blend_logits(
+            forward, window.image, window.valid, window.frame, grid, window.unit.core, target.n_classes,
+            batch_size=self.batch_size, weights=weights,
+        )  # fmt: skip
+        inside = core.within(window.frame)
+        window.valid = window.valid[inside]
+        window.image = None
+        window.frame = core
+        return finish(blended.unsqueeze(0), probabilities=target.probabilities)
+
+    def _weights(self, grid: BlendGrid) -> Any:
+        """The grid's weight map as a tensor on the model's device, made once per grid."""
+        import torch
+
+        cache = self.__dict__.setdefault("_weight_maps", {})
+        key = (grid.window, grid.weights, grid.sigma)
+        if key not in cache:
+            device = getattr(self.model, "device", torch.device("cpu"))
+            cache[key] = torch.from_numpy(grid.weight_map).to(device)
+        return cache[key]
+
+    def _write(self, window: _Window, outputs: Prediction, j: int) -> Row:
         key, index = window.item
         target = self.targets[key]
         unit = window.unit
         try:
-            core = unit.core.within(unit.read)
-            labels = np.array(predicted[core], dtype=np.uint8)
+            core_box = unit.core if target.blend is None else target.blend.to_padded(unit.core)
+            core = core_box.within(window.frame)
+            labels = np.array(outputs.labels[j][core], dtype=np.uint8)
             assert window.valid is not None
-            labels[~window.valid[core]] = NODATA
-            self._store(key).write_unit(unit, labels, pixel_measure=target.pixel_measure, n_classes=target.n_classes)
+            invalid = ~window.valid[core]
+            labels[invalid] = NODATA
+            ties = 0
+            if outputs.ties is not None:
+                ties = int((outputs.ties[j][core] & ~invalid).sum())
+            probabilities = None
+            if outputs.probabilities is not None:
+                probabilities = np.array(outputs.probabilities[j][(slice(None), *core)])
+                probabilities[:, invalid] = NODATA
+            self._store(key).write_unit(
+                unit, labels, pixel_measure=target.pixel_measure, n_classes=target.n_classes,
+                probabilities=probabilities, near_ties=ties if outputs.ties is not None else None,
+            )  # fmt: skip
         except OSError as exc:  # disk full, read-only, permissions: named by the store, with what to do
             if exc.filename is None:
                 exc.filename = str(target.store)
@@ -224,6 +300,55 @@ def _error_row(item: Item, exc: BaseException | None) -> Row:
     if isinstance(exc, OSError) and not isinstance(exc, RaymaskError):  # disk full, read-only, ...
         exc = StoreError(os_error_line(exc))
     return {"key": item[0], "unit": item[1], "error": describe(exc), "error_type": exc.__class__.__name__}
+
+
+def blend_logits(
+    forward: Callable[[list[np.ndarray], list[np.ndarray]], Any],
+    image: np.ndarray,
+    valid: np.ndarray,
+    frame: Box,
+    grid: BlendGrid,
+    core: Box,
+    n_classes: int,
+    *,
+    batch_size: int,
+    weights: Any,
+) -> Any:
+    """The blended logits ``(classes, *core.shape)`` of ``core`` (image pixels), a torch tensor.
+
+    ``image`` and ``valid`` cover ``frame`` (padded-grid pixels; at least ``grid.reach(core)``);
+    ``forward`` maps lists of windows to a logits tensor; ``weights`` is the grid's weight map as a
+    tensor on the device the sums are made on. Windows go through ``forward`` ``batch_size`` at a
+    time, in the grid's order, each summed into the core as sliding-window inference sums it.
+    """
+    import torch
+
+    target = grid.to_padded(core)
+    total = torch.zeros((n_classes, *target.shape), dtype=torch.float32, device=weights.device)
+    count = torch.zeros(target.shape, dtype=torch.float32, device=weights.device)
+    boxes = grid.windows(core)
+    for first in range(0, len(boxes), batch_size):
+        group = boxes[first : first + batch_size]
+        cuts = [(slice(None), *b.within(frame)) for b in group]
+        logits = forward([image[c] for c in cuts], [valid[c[1:]] for c in cuts])
+        for box, out in zip(group, logits):
+            accumulate(total, count, out.float(), box, target, weights)
+    return total / count
+
+
+def _read_padded(target: Target, box: Box, cache: dict[Any, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """``box`` of the source (image pixels; it may reach outside the image, where the sliding-window
+    grid pads with zeros): values, and validity that is False outside the image."""
+    inside = inside_image(box, target.grid.shape)
+    data, valid = target.source.read(inside, cache=cache)
+    if inside == box:
+        return data, valid
+    image = np.zeros((data.shape[0], *box.shape), dtype=data.dtype)
+    mask = np.zeros(box.shape, dtype=bool)
+    cut = inside.within(box)
+    image[(slice(None), *cut)] = data
+    mask[cut] = valid
+    return image, mask
 
 
 def _limit_threads(threads: int) -> None:

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 
+from pipeline.core.blend import BlendGrid
 from pipeline.core.geometry import TileGrid, WorkUnit
 from pipeline.core.stats import PixelMeasure
 
@@ -31,6 +32,8 @@ class Target:
     store: str
     pixel_measure: PixelMeasure
     n_classes: int
+    blend: BlendGrid | None = None  # blended stitching: the sliding-window grid; None: each unit's window, cropped
+    probabilities: bool = False  # also store per-class probabilities
 
 
 Item = tuple[int, tuple[int, ...]]  # (target key, unit index)

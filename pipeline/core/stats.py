@@ -20,6 +20,7 @@ import numpy as np
 
 NODATA = 255
 M2_PER_HA = 10_000.0
+PROBABILITY_SCALE = 254  # stored probabilities are uint8 round(p * 254); 255 = nodata (workers.models.prediction)
 
 
 PixelMeasure = np.ndarray | float | None  # m² per pixel for each row, or mm² / mm³ per pixel, or nothing
@@ -94,3 +95,10 @@ def class_table(
             row.update(area_mm2=value, area_cm2=value / 100.0)
         table[name] = row
     return table
+
+
+def decode_probability(values: np.ndarray) -> np.ndarray:
+    """Stored uint8 probabilities as float32 in [0, 1]; nodata (255) becomes NaN."""
+    out = values.astype(np.float32) / PROBABILITY_SCALE
+    out[values == NODATA] = np.nan
+    return out

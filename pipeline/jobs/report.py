@@ -27,7 +27,9 @@ def render_summary(summary: RunSummary) -> str:
         f"{summary.units_total} in all; {summary.chunks} chunks",
         f"time      {_timing(summary)}",
         f"ran on    {summary.cluster}",
-        f"exact     {'yes: tiled output equals whole-image inference' if summary.exact else 'no'}",
+        f"stitch    {summary.stitch}: equals {summary.equals}" if summary.equals else f"exact     {summary.exact}",
+        *([f"windows   {_windows(summary.windows)}"] if summary.windows else []),
+        *([f"near-ties {_near_ties(summary.near_ties)}"] if summary.near_ties is not None else []),
         "",
         _class_table(summary.classes, summary.measure),
     ]
@@ -35,6 +37,23 @@ def render_summary(summary: RunSummary) -> str:
         lines += ["", f"preview   {summary.preview}"]
     lines += [f"note      {note}" for note in summary.notes]
     return "\n".join(lines)
+
+
+def _windows(windows: dict[str, Any]) -> str:
+    return (
+        f"{windows['computed']} computed for {windows['grid']} in the sliding-window grid "
+        f"(+{100 * windows['extra']:.0f} % for windows shared by work units)"
+    )
+
+
+def _near_ties(count: int) -> str:
+    """The pixels a whole-image (or sliding-window) pass may label differently: their top two logits tie."""
+    if count == 0:
+        return "0 pixels with their top two classes within 2e-4 of each other"
+    return (
+        f"{count} pixel{'s' if count != 1 else ''} with their top two classes within 2e-4 of each other: "
+        "the only labels that float rounding may flip"
+    )
 
 
 def _timing(summary: RunSummary) -> str:

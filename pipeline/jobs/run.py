@@ -28,6 +28,7 @@ from pipeline.config import (
     RuntimeConfig,
     card_beside,
 )
+from pipeline.core.blend import BlendGrid
 from pipeline.core.geometry import TileGrid, WorkUnit
 from pipeline.core.georef import pixel_measure
 from pipeline.core.plan import Target, pending_units, pick_engine, resume_action
@@ -58,6 +59,11 @@ class Job:
     store_path: Path
     pixel_measure: PixelMeasure  # what one pixel measures (m² per row, mm², mm³), or None
     regions: RegionSpec | None = None  # None: regions.enabled is false
+    blend: BlendGrid | None = None  # tiling.stitch blend: the sliding-window grid over the image
+
+    @property
+    def stitch(self) -> str:
+        return "exact" if self.blend is None else "blend"
 
     @property
     def context_halo(self) -> int:
@@ -67,7 +73,21 @@ class Job:
 
     @property
     def exact(self) -> bool:
-        return self.model.exact_with(self.context_halo)
+        return self.blend is None and self.model.exact_with(self.context_halo)
+
+    @property
+    def equals(self) -> str:
+        """What the output equals, in words (the summary's and the store's claim)."""
+        if self.blend is not None:
+            b = self.blend
+            weights = f"gaussian σ = {b.sigma:g} × window" if b.weights == "gaussian" else "constant"
+            return (
+                f"sliding-window inference (window {' × '.join(map(str, b.window))}, overlap {b.overlap[-1]:g}, "
+                f"{weights}; MONAI's sliding_window_inference), not whole-image inference"
+            )
+        if self.exact:
+            return "whole-image inference (labels identical except at float near-ties; logits within 1e-4)"
+        return "nothing claimed: tiles may differ from whole-image inference near their edges"
 
 
 @dataclass
@@ -82,6 +102,10 @@ class RunSummary:
     exact: bool
     classes: dict[str, dict[str, Any]]
     measure: str | None
+    stitch: str = "exact"  # exact (each chunk from one window) or blend (sliding-window inference)
+    equals: str = ""  # what the output equals, in words
+    near_ties: int | None = None  # pixels whose top two logits are within 2e-4 (None: no logits)
+    windows: dict[str, Any] = field(default_factory=dict)  # blend: windows in the grid, computed, extra compute
     preview: str | None = None
     notes: list[str] = field(default_factory=list)
     engine: str = "process"  # where the units ran: "process" (this one) or "ray"
@@ -140,11 +164,19 @@ def prepare(config: JobConfig) -> Job:
             raise ConfigError(
                 f"tiling.chunk {list(chunk)}: axis {axis} is not a multiple of the model stride {stride[axis]}"
             )
+    blend = _blend_grid(config, info.shape, chunk, model)
+    if blend is not None:
+        halo = (0,) * ndim  # each unit reads the windows over its core instead
     grid = TileGrid.create(
         info.shape, chunk=chunk, halo=halo, stride=stride, chunks_per_unit=(config.tiling.chunks_per_unit,) * ndim
     )
     if model.fixed_window is not None:
-        _check_fixed_window(config, model.fixed_window, grid)
+        _check_fixed_window(config, model.fixed_window, grid, blend)
+    if config.output.probabilities and not isinstance(config.model, NetworkModelConfig):
+        raise ConfigError(
+            f"output.probabilities: model.kind {config.model.kind} gives labels, not logits; "
+            "probabilities come from network models"
+        )
     regions = None
     if config.regions.enabled:
         regions = resolve(config.regions, ndim, [n for n, _ in model.classes])
@@ -153,7 +185,37 @@ def prepare(config: JobConfig) -> Job:
         per_pixel = pixel_measure(info.georef, info.shape[0], voxel_mm3=voxel, pixel_area_mm2=info.pixel_area_mm2)
     except ValueError as exc:  # a grid whose pixel areas cannot be computed: before any store exists
         raise SourceError(f"{_shown(config.source.path)}: {exc}") from exc
-    return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path, per_pixel, regions)
+    return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path, per_pixel, regions, blend)
+
+
+def stitch_of(config: JobConfig) -> str:
+    """``tiling.stitch`` as the job means it: as stated, else the model card's, else exact."""
+    if config.tiling.stitch is not None:
+        return config.tiling.stitch
+    if isinstance(config.model, NetworkModelConfig):
+        found = card_beside(config.model)
+        if found is not None and found[0].stitch is not None:
+            return found[0].stitch
+    return "exact"
+
+
+def _blend_grid(
+    config: JobConfig, shape: tuple[int, ...], chunk: tuple[int, ...], model: ModelSpec
+) -> BlendGrid | None:
+    """The sliding-window grid of ``tiling.stitch: blend`` (checked against the network), or None."""
+    if stitch_of(config) != "blend":
+        return None
+    if not isinstance(config.model, NetworkModelConfig):
+        raise ConfigError(
+            f"tiling.stitch blend: model.kind {config.model.kind} works pixel by pixel and tiles exactly; "
+            "blending is for networks"
+        )
+    window = config.tiling.blend_window(len(shape), chunk, config.model.dims)
+    strided = window if config.model.dims == 3 else window[-2:]
+    if any(w % model.stride for w in strided):
+        raise ConfigError(f"tiling.window {list(window)} must be a multiple of the model stride ({model.stride})")
+    overlap = tuple(0.0 if w == 1 else config.tiling.overlap for w in window)
+    return BlendGrid(shape, window, overlap, weights=config.tiling.weights, sigma=config.tiling.sigma)
 
 
 def _card_doubt(config: JobConfig) -> str | None:
@@ -166,9 +228,12 @@ def _card_doubt(config: JobConfig) -> str | None:
     return card_doubt(found[0], config.model.receptive_radius) if found else None
 
 
-def _check_fixed_window(config: JobConfig, fixed: tuple[int, ...], grid: TileGrid) -> None:
+def _check_fixed_window(config: JobConfig, fixed: tuple[int, ...], grid: TileGrid, blend: BlendGrid | None) -> None:
     """A network exported with a fixed input size takes only windows of that size (before any store exists)."""
-    shapes = sorted({u.read.shape[-len(fixed) :] for u in grid.units()}, reverse=True)
+    if blend is not None:
+        shapes = [blend.window[-len(fixed) :]]
+    else:
+        shapes = sorted({u.read.shape[-len(fixed) :] for u in grid.units()}, reverse=True)
     if shapes != [fixed]:
         shown = ", ".join(" × ".join(map(str, s)) for s in shapes[:4]) + (", ..." if len(shapes) > 4 else "")
         raise ModelError(
@@ -245,6 +310,7 @@ def create_store(job: Job) -> MaskStore:
         provenance=_provenance(job),
         volume=job.info.volume,
         pixel_area_mm2=job.info.pixel_area_mm2,
+        probabilities=job.config.output.probabilities,
     )
     return MaskStore.create(job.store_path, layout)
 
@@ -255,7 +321,11 @@ def finalize(job: Job, store: MaskStore) -> dict[str, dict[str, Any]]:
     table = class_table(store.totals(), [n for n, _ in job.model.classes], unit)
     if job.regions is not None:
         with_region_counts(table, (store.regions_info or {}).get("per_class", {}))
-    store.mark_complete({"classes": table, "measure": unit})
+    statistics: dict[str, Any] = {"classes": table, "measure": unit}
+    ties = store.near_ties()
+    if ties is not None:
+        statistics["near_ties"] = ties
+    store.mark_complete(statistics)
     return table
 
 
@@ -416,6 +486,10 @@ def _run_leased(job: Job, started: float, *, overwrite: bool, progress: bool) ->
         exact=job.exact,
         classes=table,
         measure=unit,
+        stitch=job.stitch,
+        equals=job.equals,
+        near_ties=store.near_ties(),
+        windows=_window_counts(job, todo),
         engine=engine,
         cluster=cluster,
         timings=timings,
@@ -431,6 +505,8 @@ def _run_leased(job: Job, started: float, *, overwrite: bool, progress: bool) ->
         summary.notes.append(
             f"mixed precision ({config.model.precision}): tiled output is not guaranteed to equal whole-image inference"  # type: ignore[union-attr]
         )
+    elif job.blend is not None:
+        pass  # blending claims what it equals (summary.equals), never exactness
     elif (doubt := _card_doubt(config)) is not None:
         summary.notes.append(f"tiling not claimed exact: {doubt}")
     elif not job.exact:
@@ -458,7 +534,10 @@ def _predict(
             ingest_series(store, job.info.series, executor=executor_for(engine, job.config.runtime), progress=progress)
         except Exception as exc:
             raise unwrap(exc) from exc
-    target = Target(job.source, job.grid, job.config.tiling.edge, str(store.path), per_pixel, len(job.model.classes))
+    target = Target(
+        job.source, job.grid, job.config.tiling.edge, str(store.path), per_pixel, len(job.model.classes),
+        blend=job.blend, probabilities=job.config.output.probabilities,
+    )  # fmt: skip
     rows = stream(
         {0: target},
         [(0, u.index) for u in todo],
@@ -473,6 +552,17 @@ def _predict(
             pass
     except Exception as exc:  # a worker that could not start (its model failed to load) fails through Ray
         raise unwrap(exc) from exc
+
+
+def _window_counts(job: Job, todo: list[WorkUnit]) -> dict[str, Any]:
+    """Blending: windows in the sliding-window grid, windows the units computed (those shared by
+    units are computed by each), and the extra compute that costs over one whole-image pass."""
+    if job.blend is None:
+        return {}
+    grid = job.blend.n_windows
+    every = job.blend.windows_computed([u.core for u in job.grid.units()])
+    run = job.blend.windows_computed([u.core for u in todo])
+    return {"grid": grid, "computed": run, "extra": round(every / grid - 1, 4)}
 
 
 def executor_for(engine: str, runtime: RuntimeConfig) -> Executor:
@@ -496,6 +586,8 @@ def _provenance(job: Job) -> dict[str, Any]:
             "stride": job.model.stride,
             "receptive_radius": job.model.receptive_radius,
             "exact_tiling": job.exact,
+            "stitch": job.stitch,
+            "equals": job.equals,
         },
         "source": {
             "paths": list(job.source.paths) if job.info.series is None else job.info.series.paths,
@@ -511,5 +603,16 @@ def _provenance(job: Job) -> dict[str, Any]:
             "stride": list(job.grid.stride),
             "chunks_per_unit": list(job.grid.chunks_per_unit),
             "edge": job.config.tiling.edge,
+            "stitch": job.stitch,
+            **(
+                {
+                    "window": list(job.blend.window),
+                    "overlap": list(job.blend.overlap),
+                    "weights": job.blend.weights,
+                    "sigma": job.blend.sigma,
+                }
+                if job.blend is not None
+                else {}
+            ),
         },
     }

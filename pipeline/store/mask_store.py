@@ -9,6 +9,8 @@ Layout::
       spatial_ref           0-d; CF grid mapping: crs_wkt, spatial_ref, GeoTransform
       units/pixels          (uy, ux, class) int64 per work unit; -1 until the unit landed
       units/measure         (uy, ux, class) float64 per work unit: m², mm² or mm³ (the unit: attrs measure)
+      units/near_ties       (uy, ux) int64 per work unit: pixels whose top two logits are within 2e-4
+      probability           (class, y, x) uint8 round(p * 254), 255 = nodata (output.probabilities; volumes too)
       regions               (y, x) uint32 connected-region ids, 0 = none (volumes: labels/regions/0)
       region_table/         one 1-D array per column, one row per region (pipeline.core.region_table)
 
@@ -36,7 +38,7 @@ import zarr.errors
 from pipeline.core import ngff
 from pipeline.core.geometry import Box, TileGrid, WorkUnit
 from pipeline.core.georef import Georef, cf_grid_mapping, pixel_measure
-from pipeline.core.stats import NODATA, ChunkStats, PixelMeasure, count_classes
+from pipeline.core.stats import NODATA, PROBABILITY_SCALE, ChunkStats, PixelMeasure, count_classes
 from pipeline.core.transform import axis_centres
 from pipeline.core.volume import VolumeGeometry
 from pipeline.errors import StoreError, one_line
@@ -46,6 +48,7 @@ VOLUME_IMAGE = "0"  # the NGFF image's level 0, at the root
 VOLUME_MASK = "labels/mask/0"
 VOLUME_REGIONS = "labels/regions/0"
 REGION_TABLE = "region_table"
+PROBABILITY = "probability"
 INCOMPLETE, COMPLETE = "incomplete", "complete"
 
 
@@ -59,6 +62,7 @@ class StoreLayout:
     provenance: dict[str, Any]
     volume: VolumeGeometry | None = None  # set for volumetric (OME-Zarr) stores
     pixel_area_mm2: float | None = None  # 2-D medical images with a stated pixel spacing
+    probabilities: bool = False  # a per-class probability array beside the mask
 
     @property
     def measure_unit(self) -> str | None:
@@ -126,7 +130,11 @@ class MaskStore:
             transform=list(layout.georef.transform) if layout.georef.transform else None,
             measure=layout.measure_unit,  # the key on disk: see StoreMeta.measure_unit
             pixel_area_mm2=layout.pixel_area_mm2,
-            arrays={"mask": "mask" if layout.volume is None else VOLUME_MASK, "image": None},
+            arrays={
+                "mask": "mask" if layout.volume is None else VOLUME_MASK,
+                "image": None,
+                **({"probability": PROBABILITY} if layout.probabilities else {}),
+            },
             every_chunk=True,
         )
         names = [n for n, _ in layout.classes]
@@ -137,6 +145,17 @@ class MaskStore:
             cls._build_volume(group, layout)
         else:
             cls._build_image(group, layout)
+        if layout.probabilities:
+            dims = ["class", *ngff.AXES] if layout.volume is not None else ["class", "y", "x"]
+            group.create_array(
+                PROBABILITY,
+                shape=(len(names), *grid.shape),
+                dtype="uint8",
+                chunks=(len(names), *grid.chunk),
+                fill_value=NODATA,
+                dimension_names=dims,
+                attributes={"long_name": "class probability", "scale": 1 / PROBABILITY_SCALE, "classes": names},
+            )
         parse_meta(meta, str(path))  # what is written is what readers accept
         group.attrs["raymask"] = meta
         cls._build_units(group, grid, len(names))
@@ -208,6 +227,14 @@ class MaskStore:
             chunks=chunks,
             fill_value=np.nan,
             dimension_names=dims,
+        )
+        units.create_array(
+            "near_ties",
+            shape=grid.unit_grid_shape,
+            dtype="int64",
+            chunks=chunks[:-1],
+            fill_value=-1,
+            dimension_names=dims[:-1],
         )
 
     @staticmethod
@@ -332,6 +359,21 @@ class MaskStore:
         """Boolean array over the unit grid: True where the unit's chunks and statistics landed."""
         return np.asarray(self._units("pixels")[..., 0]) >= 0
 
+    def near_ties(self) -> int | None:
+        """Pixels, over the units written, whose top two logits were within 2e-4 (None: not counted)."""
+        if "near_ties" not in self.group["units"]:  # type: ignore[operator]
+            return None
+        counts = np.asarray(self._units("near_ties")[...])
+        done = self.units_done()
+        if not (counts[done] >= 0).all():
+            return None  # a model without logits
+        return int(counts[done].sum())
+
+    def probability(self) -> zarr.Array | None:
+        """The per-class probabilities (uint8, ``pipeline.core.stats.decode_probability``), if stored."""
+        name = self.info.arrays.probability
+        return cast(zarr.Array, self.group[name]) if name else None
+
     def totals(self) -> ChunkStats:
         """Per-class sums over the units that landed."""
         pixels = np.asarray(self._units("pixels")[:])
@@ -342,11 +384,20 @@ class MaskStore:
     # -- writing -----------------------------------------------------------------------------
 
     def write_unit(
-        self, unit: WorkUnit, labels: np.ndarray, *, pixel_measure: PixelMeasure, n_classes: int
+        self,
+        unit: WorkUnit,
+        labels: np.ndarray,
+        *,
+        pixel_measure: PixelMeasure,
+        n_classes: int,
+        probabilities: np.ndarray | None = None,
+        near_ties: int | None = None,
     ) -> ChunkStats:
-        """Write a unit's chunks (``labels`` covers ``unit.core``), then its statistics row.
+        """Write a unit's chunks (``labels`` covers ``unit.core``; ``probabilities``, with a class
+        axis first, too), then its statistics row: the row's presence marks the unit done.
 
-        ``pixel_measure`` is m² per pixel for each image row, or one mm³ per voxel, or None.
+        ``pixel_measure`` is m² per pixel for each image row, or one mm³ per voxel, or None;
+        ``near_ties`` the unit's pixels whose top two logits are within 2e-4 (None: no logits).
         """
         if not self._writing:  # each open reads and parses the array's metadata again: three a unit
             self._writing = {
@@ -354,9 +405,22 @@ class MaskStore:
                 "measure": self._units("measure"),
                 "pixels": self._units("pixels"),
             }
+            if self.info.arrays.probability:
+                array = cast(zarr.Array, self.group[self.info.arrays.probability])
+                self._writing["probability"] = array.with_config({"write_empty_chunks": True})
+            if "near_ties" in self.group["units"]:  # type: ignore[operator]
+                self._writing["near_ties"] = self._units("near_ties")
         mask = self._writing["mask"]
         for chunk in unit.chunks:
             mask[chunk.slices()] = labels[chunk.within(unit.core)]
+        stored = self._writing.get("probability")
+        if stored is not None:
+            if probabilities is None:
+                raise StoreError(f"{self.path}: the store keeps probabilities, but the unit brought none")
+            for chunk in unit.chunks:
+                stored[(slice(None), *chunk.slices())] = probabilities[(slice(None), *chunk.within(unit.core))]
+        if near_ties is not None and "near_ties" in self._writing:
+            self._writing["near_ties"][unit.index] = near_ties
         if isinstance(pixel_measure, np.ndarray):
             pixel_measure = pixel_measure[unit.core.start[0] : unit.core.stop[0]]
         stats = count_classes(labels, n_classes, pixel_measure)

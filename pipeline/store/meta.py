@@ -38,6 +38,7 @@ class Arrays(_Meta):
     mask: str = "mask"
     image: str | None = None  # volumes: the ingested HU image
     regions: str | None = None  # once labelled
+    probability: str | None = None  # (class, ...) uint8 round(p * 254), 255 = nodata: output.probabilities
 
 
 class VolumeMeta(_Meta):

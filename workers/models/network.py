@@ -13,6 +13,7 @@ the labels are back, so a worker keeps two batches in flight.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ import torch
 
 from pipeline.config import MonaiBundleModelConfig, NetworkModelConfig, OnnxModelConfig, TorchExportModelConfig
 from pipeline.errors import ModelError, one_line
+from workers.models.prediction import Prediction, finish
 
 AUTOCAST = {"bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -35,19 +37,24 @@ class NetworkModel:
 
     # -- the worker's interface ---------------------------------------------------------------
 
-    def launch(self, images: Sequence[np.ndarray], valid: Sequence[np.ndarray]) -> Callable[[], np.ndarray]:
-        """Start labelling a batch of equal-shape windows; call the result to get ``(N, *spatial)`` uint8."""
+    def launch(
+        self, images: Sequence[np.ndarray], valid: Sequence[np.ndarray], *, probabilities: bool = False
+    ) -> Callable[[], Prediction]:
+        """Start labelling a batch of equal-shape windows; call the result to get its ``Prediction``."""
         with torch.inference_mode():
-            labels = self._forward(images, valid).max(dim=1).indices.to(torch.uint8)  # max(1) == argmax, faster
-        return lambda: labels.cpu().numpy()
+            return finish(self._forward(images, valid), probabilities=probabilities)
 
     def predict(self, images: np.ndarray, valid: np.ndarray) -> np.ndarray:
-        return self.launch(list(images), list(valid))()
+        return self.launch(list(images), list(valid))().labels
+
+    def forward(self, images: Sequence[np.ndarray], valid: Sequence[np.ndarray]) -> torch.Tensor:
+        """Logits ``(N, classes, *spatial)`` on the model's device (blending sums them there)."""
+        with torch.inference_mode():
+            return self._forward(images, valid)
 
     def logits(self, images: np.ndarray, valid: np.ndarray) -> np.ndarray:
         """Raw logits as float32 ``(N, classes, *spatial)``; invalid pixels are filled before the model."""
-        with torch.inference_mode():
-            return self._forward(list(images), list(valid)).float().cpu().numpy()
+        return self.forward(list(images), list(valid)).float().cpu().numpy()
 
     # -- inside ----------------------------------------------------------------------------------
 
@@ -70,7 +77,7 @@ class NetworkModel:
         context = torch.autocast(self.device.type, dtype=autocast) if autocast else contextlib.nullcontext()
         try:
             with context:
-                out = self.module(x if self.dtype == torch.float32 else x.to(self.dtype))
+                out = self._call(x if self.dtype == torch.float32 else x.to(self.dtype))
         except Exception as exc:  # RuntimeError, torch.jit.Error (a scripted `raise`), anything a model raises
             if self.in_channels is not None and self.in_channels != x.shape[1]:
                 raise ModelError(
@@ -84,6 +91,24 @@ class NetworkModel:
         if slicewise:
             out = out.reshape(n, z, -1, h, w).transpose(1, 2)
         return out
+
+    def _call(self, x: torch.Tensor) -> Any:
+        """The network on ``x``; with ``tta: flips``, the mean of its logits over every mirroring
+        of the spatial axes (each pass flipped back), summed in a fixed order."""
+        if self.config.tta == "none":
+            return self.module(x)
+        spatial = list(range(2, x.ndim))
+        total: torch.Tensor | None = None
+        passes = 0
+        for n in range(len(spatial) + 1):
+            for axes in itertools.combinations(spatial, n):
+                out = self.module(x.flip(axes) if axes else x)
+                self._check_output(out, x)
+                out = out.flip(axes) if axes else out
+                total = out.float() if total is None else total + out.float()
+                passes += 1
+        assert total is not None
+        return total / passes
 
     def _check_output(self, out: object, x: torch.Tensor) -> None:
         """The contract (N x classes x spatial logits, finite), each breach said in the user's terms."""

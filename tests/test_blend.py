@@ -6,7 +6,7 @@ logits within 1e-4."""
 
 from __future__ import annotations
 
-import math
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +20,8 @@ from monai.inferers import sliding_window_inference
 from monai.inferers.utils import _get_scan_interval
 from monai.networks.nets import UNet
 
-from pipeline.core.blend import BlendGrid, accumulate, importance, window_starts
-from pipeline.core.geometry import TileGrid
+from pipeline.core.blend import BlendGrid, accumulate, blend_bands, importance, window_starts
+from pipeline.core.geometry import Box, TileGrid
 from tests.conftest import S2, run_json, write_config
 from tests.test_volume import write_series
 from workers.models.prediction import LOGIT_TOLERANCE, NEAR_TIE
@@ -45,37 +45,58 @@ def test_weights_are_monais(window: tuple[int, ...], mode: str) -> None:
     assert np.allclose(importance(window, mode, 0.125), expected, rtol=1e-6, atol=0)
 
 
+def replay(starts: list[tuple[int, ...]], logits: dict) -> Callable[[list, list], list]:
+    """A model that gives each window (in the order the windows come) its fixed logits."""
+    queue = list(starts)
+    return lambda images, valid: [logits[queue.pop(0)] for _ in images]
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     shape=st.tuples(st.integers(1, 60), st.integers(1, 60)),
     window=st.tuples(st.integers(1, 24), st.integers(1, 24)),
     chunk=st.tuples(st.integers(1, 30), st.integers(1, 30)),
+    per_unit=st.integers(1, 3),
     overlap=OVERLAPS,
     seed=st.integers(0, 2**16),
 )
 def test_units_sum_to_the_whole_image_blend(
-    shape: tuple[int, int], window: tuple[int, int], chunk: tuple[int, int], overlap: float, seed: int
+    shape: tuple[int, int], window: tuple[int, int], chunk: tuple[int, int], per_unit: int, overlap: float, seed: int
 ) -> None:
-    """Whatever the units, each pixel's blended value is the whole image's, to the last bit: the
-    same windows, added in the same order (windows may be larger than the image: padded)."""
+    """Whatever the strips and bands, each pixel's blended value is the whole image's, to the last
+    bit: the same windows, added in the same order (windows may be larger than the image: padded)."""
     grid = BlendGrid(shape, window, (overlap, overlap))
     rng = np.random.default_rng(seed)
+    everything = Box((0, 0), shape)
     # one fixed set of logits per window of the grid, as a deterministic model would give
-    windows = grid.windows(TileGrid.chunked(shape, shape).unit((0, 0)).core)
-    logits = {w.start: rng.normal(size=(2, *window)).astype(np.float32) for w in windows}
-    whole = grid.to_padded(TileGrid.chunked(shape, shape).unit((0, 0)).core)
+    logits = {w.start: rng.normal(size=(2, *window)).astype(np.float32) for w in grid.windows(everything)}
+    whole = grid.to_padded(everything)
     total, count = np.zeros((2, *whole.shape), np.float32), np.zeros(whole.shape, np.float32)
-    for w in windows:
+    for w in grid.windows(everything):
         accumulate(total, count, logits[w.start], w, whole, grid.weight_map)
     expected = total / count
-    tiles = TileGrid.chunked(shape, chunk)
-    for unit in tiles.units():
-        core = grid.to_padded(unit.core)
-        part, weight = np.zeros((2, *core.shape), np.float32), np.zeros(core.shape, np.float32)
-        for w in grid.windows(unit.core):
-            accumulate(part, weight, logits[w.start], w, core, grid.weight_map)
-        assert np.array_equal(part / weight, expected[(slice(None), *core.within(whole))])
-    assert grid.windows_computed([u.core for u in tiles.units()]) >= grid.n_windows
+    strips = TileGrid.create(
+        shape, chunk=chunk, halo=(0, 0), stride=(1, 1), chunks_per_unit=(-(-shape[0] // chunk[0]), per_unit)
+    )
+    seen = np.zeros(shape, bool)
+    for unit in strips.units():
+        rows = [
+            (box, wins, np.zeros((1, *box.shape)), np.ones(box.shape, bool))
+            for box, wins in grid.window_rows(unit.core)
+        ]
+
+        forward = replay([w.start for _, ws in grid.window_rows(unit.core) for w in ws], logits)
+        bands = list(blend_bands(rows, forward, grid, unit.core, chunk[0], zeros=lambda s: np.zeros(s, np.float32),
+                                 weights=grid.weight_map, n_classes=2, batch_size=2))  # fmt: skip
+        assert [b.start[0] for b, _, _ in bands] == list(
+            range(grid.to_padded(unit.core).start[0], whole.stop[0], chunk[0])
+        )
+        for band, value, valid in bands:
+            assert valid.all()
+            assert np.array_equal(value, expected[(slice(None), *band.within(whole))])
+            seen[grid.to_image(band).slices()] = True
+    assert seen.all()
+    assert grid.windows_computed([u.core for u in strips.units()]) >= grid.n_windows
 
 
 def instance_unet(dims: int, bands: int, classes: int, seed: int = 3) -> torch.nn.Module:
@@ -155,14 +176,13 @@ def test_a_blended_run_equals_monai_sliding_window_inference_in_2d(
 
 
 def test_blended_logits_are_within_tolerance_of_monai(unet2d: tuple[torch.nn.Module, Path]) -> None:
-    """The worker's own blending code (``blend_logits``) over every unit gives MONAI's logits."""
-    from workers.unit_worker import blend_logits
-
+    """The blending the workers run (``blend_bands`` with torch accumulators), strip by strip and
+    band by band, gives MONAI's logits."""
     net, _ = unet2d
     image = s2_image()[0].numpy()[:, :150, :170]
     shape = image.shape[1:]
     grid = BlendGrid(shape, (64, 64), (0.25, 0.25))
-    units = TileGrid.chunked(shape, (48, 48))
+    strips = TileGrid.create(shape, chunk=(48, 48), halo=(0, 0), stride=(1, 1), chunks_per_unit=(4, 2))
     out = torch.zeros((3, *shape))
     weights = torch.from_numpy(grid.weight_map)
 
@@ -170,14 +190,12 @@ def test_blended_logits_are_within_tolerance_of_monai(unet2d: tuple[torch.nn.Mod
         with torch.no_grad():
             return net(torch.from_numpy(np.stack(images)))
 
-    for unit in units.units():
-        reach = grid.reach(unit.core)
-        frame = grid.to_image(reach)
-        crop = image[(slice(None), *frame.slices())]
-        valid = np.ones(crop.shape[1:], bool)
-        out[(slice(None), *unit.core.slices())] = blend_logits(
-            forward, crop, valid, reach, grid, unit.core, 3, batch_size=2, weights=weights
-        )
+    for unit in strips.units():
+        rows = [(box, wins, image[(slice(None), *box.slices())], np.ones(box.shape, bool))
+                for box, wins in grid.window_rows(unit.core)]  # fmt: skip
+        for band, logits, _ in blend_bands(rows, forward, grid, unit.core, 48, zeros=torch.zeros, weights=weights,
+                                           n_classes=3, batch_size=2):  # fmt: skip
+            out[(slice(None), *band.slices())] = logits
     with torch.no_grad():
         reference = sliding_window_inference(
             torch.from_numpy(image)[None], (64, 64), 2, net, overlap=0.25, mode="gaussian"
@@ -241,14 +259,69 @@ def test_the_blend_window_must_suit_the_network(tmp_path: Path) -> None:
     assert_one_line_error(raymask("run", str(ndvi)), "tiling.stitch blend: model.kind ndvi works pixel by pixel")
 
 
-def test_blending_memory_is_the_units_not_the_images() -> None:
-    """A unit's accumulator and reads depend on the unit and the window, never on the image size."""
-    small = BlendGrid((4096, 4096), (256, 256), (0.25, 0.25))
-    large = BlendGrid((16384, 16384), (256, 256), (0.25, 0.25))
-    for grid in (small, large):
-        units = TileGrid.chunked(grid.shape, (1024, 1024))
-        middle = units.unit((2, 2)).core
-        assert grid.reach(middle).shape[0] <= 1024 + 2 * 256
-    extra = large.windows_computed([u.core for u in TileGrid.chunked(large.shape, (2048, 2048)).units()])
-    assert extra / large.n_windows < 1.3  # windows shared by units: computed twice, a small share with big units
-    assert math.prod(large.window) * 4 < 2**20
+@pytest.mark.parametrize("height", [300, 3000])
+def test_a_blended_unit_holds_a_few_bands_whatever_the_image_height(height: int) -> None:
+    """A strip's accumulators at any moment: the bands its current row of windows reaches and the
+    one before; the same for a 10 times taller image."""
+    grid = BlendGrid((height, 64), (64, 64), (0.25, 0.25))
+    core = Box((0, 0), (height, 64))
+    live, peak = 0, 0
+
+    def zeros(shape: tuple[int, ...]) -> np.ndarray:
+        nonlocal live, peak
+        live += len(shape) == 3  # one per band: its (classes, ...) sum
+        peak = max(peak, live)
+        return np.zeros(shape, np.float32)
+
+    rows = ((box, wins, np.zeros((1, *box.shape)), np.ones(box.shape, bool)) for box, wins in grid.window_rows(core))
+    for _ in blend_bands(rows, lambda images, valid: [np.zeros((2, 64, 64))] * len(images), grid, core, 32,
+                         zeros=zeros, weights=grid.weight_map, n_classes=2):  # fmt: skip
+        live -= 1
+    assert peak <= 64 // 32 + 2
+
+
+@pytest.mark.parametrize("size", [4096, 8192, 16384])
+def test_default_strips_keep_the_recomputed_windows_few(size: int) -> None:
+    from pipeline.jobs.run import blend_units
+
+    grid = BlendGrid((size, size), (512, 512), (0.25, 0.25))
+    per_unit = blend_units((size, size), (512, 512), 1, stated=False)
+    strips = TileGrid.create((size, size), chunk=(512, 512), halo=(0, 0), stride=(1, 1), chunks_per_unit=per_unit)
+    assert strips.n_units >= 2
+    extra = grid.windows_computed([u.core for u in strips.units()]) / grid.n_windows - 1
+    assert extra <= (0.25 if size == 4096 else 0.15)
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_blending_on_ray_actors_and_a_resumed_run_write_the_same_bytes(
+    unet2d: tuple[torch.nn.Module, Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from pipeline.store import MaskStore
+    from tests.conftest import chunk_bytes
+
+    _, path = unet2d
+    stores = {}
+    for engine in ("process", "ray"):
+        config = write_config(
+            tmp_path / f"{engine}.yaml",
+            source={"path": str(S2), "bands": [3, 8]},
+            model={"kind": "torchscript", "path": str(path), "classes": ["a", "b", "c"], "stride": 4,
+                   "normalize": {"mean": [66, 340], "std": [42, 172]}},
+            tiling={"chunk": 64, "stitch": "blend", "window": 96},
+            output={"path": f"{tmp_path}/{engine}.zarr", "preview": False, "probabilities": True},
+            runtime={"engine": engine},
+        )  # fmt: skip
+        summary = run_json(capsys, str(config))
+        assert summary["engine"] == engine and summary["units_total"] >= 2
+        stores[engine] = (config, tmp_path / f"{engine}.zarr")
+    config, store_path = stores["ray"]
+    before = chunk_bytes(store_path)
+    assert before == chunk_bytes(stores["process"][1])
+    # a unit undone (as a run killed before its statistics row landed leaves it): the run resumes it
+    store = MaskStore.open(store_path, mode="r+")
+    pixels = zarr.open_array(str(store_path / "units" / "pixels"), mode="r+")
+    pixels[0, 1] = -1
+    store.update_meta(status="incomplete")
+    summary = run_json(capsys, str(config))
+    assert summary["units_run"] == 1 and summary["units_skipped"] == summary["units_total"] - 1
+    assert chunk_bytes(store_path) == before

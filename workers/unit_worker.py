@@ -26,10 +26,10 @@ from typing import Any, TypeVar
 import numpy as np
 
 from pipeline.config import ModelConfig
-from pipeline.core.blend import BlendGrid, accumulate
+from pipeline.core.blend import BlendGrid, blend_bands
 from pipeline.core.geometry import Box, WorkUnit, inside_image, pad_to_window
 from pipeline.core.plan import Item, Target, group_batches
-from pipeline.core.stats import NODATA
+from pipeline.core.stats import NODATA, ChunkStats
 from pipeline.errors import ModelError, RaymaskError, StoreError, describe, os_error_line
 from pipeline.sources.geotiff import WORKER_QUIET
 from pipeline.store import MaskStore
@@ -51,6 +51,27 @@ class _Window:
     image: np.ndarray | None = None
     valid: np.ndarray | None = None
     error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class Written:
+    """What a blended unit's chunks added up to, once all are written: its statistics row."""
+
+    pixels: np.ndarray
+    measure: np.ndarray
+    near_ties: int
+
+    @classmethod
+    def total(cls, parts: Sequence[Written], n_classes: int) -> Written:
+        pixels = np.zeros(n_classes, dtype=np.int64)
+        measure = np.zeros(n_classes, dtype=np.float64)
+        for part in parts:
+            pixels += part.pixels
+            measure += part.measure
+        return cls(pixels, measure, sum(p.near_ties for p in parts))
+
+    def stats(self) -> ChunkStats:
+        return ChunkStats(self.pixels, self.measure)
 
 
 class UnitWorker:
@@ -111,7 +132,7 @@ class UnitWorker:
         windows = [self._window(item) for item in items]
         batches = group_batches(windows, self._batch_key, self.batch_size)
         reads: deque[list[Future[_Window]]] = deque()
-        launched: deque[tuple[list[_Window], Callable[[], Prediction]]] = deque()
+        launched: deque[tuple[list[_Window], Callable[[], Prediction | Written]]] = deque()
         writes: deque[Future[Row]] = deque()
         upcoming = iter(batches)
 
@@ -149,9 +170,7 @@ class UnitWorker:
     def _window(self, item: Item) -> _Window:
         target = self.targets[item[0]]
         unit = target.grid.unit(item[1])
-        if target.blend is None:
-            return _Window(item, unit, unit.read)
-        return _Window(item, unit, target.blend.reach(unit.core))
+        return _Window(item, unit, unit.read if target.blend is None else unit.core)
 
     def _batch_key(self, window: _Window) -> tuple[object, ...]:
         """Units whose windows stack into one model call; a blended unit is a model call of its own
@@ -165,10 +184,9 @@ class UnitWorker:
     def _read(self, window: _Window) -> _Window:
         target = self.targets[window.item[0]]
         cache = self._local.__dict__.setdefault("datasets", {})
+        if target.blend is not None:
+            return window  # a blended unit reads its rows of windows as it goes (_blend)
         try:
-            if target.blend is not None:
-                window.image, window.valid = _read_padded(target, target.blend.to_image(window.frame), cache)
-                return window
             data, valid = target.source.read(inside_image(window.frame, target.grid.shape), cache=cache)
             window.image = pad_to_window(data, window.frame, target.grid.shape, edge=target.edge)
             window.valid = pad_to_window(valid, window.frame, target.grid.shape, edge=target.edge)
@@ -176,7 +194,7 @@ class UnitWorker:
             window.error = exc
         return window
 
-    def _launch(self, batch: list[_Window]) -> Callable[[], Prediction]:
+    def _launch(self, batch: list[_Window]) -> Callable[[], Prediction | Written]:
         """Queue a model call on the model thread; the result, called, gives the outputs (or raises)."""
         target = self.targets[batch[0].item[0]]
         if target.blend is not None:
@@ -198,27 +216,73 @@ class UnitWorker:
         labels = self.model.predict(np.stack(images), np.stack(valid))
         return lambda: Prediction(labels)
 
-    def _blend(self, window: _Window) -> Callable[[], Prediction]:
-        """A blended unit: every window of the sliding-window grid over its core through the network,
-        weighted and summed into a core-sized accumulator; then labels (and probabilities) of the core."""
-        target = self.targets[window.item[0]]
-        grid = target.blend
-        assert grid is not None and window.image is not None and window.valid is not None
+    def _blend(self, window: _Window) -> Callable[[], Written]:
+        """A blended unit, on the model thread: its rows of windows read ahead in the reader threads,
+        through the network, summed band by band (``blend_bands``); each finished band of chunks goes
+        to the writer threads at once, so the unit holds a few bands, never the strip."""
+        key = window.item[0]
+        target = self.targets[key]
+        grid, unit = target.blend, window.unit
+        assert grid is not None
         forward = getattr(self.model, "forward", None)
         if forward is None:
             raise ModelError("tiling.stitch blend needs a network model (it sums logits)")
+        import torch
 
-        core = grid.to_padded(window.unit.core)
         weights = self._weights(grid)
-        blended = blend_logits(
-            forward, window.image, window.valid, window.frame, grid, window.unit.core, target.n_classes,
-            batch_size=self.batch_size, weights=weights,
+        rows = grid.window_rows(unit.core)
+        reads: deque[Future[tuple[np.ndarray, np.ndarray]]] = deque()
+        upcoming = iter(rows)
+
+        def read_ahead() -> None:
+            while len(reads) < self.prefetch + 1:
+                row = next(upcoming, None)
+                if row is None:
+                    return
+                reads.append(self.readers.submit(self._read_box, target, grid.to_image(row[0])))
+
+        def row_data() -> Iterator[tuple[Box, list[Box], np.ndarray, np.ndarray]]:
+            read_ahead()
+            for box, wins in rows:
+                image, valid = reads.popleft().result()
+                read_ahead()
+                yield box, wins, image, valid
+
+        writes: list[Future[Written]] = []
+        bands = blend_bands(
+            row_data(), forward, grid, unit.core, target.grid.chunk[0],
+            zeros=lambda shape: torch.zeros(shape, dtype=torch.float32, device=weights.device),
+            weights=weights, n_classes=target.n_classes, batch_size=self.batch_size,
         )  # fmt: skip
-        inside = core.within(window.frame)
-        window.valid = window.valid[inside]
-        window.image = None
-        window.frame = core
-        return finish(blended.unsqueeze(0), probabilities=target.probabilities)
+        for band, logits, valid in bands:
+            outputs = finish(logits.unsqueeze(0), probabilities=target.probabilities)()
+            writes.append(self.writers.submit(self._write_band, key, unit, grid.to_image(band), outputs, valid))
+        parts = [f.result() for f in writes]
+        return lambda: Written.total(parts, target.n_classes)
+
+    def _read_box(self, target: Target, box: Box) -> tuple[np.ndarray, np.ndarray]:
+        """``box`` of the source (image pixels; outside the image: zeros, invalid), in a reader thread."""
+        cache = self._local.__dict__.setdefault("datasets", {})
+        return _read_padded(target, box, cache)
+
+    def _write_band(self, key: int, unit: WorkUnit, band: Box, outputs: Prediction, valid: np.ndarray) -> Written:
+        """Write the unit's chunks in ``band`` (image pixels; the core's rows there); its statistics."""
+        target = self.targets[key]
+        inside = band.intersect(unit.core)
+        cut = inside.within(band)
+        labels = np.array(outputs.labels[0][cut], dtype=np.uint8)
+        invalid = ~valid[cut]
+        labels[invalid] = NODATA
+        probabilities = None
+        if outputs.probabilities is not None:
+            probabilities = np.array(outputs.probabilities[0][(slice(None), *cut)])
+            probabilities[:, invalid] = NODATA
+        ties = int((outputs.ties[0][cut] & ~invalid).sum()) if outputs.ties is not None else 0
+        stats = self._store(key).write_chunks(
+            unit, inside, labels, pixel_measure=target.pixel_measure, n_classes=target.n_classes,
+            probabilities=probabilities,
+        )  # fmt: skip
+        return Written(stats.pixels, stats.measure, ties)
 
     def _weights(self, grid: BlendGrid) -> Any:
         """The grid's weight map as a tensor on the model's device, made once per grid."""
@@ -231,13 +295,15 @@ class UnitWorker:
             cache[key] = torch.from_numpy(grid.weight_map).to(device)
         return cache[key]
 
-    def _write(self, window: _Window, outputs: Prediction, j: int) -> Row:
+    def _write(self, window: _Window, outputs: Prediction | Written, j: int) -> Row:
         key, index = window.item
         target = self.targets[key]
         unit = window.unit
         try:
-            core_box = unit.core if target.blend is None else target.blend.to_padded(unit.core)
-            core = core_box.within(window.frame)
+            if isinstance(outputs, Written):  # a blended unit: its chunks are written, its statistics row now
+                self._store(key).write_unit_stats(unit, outputs.stats(), near_ties=outputs.near_ties)
+                return {"key": key, "unit": index, "error": "", "error_type": ""}
+            core = unit.core.within(window.frame)
             labels = np.array(outputs.labels[j][core], dtype=np.uint8)
             assert window.valid is not None
             invalid = ~window.valid[core]
@@ -300,40 +366,6 @@ def _error_row(item: Item, exc: BaseException | None) -> Row:
     if isinstance(exc, OSError) and not isinstance(exc, RaymaskError):  # disk full, read-only, ...
         exc = StoreError(os_error_line(exc))
     return {"key": item[0], "unit": item[1], "error": describe(exc), "error_type": exc.__class__.__name__}
-
-
-def blend_logits(
-    forward: Callable[[list[np.ndarray], list[np.ndarray]], Any],
-    image: np.ndarray,
-    valid: np.ndarray,
-    frame: Box,
-    grid: BlendGrid,
-    core: Box,
-    n_classes: int,
-    *,
-    batch_size: int,
-    weights: Any,
-) -> Any:
-    """The blended logits ``(classes, *core.shape)`` of ``core`` (image pixels), a torch tensor.
-
-    ``image`` and ``valid`` cover ``frame`` (padded-grid pixels; at least ``grid.reach(core)``);
-    ``forward`` maps lists of windows to a logits tensor; ``weights`` is the grid's weight map as a
-    tensor on the device the sums are made on. Windows go through ``forward`` ``batch_size`` at a
-    time, in the grid's order, each summed into the core as sliding-window inference sums it.
-    """
-    import torch
-
-    target = grid.to_padded(core)
-    total = torch.zeros((n_classes, *target.shape), dtype=torch.float32, device=weights.device)
-    count = torch.zeros(target.shape, dtype=torch.float32, device=weights.device)
-    boxes = grid.windows(core)
-    for first in range(0, len(boxes), batch_size):
-        group = boxes[first : first + batch_size]
-        cuts = [(slice(None), *b.within(frame)) for b in group]
-        logits = forward([image[c] for c in cuts], [valid[c[1:]] for c in cuts])
-        for box, out in zip(group, logits):
-            accumulate(total, count, out.float(), box, target, weights)
-    return total / count
 
 
 def _read_padded(target: Target, box: Box, cache: dict[Any, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -11,10 +11,13 @@ divided by the summed weights. raymask computes exactly that, unit by unit:
   at the image edge; an axis shorter than the window is padded with zeros, half before, half after.
   It depends only on the image, never on the work units.
 * A work unit computes every window that overlaps its core (its neighbours compute the shared
-  ones again), and sums into an accumulator the size of its core only, in the grid's window order.
-  So each output chunk is still written by exactly one unit, a retried unit writes the same
-  bytes, memory is bounded by the unit, and each pixel's sum has the same terms in the same order
-  as on the whole image.
+  ones again) and sums them in the grid's window order, so each pixel's sum has the same terms in
+  the same order as on the whole image, each output chunk is still written by exactly one unit,
+  and a retried unit writes the same bytes.
+* Units are strips that span the whole first axis (rows; z for volumes): the windows shared with a
+  neighbour, computed twice, are then only those along the strip's sides. A unit walks its window
+  rows in order (``blend_bands``) and finishes a band of rows (a row of chunks) as soon as no later
+  window reaches it, so its memory is a few bands of the strip, whatever the image's height.
 
 Nothing here imports torch: the accumulation works on numpy arrays and on torch tensors alike.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
@@ -113,6 +117,17 @@ class BlendGrid:
             boxes.append(Box(first, tuple(s + w for s, w in zip(first, self.window))))
         return boxes
 
+    def window_rows(self, core: Box) -> list[tuple[Box, list[Box]]]:
+        """The windows over ``core`` grouped by their start along the first axis, in order, each group
+        with the box that holds it (padded coordinates): what a unit reads for one row of windows."""
+        rows: list[tuple[Box, list[Box]]] = []
+        for _, group in itertools.groupby(self.windows(core), key=lambda b: b.start[0]):
+            wins = list(group)
+            start = tuple(min(w.start[a] for w in wins) for a in range(len(self.shape)))
+            stop = tuple(max(w.stop[a] for w in wins) for a in range(len(self.shape)))
+            rows.append((Box(start, stop), wins))
+        return rows
+
     def reach(self, core: Box) -> Box:
         """The padded-coordinate box the windows over ``core`` span: what a unit reads."""
         wins = self.windows(core)
@@ -167,3 +182,63 @@ def accumulate(total: Any, count: Any, logits: Any, window: Box, core: Box, weig
     w = weights[src]
     total[(slice(None), *dst)] += logits[(slice(None), *src)] * w
     count[dst] += w
+
+
+Array = Any  # a numpy array or a torch tensor: what ``zeros`` makes and ``forward`` returns
+Row = tuple[Box, list[Box], Any, Any]  # a row of windows: its box, its windows, the image and validity read for it
+
+
+def blend_bands(
+    rows: Iterable[Row],
+    forward: Callable[[list[Any], list[Any]], Array],
+    grid: BlendGrid,
+    core: Box,
+    band: int,
+    *,
+    zeros: Callable[[tuple[int, ...]], Array],
+    weights: Array,
+    n_classes: int,
+    batch_size: int = 1,
+) -> Iterator[tuple[Box, Array, np.ndarray]]:
+    """The blended logits of ``core`` (image pixels), band by band along the first axis.
+
+    ``rows``: ``grid.window_rows(core)`` in order, each with the image ``(bands, *box.shape)`` and
+    validity read for its box. ``forward`` maps lists of windows (image, validity) to logits
+    ``(n, classes, *window)``, ``batch_size`` windows at a time. Yields ``(box, logits, valid)`` for
+    consecutive bands of ``band`` rows of the core (padded coordinates): ``logits`` is
+    ``total / count`` of the band, ``valid`` its validity, each band yielded as soon as no later
+    window reaches it. ``zeros(shape)`` makes the float32 accumulators (numpy or torch, on any device).
+    """
+    target = grid.to_padded(core)
+    first, last = target.start[0], target.stop[0]
+    bands = [Box((lo, *target.start[1:]), (min(lo + band, last), *target.stop[1:])) for lo in range(first, last, band)]
+    open_bands: dict[int, tuple[Array, Array, np.ndarray]] = {}
+    done = 0
+
+    def flush(i: int) -> tuple[Box, Array, np.ndarray]:
+        total, count, valid = open_bands.pop(i)
+        return bands[i], total / count, valid
+
+    for row, wins, image, valid in rows:
+        while done < len(bands) and bands[done].stop[0] <= row.start[0]:  # no later window reaches it
+            yield flush(done)
+            done += 1
+        touched = [
+            i for i in range(done, len(bands)) if bands[i].start[0] < row.stop[0] and bands[i].stop[0] > row.start[0]
+        ]
+        for i in touched:
+            if i not in open_bands:
+                shape = bands[i].shape
+                open_bands[i] = (zeros((n_classes, *shape)), zeros(shape), np.zeros(shape, dtype=bool))
+            part = row.intersect(bands[i])
+            open_bands[i][2][part.within(bands[i])] = valid[part.within(row)]
+        for start in range(0, len(wins), batch_size):
+            group = wins[start : start + batch_size]
+            cuts = [w.within(row) for w in group]
+            logits = forward([image[(slice(None), *c)] for c in cuts], [valid[c] for c in cuts])
+            for w, out in zip(group, logits):
+                for i in touched:
+                    accumulate(open_bands[i][0], open_bands[i][1], out, w, bands[i], weights)
+    while done < len(bands):
+        yield flush(done)
+        done += 1

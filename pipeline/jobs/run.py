@@ -165,11 +165,13 @@ def prepare(config: JobConfig) -> Job:
                 f"tiling.chunk {list(chunk)}: axis {axis} is not a multiple of the model stride {stride[axis]}"
             )
     blend = _blend_grid(config, info.shape, chunk, model)
+    per_unit = (config.tiling.chunks_per_unit,) * ndim
     if blend is not None:
         halo = (0,) * ndim  # each unit reads the windows over its core instead
-    grid = TileGrid.create(
-        info.shape, chunk=chunk, halo=halo, stride=stride, chunks_per_unit=(config.tiling.chunks_per_unit,) * ndim
-    )
+        per_unit = blend_units(
+            info.shape, chunk, config.tiling.chunks_per_unit, "chunks_per_unit" in config.tiling.model_fields_set
+        )
+    grid = TileGrid.create(info.shape, chunk=chunk, halo=halo, stride=stride, chunks_per_unit=per_unit)
     if model.fixed_window is not None:
         _check_fixed_window(config, model.fixed_window, grid, blend)
     if config.output.probabilities and not isinstance(config.model, NetworkModelConfig):
@@ -186,6 +188,20 @@ def prepare(config: JobConfig) -> Job:
     except ValueError as exc:  # a grid whose pixel areas cannot be computed: before any store exists
         raise SourceError(f"{_shown(config.source.path)}: {exc}") from exc
     return Job(config, opened.source, info, model, grid, opened.fingerprint, store_path, per_pixel, regions, blend)
+
+
+BLEND_STRIP = 4096  # px: the default width of a blended unit's strip (windows along its sides are computed twice)
+
+
+def blend_units(shape: tuple[int, ...], chunk: tuple[int, ...], per_unit: int, stated: bool) -> tuple[int, ...]:
+    """Chunks per blended unit along each axis: the whole first axis (a unit walks it band by band),
+    ``chunks_per_unit`` across it, or by default strips up to 4096 px wide but at least two of them
+    where the image is wider than a chunk (two actors have work)."""
+    along = -(-shape[0] // chunk[0])
+    if not stated:
+        widths = [min(BLEND_STRIP, max(c, -(-s // 2))) for s, c in zip(shape[1:], chunk[1:])]
+        return (along, *(max(1, -(-w // c)) for w, c in zip(widths, chunk[1:])))
+    return (along, *(per_unit,) * (len(shape) - 1))
 
 
 def stitch_of(config: JobConfig) -> str:

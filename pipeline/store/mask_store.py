@@ -399,34 +399,64 @@ class MaskStore:
         ``pixel_measure`` is m² per pixel for each image row, or one mm³ per voxel, or None;
         ``near_ties`` the unit's pixels whose top two logits are within 2e-4 (None: no logits).
         """
-        if not self._writing:  # each open reads and parses the array's metadata again: three a unit
-            self._writing = {
+        stats = self.write_chunks(
+            unit, unit.core, labels, pixel_measure=pixel_measure, n_classes=n_classes, probabilities=probabilities
+        )
+        self.write_unit_stats(unit, stats, near_ties=near_ties)
+        return stats
+
+    def write_chunks(
+        self,
+        unit: WorkUnit,
+        box: Box,
+        labels: np.ndarray,
+        *,
+        pixel_measure: PixelMeasure,
+        n_classes: int,
+        probabilities: np.ndarray | None = None,
+    ) -> ChunkStats:
+        """Write the chunks of ``unit`` that ``box`` covers (whole chunks: ``labels`` covers ``box``,
+        a block of the unit's chunks); returns their statistics. The unit is not done until
+        ``write_unit_stats``."""
+        arrays = self._writers()
+        inside = [chunk for chunk in unit.chunks if box.contains(chunk)]
+        if sum(chunk.size for chunk in inside) != box.size:
+            raise ValueError(f"{box} is not a block of whole chunks of unit {unit.index}")
+        for chunk in inside:
+            arrays["mask"][chunk.slices()] = labels[chunk.within(box)]
+        stored = arrays.get("probability")
+        if stored is not None:
+            if probabilities is None:
+                raise StoreError(f"{self.path}: the store keeps probabilities, but the unit brought none")
+            for chunk in inside:
+                stored[(slice(None), *chunk.slices())] = probabilities[(slice(None), *chunk.within(box))]
+        if isinstance(pixel_measure, np.ndarray):
+            pixel_measure = pixel_measure[box.start[0] : box.stop[0]]
+        return count_classes(labels, n_classes, pixel_measure)
+
+    def write_unit_stats(self, unit: WorkUnit, stats: ChunkStats, *, near_ties: int | None = None) -> None:
+        """A unit's statistics row, written after all its chunks: the unit is done."""
+        arrays = self._writers()
+        if near_ties is not None and "near_ties" in arrays:
+            arrays["near_ties"][unit.index] = near_ties
+        arrays["measure"][unit.index] = stats.measure
+        arrays["pixels"][unit.index] = stats.pixels
+
+    def _writers(self) -> dict[str, zarr.Array]:
+        """The arrays units write, opened once (each open reads and parses the array's metadata)."""
+        if not self._writing:
+            writing = {
                 "mask": self.mask.with_config({"write_empty_chunks": True}),  # see StoreMeta.every_chunk
                 "measure": self._units("measure"),
                 "pixels": self._units("pixels"),
             }
             if self.info.arrays.probability:
                 array = cast(zarr.Array, self.group[self.info.arrays.probability])
-                self._writing["probability"] = array.with_config({"write_empty_chunks": True})
+                writing["probability"] = array.with_config({"write_empty_chunks": True})
             if "near_ties" in self.group["units"]:  # type: ignore[operator]
-                self._writing["near_ties"] = self._units("near_ties")
-        mask = self._writing["mask"]
-        for chunk in unit.chunks:
-            mask[chunk.slices()] = labels[chunk.within(unit.core)]
-        stored = self._writing.get("probability")
-        if stored is not None:
-            if probabilities is None:
-                raise StoreError(f"{self.path}: the store keeps probabilities, but the unit brought none")
-            for chunk in unit.chunks:
-                stored[(slice(None), *chunk.slices())] = probabilities[(slice(None), *chunk.within(unit.core))]
-        if near_ties is not None and "near_ties" in self._writing:
-            self._writing["near_ties"][unit.index] = near_ties
-        if isinstance(pixel_measure, np.ndarray):
-            pixel_measure = pixel_measure[unit.core.start[0] : unit.core.stop[0]]
-        stats = count_classes(labels, n_classes, pixel_measure)
-        self._writing["measure"][unit.index] = stats.measure
-        self._writing["pixels"][unit.index] = stats.pixels
-        return stats
+                writing["near_ties"] = self._units("near_ties")
+            self._writing = writing
+        return self._writing
 
     def update_meta(self, **changes: Any) -> None:
         meta = dict(self.meta)

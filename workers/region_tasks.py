@@ -22,6 +22,7 @@ import zarr
 
 from pipeline.core.geometry import Box
 from pipeline.core.regions import face_slices, label_chunk, region_stats, relabel_table
+from pipeline.core.stats import NODATA, decode_probability
 from pipeline.sources.inputs import Source
 
 
@@ -35,6 +36,7 @@ class LabelTask:
     classes: tuple[int, ...]
     pixel_measure: np.ndarray | float | None
     source: Source | None
+    probability: str | None = None  # the store's probability array (path), if it keeps one
 
 
 @dataclass(frozen=True)
@@ -59,7 +61,15 @@ def label_task(task: LabelTask) -> tuple[int, int]:
     if task.source is not None and labelled.count:
         intensity, _ = task.source.read(task.box)
     bands = len(task.source.bands) if task.source is not None else 0
-    stats = region_stats(labelled, task.box.start, pixel_measure=task.pixel_measure, intensity=intensity, bands=bands)
+    own = None
+    if task.probability is not None and labelled.count:
+        stored = np.asarray(zarr.open_array(task.probability, mode="r")[(slice(None), *task.box.slices())])
+        classes = np.where(mask == NODATA, 0, mask)[None].astype(np.intp)
+        own = decode_probability(np.take_along_axis(stored, classes, axis=0)[0])
+        own[labelled.ids == 0] = 0.0  # nodata and unlabelled classes count in no region
+    stats = region_stats(
+        labelled, task.box.start, pixel_measure=task.pixel_measure, intensity=intensity, bands=bands, probability=own
+    )
     arrays: dict[str, Any] = stats.to_arrays()
     for axis in range(mask.ndim):
         for side, (ids, cls) in enumerate(zip(face_slices(labelled.ids, axis), face_slices(mask, axis))):

@@ -298,6 +298,12 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("store")
     export.add_argument("out", help="output .tif path (never one of the store's inputs)")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    export.add_argument(
+        "--probabilities",
+        action="store_true",
+        help="write the per-class probabilities (one uint8 band per class, p x 254; the job needs "
+        "output.probabilities: true) instead of the class ids",
+    )
     export.set_defaults(func=_cmd_export)
 
     model = sub.add_parser(
@@ -486,7 +492,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     out = guard_output(args.out, inputs=store_inputs(store), overwrite=args.overwrite)
     if store.status != COMPLETE:
         print(f"raymask: warning: {args.store} is {store.status}; unwritten chunks export as nodata", file=sys.stderr)
-    out = export_geotiff(store, out)
+    out = export_geotiff(store, out, probabilities=args.probabilities)
     print(out)
     return 0
 

@@ -14,7 +14,9 @@ column (the documented format, also in the README):
   ``centroid_lat``; the box from its four corners);
 * volumes: the centroid and the box of voxel centres in DICOM patient coordinates (LPS, mm):
   ``centroid_x_mm``.., ``x_min_mm``..``z_max_mm``;
-* the mean source value per band: ``mean_hu`` (CT), ``mean_value`` (one band) or ``mean_b{N}``.
+* the mean source value per band: ``mean_hu`` (CT), ``mean_value`` (one band) or ``mean_b{N}``;
+* ``mean_probability``: the mean probability of the region's class over its pixels, where the
+  store keeps probabilities (``output.probabilities``).
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class TableContext:
     affine: np.ndarray | None = None  # volumes: voxel (k, j, i, 1) -> patient (x, y, z, 1)
     bands: tuple[int, ...] = ()  # source bands whose means are kept; () when no source was read
     modality: str | None = None
+    probabilities: bool = False  # the store keeps per-class probabilities: a mean_probability column
 
 
 def intensity_columns(context: TableContext) -> list[str]:
@@ -83,6 +86,8 @@ def columns(stats: RegionStats, first_id: int, context: TableContext) -> dict[st
         out.update(_patient_columns(stats, centroid, context.affine))
     for b, name in enumerate(intensity_columns(context)):
         out[name] = stats.intensity_sum[:, b] / np.maximum(stats.pixels, 1)
+    if context.probabilities:
+        out["mean_probability"] = stats.probability_sum / np.maximum(stats.pixels, 1)
     return out
 
 

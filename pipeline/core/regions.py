@@ -79,7 +79,8 @@ class RegionStats:
 
     ``start``/``stop`` are the half-open bounding box in global pixel indices; ``index_sum`` the
     sum of each pixel's global index per axis (centroid = index_sum / pixels); ``measure`` the
-    summed area or volume (NaN without one); ``intensity_sum`` the summed source value per band.
+    summed area or volume (NaN without one); ``intensity_sum`` the summed source value per band;
+    ``probability_sum`` the summed probability of the region's class (0 where none is stored).
     """
 
     classes: np.ndarray  # (n,) int64
@@ -89,6 +90,7 @@ class RegionStats:
     stop: np.ndarray  # (n, ndim) int64
     index_sum: np.ndarray  # (n, ndim) float64
     intensity_sum: np.ndarray  # (n, bands) float64; bands may be 0
+    probability_sum: np.ndarray  # (n,) float64
 
     def __len__(self) -> int:
         return len(self.classes)
@@ -119,6 +121,7 @@ class RegionStats:
             np.full((n, ndim), -1, dtype=np.int64),
             np.zeros((n, ndim), dtype=np.float64),
             np.zeros((n, bands), dtype=np.float64),
+            np.zeros(n, dtype=np.float64),
         )
 
     def fold(self, rows: np.ndarray, part: RegionStats) -> None:
@@ -130,9 +133,10 @@ class RegionStats:
         np.maximum.at(self.stop, rows, part.stop)
         np.add.at(self.index_sum, rows, part.index_sum)
         np.add.at(self.intensity_sum, rows, part.intensity_sum)
+        np.add.at(self.probability_sum, rows, part.probability_sum)
 
 
-_FIELDS = ("classes", "pixels", "measure", "start", "stop", "index_sum", "intensity_sum")
+_FIELDS = ("classes", "pixels", "measure", "start", "stop", "index_sum", "intensity_sum", "probability_sum")
 
 
 def region_stats(
@@ -142,12 +146,14 @@ def region_stats(
     pixel_measure: np.ndarray | float | None = None,
     intensity: np.ndarray | None = None,
     bands: int = 0,
+    probability: np.ndarray | None = None,
 ) -> RegionStats:
     """Summarise a labelled chunk whose first pixel is at global index ``origin``.
 
     ``pixel_measure`` is m² per pixel for each row of a 2-D chunk, or one value per pixel or voxel, or
     None; ``intensity`` is ``(bands, *chunk shape)`` source values, or None (then ``bands`` zero
-    columns, so that chunks with and without regions fold together).
+    columns, so that chunks with and without regions fold together); ``probability`` is each
+    pixel's probability of its own class (the chunk's shape), or None.
     """
     ids = chunk.ids
     n = chunk.count
@@ -181,7 +187,14 @@ def region_stats(
         assert intensity is not None
         values = np.asarray(intensity[b], dtype=np.float64).reshape(-1)
         intensity_sum[:, b] = np.bincount(flat, weights=values, minlength=n + 1)[1:]
-    return RegionStats(chunk.classes[1:].copy(), pixels, area.astype(np.float64), start, stop, index_sum, intensity_sum)
+    probability_sum = np.zeros(n, dtype=np.float64)
+    if probability is not None:
+        values = np.asarray(probability, dtype=np.float64).reshape(-1)
+        probability_sum = np.bincount(flat, weights=values, minlength=n + 1)[1:].astype(np.float64)
+    return RegionStats(
+        chunk.classes[1:].copy(), pixels, area.astype(np.float64), start, stop, index_sum, intensity_sum,
+        probability_sum,
+    )  # fmt: skip
 
 
 def face_slices(ids: np.ndarray, axis: int) -> tuple[np.ndarray, np.ndarray]:

@@ -107,8 +107,11 @@ def label_store(
         return pixel_measure
 
     mask_path = str(store.path / store.mask_path)
+    probability = str(store.path / info.arrays.probability) if info.arrays.probability else None
     label_items = [
-        LabelTask(mask_path, str(scratch), i, b, spec.connectivity, spec.classes, measure_of_pixels(b), source)
+        LabelTask(
+            mask_path, str(scratch), i, b, spec.connectivity, spec.classes, measure_of_pixels(b), source, probability
+        )
         for i, b in enumerate(boxes)
     ]
     counts = [0] * len(boxes)
@@ -149,6 +152,7 @@ def label_store(
         affine=np.asarray(info.volume.affine) if info.volume is not None else None,
         bands=bands,
         modality=modality,
+        probabilities=probability is not None,
     )
     per_class = _write_table(scratch / "table", plan, scratch, context, len(bands), token, spec)
     names = info.class_names

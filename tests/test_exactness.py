@@ -2,8 +2,9 @@
 
 A random-weight U-Net-like TorchScript model (stride 4, receptive radius well under 24 px) runs
 on a 203 x 157 image, whose sides are multiples of neither the chunk nor the stride. Labels from
-the real pipeline (on Ray actors, and in process) must equal whole-image labels exactly, and logits
-stitched from the same read windows must match within 1e-4, for two chunk sizes. With halo 0 they
+the real pipeline (on Ray actors, and in process) must equal whole-image labels except at float
+near-ties (top two logits within 2e-4, which the run counts), and logits stitched from the same read
+windows must match within 1e-4, for two chunk sizes. With halo 0 they
 must differ, which shows the test can fail.
 """
 
@@ -23,6 +24,7 @@ from pipeline.core.geometry import inside_image, pad_to_window
 from pipeline.jobs.run import prepare
 from tests.conftest import GeoTiffFactory, tiny_unet, write_config
 from workers.models.network import NetworkModel
+from workers.models.prediction import LOGIT_TOLERANCE, NEAR_TIE
 
 ROWS, COLS, STRIDE = 203, 157, 4
 
@@ -93,9 +95,22 @@ def test_tiled_equals_whole_image(
     summary = json.loads(capsys.readouterr().out)
     assert summary["exact"] is True and summary["units_total"] > 4 and summary["engine"] == engine
     assert summary["chunks"] == -(-ROWS // chunk) * -(-COLS // chunk)
+    assert summary["equals"].startswith("whole-image inference (labels identical except at float near-ties")
     labels = zarr.open_array(f"{tmp_path}/tiled-{chunk}-24.zarr/mask")[:]
-    np.testing.assert_array_equal(labels, reference.argmax(axis=0))
-    np.testing.assert_allclose(stitched_logits(config), reference, atol=1e-4, rtol=0)
+    stitched = stitched_logits(config)
+    np.testing.assert_allclose(stitched, reference, atol=LOGIT_TOLERANCE, rtol=0)
+    # labels identical except at float near-ties, and the near-ties are counted, not hidden
+    differ = labels != reference.argmax(axis=0)
+    assert not (differ & ~near_ties(reference)).any()
+    assert int(differ.sum()) <= summary["near_ties"]
+    counted = int(near_ties(stitched).sum())  # the run's count, from the same windows' logits
+    assert abs(summary["near_ties"] - counted) <= max(2, counted // 50)
+
+
+def near_ties(logits: np.ndarray) -> np.ndarray:
+    """Pixels whose two highest logits are within NEAR_TIE: the only labels float rounding may flip."""
+    top2 = np.sort(logits, axis=0)[-2:]
+    return (top2[1] - top2[0]) <= NEAR_TIE
 
 
 @pytest.mark.usefixtures("ray_session")

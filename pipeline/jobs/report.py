@@ -130,6 +130,12 @@ def render_info(info: dict[str, Any]) -> str:
         f"model      {info['model']['kind']} ({info['model']['identity']})",
         f"source     {', '.join(info['source']['paths'])} bands {info['source']['bands']}",
     ]
+    model = info["model"] or {}
+    if model.get("equals"):  # stores since blended stitching say what their output equals
+        lines.append(f"stitch     {model.get('stitch', 'exact')}: equals {model['equals']}")
+    ties = (info.get("stats") or {}).get("near_ties")
+    if ties is not None:
+        lines.append(f"near-ties  {_near_ties(ties)}")
     regions = info.get("regions")
     if regions:
         lines.append(

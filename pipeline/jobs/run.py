@@ -85,6 +85,8 @@ class Job:
                 f"sliding-window inference (window {' × '.join(map(str, b.window))}, overlap {b.overlap[-1]:g}, "
                 f"{weights}; MONAI's sliding_window_inference), not whole-image inference"
             )
+        if self.exact and self.model.pixelwise:
+            return "whole-image inference (a per-pixel model: identical labels)"
         if self.exact:
             return "whole-image inference (labels identical except at float near-ties; logits within 1e-4)"
         return "nothing claimed: tiles may differ from whole-image inference near their edges"

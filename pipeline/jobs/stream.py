@@ -6,7 +6,9 @@ per tile, whatever the model, and moved every window through the object store tw
 worker (``workers.unit_worker.UnitWorker``, one model per actor, a GPU each where there are GPUs)
 is given *leases*, short lists of units, and runs read -> predict -> write for them itself,
 pipelined in its own threads; the driver only hands out leases and counts rows. Each actor holds
-two leases, so it starts reading the next one while the model finishes the current one.
+two leases, so it starts reading the next one while the model finishes the current one; but a second
+lease comes only from units that no actor without work could take (with 2 units and 2 actors, the
+first actor loaded took both and the other had nothing to do: blended jobs have few, large units).
 
 Fault tolerance: when an actor's process dies (killed, out of memory, a native crash), the units
 of its leases that had not reported are put back at the front of the queue and a new actor takes
@@ -199,6 +201,9 @@ def _on_ray(
     loading: dict[Any, _Actor] = {}  # ready() probes of actors still loading their model
 
     def give(actor: _Actor) -> None:
+        idle = sum(1 for a in actors if a is not actor and not a.leases)  # loading, or waiting for work
+        if actor.leases and len(queue) <= idle:
+            return  # a second lease (read ahead) only from what the actors without work cannot take
         size = lease_size(len(queue), len(actors), batch)
         lease = [queue.popleft() for _ in range(min(size, len(queue)))]
         if lease:

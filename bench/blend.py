@@ -17,8 +17,10 @@ what that costs against MONAI itself doing it:
   threads (batch 4) and two 1-thread processes at once; no I/O.
 - MONAI: rasterio reads the whole scene, ``sliding_window_inference`` (batch 4, 2 torch threads),
   argmax, zarr. The whole command.
-- raymask: ``raymask run`` with ``tiling.stitch: blend`` (its default strips, one 1-thread actor per
-  CPU on a local Ray), the whole command.
+- raymask: ``raymask run`` with ``tiling.stitch: blend`` and its default strips, the whole command:
+  with the default ``runtime.engine: auto`` (these jobs have 2-4 units, so they run in the command's
+  own process with 2 torch threads, no Ray), and on a local Ray (``engine: ray``, one 1-thread actor
+  per CPU).
 
 Each method is its own command; its wall time and the peak of its memory (PSS summed over its whole
 process tree, Ray's processes included) are measured from outside (bench/peers.py ``measure``).
@@ -130,7 +132,7 @@ def run_role(role: str, *args: Path) -> Measured:
     return measure([sys.executable, str(Path(__file__)), "--role", role, *map(str, args)])
 
 
-def raymask(work: Path, scene: Path, model: Path, name: str) -> Measured:
+def raymask(work: Path, scene: Path, model: Path, name: str, engine: str) -> Measured:
     config = work / f"{name}.yaml"
     config.write_text(
         f"source: {{path: '{scene}'}}\n"
@@ -138,7 +140,7 @@ def raymask(work: Path, scene: Path, model: Path, name: str) -> Measured:
         f"tiling: {{chunk: {TILE}, stitch: blend, window: {WINDOW}, overlap: {OVERLAP}}}\n"
         f"output: {{path: '{work}/{name}.zarr', preview: false}}\n"
         "regions: {enabled: false}\n"
-        "runtime: {engine: ray}\n"
+        f"runtime: {{engine: {engine}}}\n"
     )
     argv = [str(Path(sys.executable).with_name("raymask")), "run", str(config), "--json", "--overwrite"]
     return measure(argv)
@@ -194,7 +196,7 @@ def main() -> None:
         for name in args.models:
             model = work / f"{name}.pt"
             build_model(model, name)
-            peaks: dict[str, list[float]] = {"monai": [], "raymask": []}
+            peaks: dict[str, list[float]] = {"monai": [], "raymask (engine auto)": [], "raymask (engine ray)": []}
             for size in args.sizes:
                 scene = mosaic(args.scenes / f"scene-{size}.tif", size)
                 tiles = (size / TILE) ** 2
@@ -203,10 +205,11 @@ def main() -> None:
                 alone = max(one.output["windows_per_s"], pair.output["windows_per_s"])
                 keep = work / "reference.npz" if size == args.sizes[0] else Path("-")
                 monai = run_role("monai", scene, model, work / f"monai-{name}-{size}.zarr", keep)
-                ours = raymask(work, scene, model, f"{name}-{size}")
-                note = agreement(work / f"{name}-{size}.zarr", keep) if str(keep) != "-" else ""
-                windows = ours.output["windows"]
-                grid_windows = windows["grid"]
+                runs = {
+                    engine: raymask(work, scene, model, f"{name}-{size}-{engine}", engine) for engine in ("auto", "ray")
+                }
+                note = agreement(work / f"{name}-{size}-auto.zarr", keep) if str(keep) != "-" else ""
+                grid_windows = runs["auto"].output["windows"]["grid"]
                 alone_gb = max(one.peak_mb, pair.peak_mb) / 1024
                 say(
                     f"| {name} | {size}² | model alone ({alone:.2f} windows/s: {grid_windows} windows "
@@ -216,19 +219,27 @@ def main() -> None:
                     f"| {name} | {size}² | MONAI sliding_window_inference | {tiles / monai.wall_s:.2f} | 1.00 "
                     f"| {monai.wall_s:.1f} | {monai.peak_mb / 1024:.2f} GB | |"
                 )
-                t = ours.output["timings"]
-                say(
-                    f"| {name} | {size}² | **raymask blend** | **{tiles / ours.wall_s:.2f}** "
-                    f"| **{monai.wall_s / ours.wall_s:.2f}** | {ours.wall_s:.1f} | **{ours.peak_mb / 1024:.2f} GB** "
-                    f"| {ours.output['units_total']} strips, windows computed +{100 * windows['extra']:.0f} %; "
-                    f"Ray start {t['startup_s']:.1f} s; {note} |"
-                )
                 peaks["monai"].append(monai.peak_mb)
-                peaks["raymask"].append(ours.peak_mb)
-                ratios.append(
-                    f"{name} {size}²: raymask / MONAI throughput {monai.wall_s / ours.wall_s:.2f}, "
-                    f"memory {ours.peak_mb / 1024:.2f} vs {monai.peak_mb / 1024:.2f} GB"
-                )
+                for engine, ours in runs.items():
+                    windows, t = ours.output["windows"], ours.output["timings"]
+                    where = (
+                        f"on Ray actors (Ray start {t['startup_s']:.1f} s)"
+                        if ours.output["engine"] == "ray"
+                        else "engine auto: in its own process"
+                    )
+                    say(
+                        f"| {name} | {size}² | **raymask blend**, {where} | **{tiles / ours.wall_s:.2f}** "
+                        f"| **{monai.wall_s / ours.wall_s:.2f}** | {ours.wall_s:.1f} "
+                        f"| **{ours.peak_mb / 1024:.2f} GB** | {ours.output['units_total']} strips, "
+                        f"windows computed +{100 * windows['extra']:.0f} % "
+                        f"({windows['computed']} for {windows['grid']}); {note if engine == 'auto' else ''} |"
+                    )
+                    peaks[f"raymask (engine {engine})"].append(ours.peak_mb)
+                    ratios.append(
+                        f"{name} {size}², raymask engine {engine}: throughput / MONAI's "
+                        f"{monai.wall_s / ours.wall_s:.2f}, memory {ours.peak_mb / 1024:.2f} vs "
+                        f"{monai.peak_mb / 1024:.2f} GB"
+                    )
             for method, values in peaks.items():
                 if len(values) > 1:
                     ratios.append(

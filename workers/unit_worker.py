@@ -256,6 +256,7 @@ class UnitWorker:
         )  # fmt: skip
         for band, logits, valid in bands:
             outputs = finish(logits.unsqueeze(0), probabilities=target.probabilities)()
+            del logits
             writes.append(self.writers.submit(self._write_band, key, unit, grid.to_image(band), outputs, valid))
         parts = [f.result() for f in writes]
         return lambda: Written.total(parts, target.n_classes)

@@ -178,10 +178,13 @@ def scripted(d: Path, module: object, name: str = "model.pt") -> Path:
     return path
 
 
-def torch_job(d: Path, model: Path, classes: int = 2, **model_keys: object) -> list[str]:
+def torch_job(d: Path, model: Path, classes: int = 2, *, tiling: object = None, **model_keys: object) -> list[str]:
     image = geotiff(inputs(d) / "scene.tif", red_nir(128, 128, "float32"))
     spec = {"kind": "torchscript", "path": str(model), "classes": [f"c{i}" for i in range(classes)], "stride": 1}
-    return job(d, {"path": str(image), "bands": [1, 2]}, model={**spec, **model_keys}, runtime={"batch_size": 1})
+    return job(
+        d, {"path": str(image), "bands": [1, 2]}, model={**spec, **model_keys}, tiling=tiling,
+        runtime={"batch_size": 1},
+    )  # fmt: skip
 
 
 def made_store(d: Path) -> Path:
@@ -764,6 +767,28 @@ def _(d: Path) -> list[str]:
     return raw_job(d, f"source: {{path: {S2}, bands: [3, 8]}}\nmodel: {{kind: ndvi}}\noutput: {{path: ''}}\n")
 
 
+@case("config-blend-ndvi", "config", "tiling.stitch blend for the per-pixel ndvi model",
+      "tiling.stitch blend: model.kind ndvi works pixel by pixel")  # fmt: skip
+def _(d: Path) -> list[str]:
+    return job(d, {"path": str(S2), "bands": [3, 8]}, tiling={"chunk": 64, "stitch": "blend"})
+
+
+@case("config-overlap-one", "config", "tiling.overlap: 1 (windows that never move)", "job.yaml: tiling.overlap:",
+      "less than 1")  # fmt: skip
+def _(d: Path) -> list[str]:
+    return job(d, {"path": str(S2), "bands": [3, 8]}, tiling={"chunk": 64, "overlap": 1})
+
+
+@case("config-probabilities-ndvi", "config", "output.probabilities for the ndvi model (no logits)",
+      "output.probabilities: model.kind ndvi gives labels, not logits")  # fmt: skip
+def _(d: Path) -> list[str]:
+    return raw_job(
+        d,
+        f"source: {{path: '{S2}', bands: [3, 8]}}\nmodel: {{kind: ndvi}}\n"
+        f"output: {{path: '{d}/out.zarr', probabilities: true}}\n",
+    )
+
+
 @case("config-halo-float", "config", "tiling.halo: 8.5", "job.yaml: tiling.halo:", "8.5")
 def _(d: Path) -> list[str]:
     return job(d, {"path": str(S2), "bands": [3, 8]}, tiling={"chunk": 64, "halo": 8.5})
@@ -923,6 +948,18 @@ def _(d: Path) -> list[str]:
     path = inputs(d) / "model.pt"
     torch.save(_nets()[0](2, 2).state_dict(), str(path))
     return torch_job(d, path)
+
+
+@case("model-blend-window-off-stride", "model", "tiling.stitch blend, a 63 px window for a stride-2 network",
+      "tiling.window [63, 63] must be a multiple of the model stride (2)")  # fmt: skip
+def _(d: Path) -> list[str]:
+    return torch_job(d, scripted(d, _nets()[0](2, 2)), stride=2, tiling={"chunk": 64, "stitch": "blend", "window": 63})
+
+
+@case("model-blend-window-over-the-image", "model", "tiling.stitch blend with a 256 px window on a 128 px image "
+      "(padded with zeros on both sides, as MONAI pads)", exit=0, complete=True)  # fmt: skip
+def _(d: Path) -> list[str]:
+    return torch_job(d, scripted(d, _nets()[0](2, 2)), tiling={"chunk": 64, "stitch": "blend", "window": 256})
 
 
 @case("model-missing", "model", "model.path naming no file", "nowhere.pt: model file not found")

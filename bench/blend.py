@@ -185,7 +185,8 @@ def main() -> None:
     say(f"machine: {platform.machine()}, {os.cpu_count()} cores, {_memory_gb():.0f} GB; {_versions()}")
     say(
         f"window {WINDOW} px, overlap {OVERLAP}, gaussian (sigma 0.125 x window); MONAI batch 4 with {THREADS} "
-        "threads; raymask `tiling.stitch: blend`, default strips, one 1-thread actor per CPU"
+        "threads; raymask `tiling.stitch: blend`, default strips, engine auto (in process, 2 torch threads) "
+        "and ray (one 1-thread actor per CPU)"
     )
     say()
     say("| model | size | method | tiles/s | vs MONAI | wall s | peak memory (PSS, all processes) | notes |")

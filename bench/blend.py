@@ -46,7 +46,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from peers import Measured, _memory_gb, _versions, measure  # noqa: E402
+from peers import Measured, _memory_gb, _versions, measure, write_section  # noqa: E402
 
 WINDOW, OVERLAP, CLASSES, THREADS, TILE = 512, 0.25, 3, 2, 512
 MODELS = {
@@ -252,22 +252,8 @@ def main() -> None:
     for line in ratios:
         say(f"- {line}")
     if not args.no_write:
-        write_results(lines)
-
-
-def write_results(lines: list[str]) -> None:
-    path = HERE / "RESULTS.md"
-    text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = "<!-- blend:start -->", "<!-- blend:end -->"
-    block = (
-        f"{start}\n## Blended stitching beside MONAI's sliding window (bench/blend.py)\n\nRun "
-        f"{time.strftime('%Y-%m-%d')}: `.venv/bin/python bench/blend.py`.\n\n" + "\n".join(lines) + f"\n{end}"
-    )
-    if start in text:
-        text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
-        text = text.rstrip("\n") + "\n\n" + block + "\n"
-    path.write_text(text)
+        write_section("blend", "Blended stitching beside MONAI's sliding window (bench/blend.py)",
+                      "`.venv/bin/python bench/blend.py`", lines)  # fmt: skip
 
 
 if __name__ == "__main__":

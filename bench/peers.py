@@ -494,18 +494,23 @@ def main() -> None:
 
 
 def write_results(lines: list[str]) -> None:
+    write_section("peers", "raymask beside its peers (bench/peers.py)",
+                  "`make bench` (`.venv/bin/python bench/peers.py`)", lines, first=True)  # fmt: skip
+
+
+def write_section(key: str, title: str, how: str, lines: list[str], *, first: bool = False) -> None:
+    """Replace (or add: first in the file, or last) the ``<!-- KEY:start -->`` section of bench/RESULTS.md."""
     path = HERE / "RESULTS.md"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    start, end = "<!-- peers:start -->", "<!-- peers:end -->"
-    block = (
-        f"{start}\n## raymask beside its peers (bench/peers.py)\n\nRun {time.strftime('%Y-%m-%d')}: "
-        f"`make bench` (`.venv/bin/python bench/peers.py`).\n\n" + "\n".join(lines) + f"\n{end}"
-    )
+    start, end = f"<!-- {key}:start -->", f"<!-- {key}:end -->"
+    block = f"{start}\n## {title}\n\nRun {time.strftime('%Y-%m-%d')}: {how}.\n\n" + "\n".join(lines) + f"\n{end}"
     if start in text:
         text = text[: text.index(start)] + block + text[text.index(end) + len(end) :]
-    else:
+    elif first:
         head, _, rest = text.partition("\n")
         text = f"{head}\n\n{block}\n{rest}"
+    else:
+        text = text.rstrip("\n") + "\n\n" + block + "\n"
     path.write_text(text)
 
 

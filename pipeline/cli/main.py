@@ -294,9 +294,33 @@ def _parser() -> argparse.ArgumentParser:
     zones.add_argument("--json", action="store_true", help="one JSON list on stdout")
     zones.set_defaults(func=_cmd_zones)
 
-    export = sub.add_parser("export", help="write a store's mask as a Cloud-Optimized GeoTIFF (GDAL, QGIS)")
+    export = sub.add_parser(
+        "export",
+        help="write a store's mask as a Cloud-Optimized GeoTIFF, or its regions as polygons",
+        description="OUT's suffix picks the format: .tif a Cloud-Optimized GeoTIFF of the class ids (or, with "
+        "--probabilities, the class probabilities); .parquet (GeoParquet 1.1), .fgb, .gpkg or .geojson (WGS84) one "
+        "polygon per region with the region table's columns, its exact pixel-edge outline (area = pixels x pixel "
+        "area), streamed chunk by chunk. Open them in QGIS, GDAL, geopandas, DuckDB or BigQuery.",
+    )
     export.add_argument("store")
-    export.add_argument("out", help="output .tif path (never one of the store's inputs)")
+    export.add_argument(
+        "out", help="output path: .tif, .parquet, .fgb, .gpkg or .geojson (never one of the store's inputs)"
+    )
+    export.add_argument("--class", dest="classes", action="append", metavar="NAME",
+                        help="polygons: only regions of this class (repeat for several)")  # fmt: skip
+    export.add_argument(
+        "--min-area", type=float, metavar="A", help="polygons: only regions of at least A m² (mm² for images)"
+    )
+    export.add_argument(
+        "--simplify",
+        type=float,
+        metavar="TOLERANCE",
+        help="polygons: simplify each outline within TOLERANCE (CRS units), keeping it valid; areas then change",
+    )
+    export.add_argument("--connectivity", type=int, choices=(4, 8),
+                        help="polygons: the connectivity the store's regions must have")  # fmt: skip
+    export.add_argument("--json", action="store_true", help="print what was written as JSON")
+    export.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     export.add_argument(
         "--probabilities",
@@ -484,12 +508,28 @@ def _cmd_zones(args: argparse.Namespace) -> int:
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
+    from pipeline.errors import QueryError
     from pipeline.query.export import export_geotiff
+    from pipeline.query.polygons import export_polygons, polygon_suffix
     from pipeline.store import COMPLETE, MaskStore
-    from pipeline.store.outputs import guard_output, store_inputs
+    from pipeline.store.outputs import check_writable_folder, guard_output, store_inputs
 
     store = MaskStore.open(args.store)
     out = guard_output(args.out, inputs=store_inputs(store), overwrite=args.overwrite)
+    if polygon_suffix(out):
+        check_writable_folder(out)
+        result = export_polygons(
+            store, out, classes=args.classes, min_area=args.min_area, simplify=args.simplify,
+            connectivity=args.connectivity, progress=_progress(args),
+        )  # fmt: skip
+        print(
+            json.dumps(result, indent=2) if args.json else f"{out}: {result['features']} polygons ({result['format']})"
+        )
+        return 0
+    if out.suffix.lower() not in (".tif", ".tiff"):
+        raise QueryError(
+            f"{out}: unknown export format {out.suffix or '(no suffix)'}; use .tif, .parquet, .fgb, .gpkg or .geojson"
+        )
     if store.status != COMPLETE:
         print(f"raymask: warning: {args.store} is {store.status}; unwritten chunks export as nodata", file=sys.stderr)
     out = export_geotiff(store, out, probabilities=args.probabilities)

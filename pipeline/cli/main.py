@@ -300,7 +300,8 @@ def _parser() -> argparse.ArgumentParser:
         description="OUT's suffix picks the format: .tif a Cloud-Optimized GeoTIFF of the class ids (or, with "
         "--probabilities, the class probabilities); .parquet (GeoParquet 1.1), .fgb, .gpkg or .geojson (WGS84) one "
         "polygon per region with the region table's columns, its exact pixel-edge outline (area = pixels x pixel "
-        "area), streamed chunk by chunk. Open them in QGIS, GDAL, geopandas, DuckDB or BigQuery.",
+        "area), streamed chunk by chunk (QGIS, GDAL, geopandas, DuckDB, BigQuery); .nii.gz (or .nii) a volume's "
+        "labels as NIfTI-1 in RAS with OUT.json naming the classes (3D Slicer, ITK-SNAP, nibabel).",
     )
     export.add_argument("store")
     export.add_argument(
@@ -510,6 +511,7 @@ def _cmd_zones(args: argparse.Namespace) -> int:
 def _cmd_export(args: argparse.Namespace) -> int:
     from pipeline.errors import QueryError
     from pipeline.query.export import export_geotiff
+    from pipeline.query.nifti import export_nifti, nifti_suffix, side_file
     from pipeline.query.polygons import export_polygons, polygon_suffix
     from pipeline.store import COMPLETE, MaskStore
     from pipeline.store.outputs import check_writable_folder, guard_output, store_inputs
@@ -526,9 +528,16 @@ def _cmd_export(args: argparse.Namespace) -> int:
             json.dumps(result, indent=2) if args.json else f"{out}: {result['features']} polygons ({result['format']})"
         )
         return 0
+    if nifti_suffix(out):
+        guard_output(side_file(out), inputs=store_inputs(store), overwrite=args.overwrite)
+        check_writable_folder(out)
+        result = export_nifti(store, out)
+        print(json.dumps(result, indent=2) if args.json else f"{out}: NIfTI-1 labels, classes in {result['labels']}")
+        return 0
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise QueryError(
-            f"{out}: unknown export format {out.suffix or '(no suffix)'}; use .tif, .parquet, .fgb, .gpkg or .geojson"
+            f"{out}: unknown export format {out.suffix or '(no suffix)'}; "
+            "use .tif, .parquet, .fgb, .gpkg, .geojson or .nii.gz"
         )
     if store.status != COMPLETE:
         print(f"raymask: warning: {args.store} is {store.status}; unwritten chunks export as nodata", file=sys.stderr)

@@ -49,7 +49,9 @@ def export_polygons(
     """Write ``store``'s region polygons to ``out`` (format from its suffix); returns a summary."""
     suffix = out.suffix.lower()
     if suffix not in FORMATS:
-        raise QueryError(f"{out}: unknown export format {suffix or '(no suffix)'}; use .tif, {', '.join(FORMATS)}")
+        raise QueryError(
+            f"{out}: unknown export format {suffix or '(no suffix)'}; use .tif, {', '.join(FORMATS)} or .nii.gz"
+        )
     info = store.info
     if store.mask.ndim != 2:
         raise QueryError(f"{store.path}: a volume store; polygons are for 2-D stores")

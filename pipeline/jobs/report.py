@@ -6,6 +6,8 @@ import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from pipeline.core.georef import crs_name
 from pipeline.store import MaskStore
 
@@ -103,6 +105,7 @@ def store_info(store: MaskStore) -> dict[str, Any]:
         "crs": info.crs,
         "transform": info.transform,
         "spacing": info.volume.spacing_mm if info.volume else None,
+        **_bounds(info.crs, info.transform, info.shape),
         "affine": info.volume.affine if info.volume else None,
         "units_done": int(store.units_done().sum()),
         "units_total": int(store.units_done().size),
@@ -116,6 +119,29 @@ def store_info(store: MaskStore) -> dict[str, Any]:
     }
 
 
+def _bounds(crs: str | None, transform: list[float] | None, shape: list[int]) -> dict[str, Any]:
+    """A 2-D store's outer edges in its CRS and in WGS84 lon/lat (from its four corners)."""
+    if transform is None or len(shape) != 2:
+        return {"bounds": None, "bounds_lonlat": None}
+    from pipeline.core.transform import to_map
+
+    rows, cols = np.array([0, 0, shape[0], shape[0]]), np.array([0, shape[1], 0, shape[1]])
+    xs, ys = to_map(tuple(transform), rows, cols)  # type: ignore[arg-type]
+    bounds = [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+    lonlat = None
+    if crs:
+        from pyproj import CRS, Transformer
+
+        to_lonlat = Transformer.from_crs(CRS.from_wkt(crs), CRS.from_epsg(4326), always_xy=True)
+        lon, lat = (np.asarray(v) for v in to_lonlat.transform(xs, ys))
+        lonlat = [float(lon.min()), float(lat.min()), float(lon.max()), float(lat.max())]
+    return {"bounds": bounds, "bounds_lonlat": lonlat}
+
+
+def _shown_box(box: list[float]) -> str:
+    return ", ".join(f"{v:.6g}" for v in box) + "  (min x, min y, max x, max y)"
+
+
 def render_info(info: dict[str, Any]) -> str:
     crs = info["crs"]
     lines = [
@@ -126,6 +152,12 @@ def render_info(info: dict[str, Any]) -> str:
             [f"spacing    {' x '.join(f'{v:g}' for v in info['spacing'])} mm (z, y, x)"]
             if info["spacing"]
             else [f"crs        {crs_name(crs) or 'none (pixel statistics only)'}", f"transform  {info['transform']}"]
+        ),
+        *(
+            [f"bounds     {_shown_box(info['bounds'])} (the store's CRS)"]
+            + ([f"           {_shown_box(info['bounds_lonlat'])} (lon/lat)"] if info.get("bounds_lonlat") else [])
+            if info.get("bounds")
+            else []
         ),
         f"model      {info['model']['kind']} ({info['model']['identity']})",
         f"source     {', '.join(info['source']['paths'])} bands {info['source']['bands']}",

@@ -96,8 +96,18 @@ class StoreView:
 
     @property
     def mask(self) -> Any:
-        """The class ids as a lazy (dask) xarray DataArray; 255 = nodata."""
-        return self._dataarray(self._store.mask, "mask")
+        """The class ids as a lazy (dask) xarray DataArray; 255 = nodata (``rio.nodata``), the classes
+        as CF ``flag_values`` / ``flag_meanings`` attributes."""
+        out = self._dataarray(self._store.mask, "mask")
+        info = self._store.info
+        out.attrs.update(
+            long_name="class id",
+            flag_values=[c.id for c in info.classes],
+            flag_meanings=" ".join(c.name.replace(" ", "_") for c in info.classes),
+            flag_colors=[c.color for c in info.classes],
+            nodata=info.nodata,
+        )
+        return out
 
     @property
     def regions_array(self) -> Any:

@@ -171,18 +171,14 @@ class MaskStore:
         labels = group.create_group("labels", attributes=ngff.labels_group_attrs(["mask"]))
         label = labels.create_group("mask", attributes=ngff.label_image_attrs(layout.volume, layout.classes))
         label.create_array(
-            "0", shape=grid.shape, dtype="uint8", chunks=grid.chunk, fill_value=NODATA, dimension_names=dims
-        )
+            "0", shape=grid.shape, dtype="uint8", chunks=grid.chunk, fill_value=NODATA, dimension_names=dims,
+            attributes=class_attrs(layout.classes),
+        )  # fmt: skip
 
     @classmethod
     def _build_image(cls, group: zarr.Group, layout: StoreLayout) -> None:
         grid = layout.grid
-        names = [n for n, _ in layout.classes]
-        mask_attrs: dict[str, Any] = {
-            "long_name": "class id",
-            "flag_values": list(range(len(names))),
-            "flag_meanings": " ".join(n.replace(" ", "_") for n in names),
-        }
+        mask_attrs = class_attrs(layout.classes)
         georeferenced = layout.georef.crs_wkt is not None or layout.georef.transform is not None
         if georeferenced:
             mask_attrs["grid_mapping"] = "spatial_ref"
@@ -505,6 +501,19 @@ class MaskStore:
         for path in leftovers:
             path.unlink(missing_ok=True)
         return len(leftovers)
+
+
+def class_attrs(classes: tuple[tuple[str, str], ...]) -> dict[str, Any]:
+    """What the mask array says of itself for xarray, rioxarray and CF readers: its classes as CF
+    ``flag_values`` / ``flag_meanings`` (with colours), and ``nodata`` (rioxarray's ``rio.nodata``)."""
+    names = [n for n, _ in classes]
+    return {
+        "long_name": "class id",
+        "flag_values": list(range(len(names))),
+        "flag_meanings": " ".join(n.replace(" ", "_") for n in names),
+        "flag_colors": [c for _, c in classes],
+        "nodata": NODATA,
+    }
 
 
 def _consolidate(path: Path) -> None:

@@ -147,6 +147,7 @@ def test_dicom_study_folders_split_into_series_and_the_catalog_lists_everything(
     assert {r["status"] for r in rows} == {"complete"} and len(rows) == 2
     volume = next(r for r in rows if r["spacing_mm"])
     assert volume["shape"] == "20x512x512" and volume["bone_volume_ml"] > 0
+    assert (volume["slices"], volume["rows"], volume["cols"]) == (20, 512, 512) and volume["epsg"] is None
     import pyarrow.parquet as pq
 
     assert pq.read_table(tmp_path / "catalog.parquet").num_rows == 2

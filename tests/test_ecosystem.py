@@ -47,3 +47,28 @@ def test_info_shows_bounds_in_the_crs_and_in_lon_lat(
     assert -5 < info["bounds_lonlat"][0] < info["bounds_lonlat"][2] < -3  # Aberystwyth
     assert main(["info", str(Path(store))]) == 0
     assert "(lon/lat)" in capsys.readouterr().out
+
+
+def test_the_catalog_has_numeric_shapes_epsg_and_footprints(
+    shipped_store,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],  # type: ignore[no-untyped-def]
+) -> None:
+    import shutil
+
+    import pyarrow.parquet as pq
+    import shapely
+
+    store, _ = shipped_store("aerial-vegetation.yaml")
+    shutil.copytree(store, tmp_path / "maps" / "aber.zarr")
+    assert main(["catalog", str(tmp_path / "maps"), "--json", "--out", str(tmp_path / "all.parquet")]) == 0
+    (row,) = json.loads(capsys.readouterr().out)
+    with rasterio.open(S2) as src:
+        assert (row["rows"], row["cols"]) == (src.height, src.width) and row["epsg"] == src.crs.to_epsg()
+        expected = rasterio.warp.transform_bounds(src.crs, "EPSG:4326", *src.bounds)
+    np.testing.assert_allclose([row["lon_min"], row["lat_min"], row["lon_max"], row["lat_max"]], expected, atol=1e-3)
+    footprint = shapely.from_wkt(row["footprint"])
+    assert footprint.is_valid and footprint.contains(shapely.Point(sum(expected[::2]) / 2, sum(expected[1::2]) / 2))
+    assert pq.read_table(tmp_path / "all.parquet").column("epsg").to_pylist() == [row["epsg"]]
+    assert main(["catalog", str(tmp_path / "maps")]) == 0
+    assert " ha" in capsys.readouterr().out

@@ -93,3 +93,25 @@ def pixel_measure(
     if pixel_area_mm2 is not None:
         return pixel_area_mm2
     return row_pixel_areas(georef, height)
+
+
+def corner_bounds(
+    crs_wkt: str | None, transform: GeoTransform | list[float] | None, shape: tuple[int, ...] | list[int]
+) -> tuple[list[float] | None, list[float] | None, list[list[float]] | None]:
+    """A 2-D grid's outer edges: (min x, min y, max x, max y) in its CRS, the same in WGS84 lon/lat,
+    and its four corners in lon/lat (a footprint ring); Nones where there is no transform or CRS."""
+    from pipeline.core.transform import to_map
+
+    if transform is None or len(shape) != 2:
+        return None, None, None
+    rows, cols = np.array([0, 0, shape[0], shape[0]]), np.array([0, shape[1], shape[1], 0])
+    xs, ys = to_map(tuple(transform), rows, cols)  # type: ignore[arg-type]
+    box = [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
+    if not crs_wkt:
+        return box, None, None
+    from pyproj import Transformer
+
+    to_lonlat = Transformer.from_crs(CRS.from_wkt(crs_wkt), CRS.from_epsg(4326), always_xy=True)
+    lon, lat = (np.asarray(v, dtype=float) for v in to_lonlat.transform(xs, ys))
+    ring = [[float(a), float(b)] for a, b in zip(lon, lat)]
+    return box, [float(lon.min()), float(lat.min()), float(lon.max()), float(lat.max())], ring

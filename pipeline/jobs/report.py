@@ -6,9 +6,7 @@ import json
 from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from pipeline.core.georef import crs_name
+from pipeline.core.georef import corner_bounds, crs_name
 from pipeline.store import MaskStore
 
 if TYPE_CHECKING:  # rendering needs their fields, not the run machinery (`raymask info` stays quick)
@@ -120,22 +118,8 @@ def store_info(store: MaskStore) -> dict[str, Any]:
 
 
 def _bounds(crs: str | None, transform: list[float] | None, shape: list[int]) -> dict[str, Any]:
-    """A 2-D store's outer edges in its CRS and in WGS84 lon/lat (from its four corners)."""
-    if transform is None or len(shape) != 2:
-        return {"bounds": None, "bounds_lonlat": None}
-    from pipeline.core.transform import to_map
-
-    rows, cols = np.array([0, 0, shape[0], shape[0]]), np.array([0, shape[1], 0, shape[1]])
-    xs, ys = to_map(tuple(transform), rows, cols)  # type: ignore[arg-type]
-    bounds = [float(xs.min()), float(ys.min()), float(xs.max()), float(ys.max())]
-    lonlat = None
-    if crs:
-        from pyproj import CRS, Transformer
-
-        to_lonlat = Transformer.from_crs(CRS.from_wkt(crs), CRS.from_epsg(4326), always_xy=True)
-        lon, lat = (np.asarray(v) for v in to_lonlat.transform(xs, ys))
-        lonlat = [float(lon.min()), float(lat.min()), float(lon.max()), float(lat.max())]
-    return {"bounds": bounds, "bounds_lonlat": lonlat}
+    box, lonlat, _ = corner_bounds(crs, transform, shape)
+    return {"bounds": box, "bounds_lonlat": lonlat}
 
 
 def _shown_box(box: list[float]) -> str:

@@ -7,7 +7,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from pipeline.core.georef import crs_name
+from pipeline.core.georef import corner_bounds, crs_name
 from pipeline.errors import StoreError
 from pipeline.store import MaskStore
 
@@ -36,10 +36,16 @@ def catalog_rows(root: Path) -> list[dict[str, Any]]:
             "source": ";".join(info.source.paths if info.source else []),
             "status": info.status,
             "shape": "x".join(str(v) for v in info.shape),
+            **dict(zip(("slices", "rows", "cols")[-len(info.shape) :], info.shape)),  # the shape, as numbers
             "crs": crs_name(info.crs),
+            "epsg": _epsg(info.crs),
             "spacing_mm": "x".join(f"{v:g}" for v in info.volume.spacing_mm) if info.volume else None,
             "completed": info.completed,
         }
+        _, lonlat, ring = corner_bounds(info.crs, info.transform, info.shape)
+        if lonlat is not None and ring is not None:
+            row.update(zip(("lon_min", "lat_min", "lon_max", "lat_max"), lonlat))
+            row["footprint"] = "POLYGON ((" + ", ".join(f"{x!r} {y!r}" for x, y in [*ring, ring[0]]) + "))"
         for name, stats in (info.stats or {}).get("classes", {}).items():
             for key in ("area_ha", "volume_ml", "area_cm2"):
                 if stats.get(key) is not None:
@@ -47,6 +53,17 @@ def catalog_rows(root: Path) -> list[dict[str, Any]]:
             row.setdefault(f"{name}_pixels", stats.get("pixels"))
         rows.append(row)
     return rows
+
+
+def _epsg(wkt: str | None) -> int | None:
+    if not wkt:
+        return None
+    from pyproj import CRS
+
+    return CRS.from_wkt(wkt).to_epsg()
+
+
+UNITS = {"ha": "ha", "ml": "mL", "cm2": "cm²"}  # how the measure columns' units are written for people
 
 
 def to_csv(rows: list[dict[str, Any]]) -> str:
@@ -90,7 +107,7 @@ def render(rows: list[dict[str, Any]]) -> str:
     for row in rows:
         where = row["crs"] or (f"{row['spacing_mm']} mm" if row["spacing_mm"] else "-")
         measures = ", ".join(
-            f"{k.rsplit('_', 2)[0]} {v:,.2f} {k.rsplit('_', 1)[1]}"
+            f"{k.rsplit('_', 2)[0]} {v:,.2f} {UNITS[k.rsplit('_', 1)[1]]}"
             for k, v in row.items()
             if k.endswith(("_area_ha", "_volume_ml", "_area_cm2")) and v is not None
         )

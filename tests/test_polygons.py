@@ -153,3 +153,15 @@ def test_bad_polygon_requests_are_one_line_and_leave_nothing(
     assert_one_line_error(raymask("export", str(tmp_path / "noregions.zarr"), str(tmp_path / "x.fgb")),
                           "no regions labelled")  # fmt: skip
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(("x.", ".x."))) == []
+
+
+def test_polygons_from_an_incomplete_store_or_into_an_unwritable_folder_are_refused(aber: Path, tmp_path: Path) -> None:
+    import shutil
+
+    assert_one_line_error(raymask("export", str(aber), "/proc/regions.parquet"), "/proc/regions.parquet: cannot write")
+    copy = tmp_path / "half.zarr"
+    shutil.copytree(aber, copy)
+    MaskStore.open(copy, mode="r+").update_meta(status="incomplete")
+    result = raymask("export", str(copy), str(tmp_path / "half.fgb"))
+    assert_one_line_error(result, "the store is incomplete; finish the job before exporting polygons")
+    assert not (tmp_path / "half.fgb").exists()

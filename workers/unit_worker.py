@@ -29,7 +29,7 @@ from pipeline.config import ModelConfig
 from pipeline.core.blend import BlendGrid, blend_bands
 from pipeline.core.geometry import Box, WorkUnit, inside_image, pad_to_window
 from pipeline.core.plan import Item, Target, group_batches
-from pipeline.core.stats import NODATA, ChunkStats
+from pipeline.core.stats import NODATA, ChunkStats, merge
 from pipeline.errors import ModelError, RaymaskError, StoreError, describe, os_error_line
 from pipeline.sources.geotiff import WORKER_QUIET
 from pipeline.store import MaskStore
@@ -42,8 +42,9 @@ Row = dict[str, Any]  # {"key": int, "unit": tuple, "error": str, "error_type": 
 
 @dataclass
 class _Window:
-    """One unit on its way through the worker. ``frame`` is the box (image pixels; with blending,
-    padded-grid pixels) that ``image``, ``valid`` and the unit's prediction cover."""
+    """One unit on its way through the worker. ``frame`` is the box (image pixels) that ``image``,
+    ``valid`` and the unit's prediction cover: its read window (a blended unit reads row by row in
+    ``_blend``, and its frame is just its core)."""
 
     item: Item
     unit: WorkUnit
@@ -55,23 +56,10 @@ class _Window:
 
 @dataclass(frozen=True)
 class Written:
-    """What a blended unit's chunks added up to, once all are written: its statistics row."""
+    """What a blended unit's chunks (or one band of them) added up to, once written: its statistics row."""
 
-    pixels: np.ndarray
-    measure: np.ndarray
+    stats: ChunkStats
     near_ties: int
-
-    @classmethod
-    def total(cls, parts: Sequence[Written], n_classes: int) -> Written:
-        pixels = np.zeros(n_classes, dtype=np.int64)
-        measure = np.zeros(n_classes, dtype=np.float64)
-        for part in parts:
-            pixels += part.pixels
-            measure += part.measure
-        return cls(pixels, measure, sum(p.near_ties for p in parts))
-
-    def stats(self) -> ChunkStats:
-        return ChunkStats(self.pixels, self.measure)
 
 
 class UnitWorker:
@@ -183,9 +171,9 @@ class UnitWorker:
 
     def _read(self, window: _Window) -> _Window:
         target = self.targets[window.item[0]]
-        cache = self._local.__dict__.setdefault("datasets", {})
         if target.blend is not None:
             return window  # a blended unit reads its rows of windows as it goes (_blend)
+        cache = self._local.__dict__.setdefault("datasets", {})
         try:
             data, valid = target.source.read(inside_image(window.frame, target.grid.shape), cache=cache)
             window.image = pad_to_window(data, window.frame, target.grid.shape, edge=target.edge)
@@ -259,7 +247,8 @@ class UnitWorker:
             del logits
             writes.append(self.writers.submit(self._write_band, key, unit, grid.to_image(band), outputs, valid))
         parts = [f.result() for f in writes]
-        return lambda: Written.total(parts, target.n_classes)
+        total = Written(merge((p.stats for p in parts), target.n_classes), sum(p.near_ties for p in parts))
+        return lambda: total
 
     def _read_box(self, target: Target, box: Box) -> tuple[np.ndarray, np.ndarray]:
         """``box`` of the source (image pixels; outside the image: zeros, invalid), in a reader thread."""
@@ -270,20 +259,12 @@ class UnitWorker:
         """Write the unit's chunks in ``band`` (image pixels; the core's rows there); its statistics."""
         target = self.targets[key]
         inside = band.intersect(unit.core)
-        cut = inside.within(band)
-        labels = np.array(outputs.labels[0][cut], dtype=np.uint8)
-        invalid = ~valid[cut]
-        labels[invalid] = NODATA
-        probabilities = None
-        if outputs.probabilities is not None:
-            probabilities = np.array(outputs.probabilities[0][(slice(None), *cut)])
-            probabilities[:, invalid] = NODATA
-        ties = int((outputs.ties[0][cut] & ~invalid).sum()) if outputs.ties is not None else 0
+        labels, probabilities, ties = _cut(outputs, 0, inside.within(band), valid)
         stats = self._store(key).write_chunks(
             unit, inside, labels, pixel_measure=target.pixel_measure, n_classes=target.n_classes,
             probabilities=probabilities,
         )  # fmt: skip
-        return Written(stats.pixels, stats.measure, ties)
+        return Written(stats, ties or 0)
 
     def _weights(self, grid: BlendGrid) -> Any:
         """The grid's weight map as a tensor on the model's device, made once per grid."""
@@ -302,23 +283,13 @@ class UnitWorker:
         unit = window.unit
         try:
             if isinstance(outputs, Written):  # a blended unit: its chunks are written, its statistics row now
-                self._store(key).write_unit_stats(unit, outputs.stats(), near_ties=outputs.near_ties)
+                self._store(key).write_unit_stats(unit, outputs.stats, near_ties=outputs.near_ties)
                 return {"key": key, "unit": index, "error": "", "error_type": ""}
-            core = unit.core.within(window.frame)
-            labels = np.array(outputs.labels[j][core], dtype=np.uint8)
             assert window.valid is not None
-            invalid = ~window.valid[core]
-            labels[invalid] = NODATA
-            ties = 0
-            if outputs.ties is not None:
-                ties = int((outputs.ties[j][core] & ~invalid).sum())
-            probabilities = None
-            if outputs.probabilities is not None:
-                probabilities = np.array(outputs.probabilities[j][(slice(None), *core)])
-                probabilities[:, invalid] = NODATA
+            labels, probabilities, ties = _cut(outputs, j, unit.core.within(window.frame), window.valid)
             self._store(key).write_unit(
                 unit, labels, pixel_measure=target.pixel_measure, n_classes=target.n_classes,
-                probabilities=probabilities, near_ties=ties if outputs.ties is not None else None,
+                probabilities=probabilities, near_ties=ties,
             )  # fmt: skip
         except OSError as exc:  # disk full, read-only, permissions: named by the store, with what to do
             if exc.filename is None:
@@ -367,6 +338,22 @@ def _error_row(item: Item, exc: BaseException | None) -> Row:
     if isinstance(exc, OSError) and not isinstance(exc, RaymaskError):  # disk full, read-only, ...
         exc = StoreError(os_error_line(exc))
     return {"key": item[0], "unit": item[1], "error": describe(exc), "error_type": exc.__class__.__name__}
+
+
+def _cut(
+    outputs: Prediction, j: int, core: tuple[slice, ...], valid: np.ndarray
+) -> tuple[np.ndarray, np.ndarray | None, int | None]:
+    """Window ``j``'s outputs cut to ``core`` (slices of the window), invalid pixels set to nodata:
+    (labels, probabilities or None, near-ties among the valid pixels, or None without logits)."""
+    labels = np.array(outputs.labels[j][core], dtype=np.uint8)
+    invalid = ~valid[core]
+    labels[invalid] = NODATA
+    probabilities = None
+    if outputs.probabilities is not None:
+        probabilities = np.array(outputs.probabilities[j][(slice(None), *core)])
+        probabilities[:, invalid] = NODATA
+    ties = int((outputs.ties[j][core] & ~invalid).sum()) if outputs.ties is not None else None
+    return labels, probabilities, ties
 
 
 def _read_padded(target: Target, box: Box, cache: dict[Any, Any]) -> tuple[np.ndarray, np.ndarray]:

@@ -128,13 +128,6 @@ class BlendGrid:
             rows.append((Box(start, stop), wins))
         return rows
 
-    def reach(self, core: Box) -> Box:
-        """The padded-coordinate box the windows over ``core`` span: what a unit reads."""
-        wins = self.windows(core)
-        start = tuple(min(w.start[a] for w in wins) for a in range(len(self.shape)))
-        stop = tuple(max(w.stop[a] for w in wins) for a in range(len(self.shape)))
-        return Box(start, stop)
-
     def windows_computed(self, cores: list[Box]) -> int:
         """Windows computed by units with these cores, counting those shared by several each time."""
         total = 0

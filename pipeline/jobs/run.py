@@ -506,7 +506,7 @@ def _run_leased(job: Job, started: float, *, overwrite: bool, progress: bool) ->
         measure=unit,
         stitch=job.stitch,
         equals=job.equals,
-        near_ties=store.near_ties(),
+        near_ties=(store.info.stats or {}).get("near_ties"),  # as finalize summed it
         windows=_window_counts(job, todo),
         engine=engine,
         cluster=cluster,
@@ -621,7 +621,6 @@ def _provenance(job: Job) -> dict[str, Any]:
             "stride": list(job.grid.stride),
             "chunks_per_unit": list(job.grid.chunks_per_unit),
             "edge": job.config.tiling.edge,
-            "stitch": job.stitch,
             **(
                 {
                     "window": list(job.blend.window),

@@ -6,7 +6,13 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test check lint bench fuzz clean
+.PHONY: demo test check lint bench fuzz clean debs
+
+# Debian tools the tests call: dciodvfy (dicom3tools) validates the DICOM SEG exports.
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+debs:
+	@command -v dciodvfy >/dev/null || $(SUDO) apt-get install -y -q dicom3tools >/dev/null \
+		|| { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dicom3tools >/dev/null; }
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -28,12 +34,12 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff format --check pipeline workers tests bench tools
 	$(VENV)/bin/mypy
 
-test: $(STAMP) lint
+test: $(STAMP) debs lint
 	$(VENV)/bin/pytest -q
 
 # The fast lane while working: lint, then every test but those that start a Ray or a driver of their own,
 # kill processes or run a job end to end for seconds (marked slow), on two pytest processes. `make test` runs everything, in one.
-check: $(STAMP) lint
+check: $(STAMP) debs lint
 	$(VENV)/bin/pytest -q -m "not slow" -n 2 --dist loadfile
 
 # The fuzzers of tests/test_fuzz.py with 5000 examples each (make test runs them with 150).

@@ -11,7 +11,11 @@ show PATH`` prints a card.
     description: a demonstration network
     kind: torchscript            # torchscript | torch-export | onnx; default: from the weights' suffix
     weights: unet.pt             # relative to the card
-    classes: [{name: background, color: "#303030"}, {name: field}]
+    classes:                     # one per output channel; code: what DICOM SEG calls the class
+      - {name: background, color: "#303030"}
+      - name: liver
+        code: {category: {scheme: SCT, value: "91723000", meaning: Anatomical Structure},
+               type: {scheme: SCT, value: "10200004", meaning: Liver}}
     bands: [red, nir]            # what the network expects, in order (or modality: CT)
     scale: 1.0
     normalize: {mean: [66, 340], std: [42, 172]}

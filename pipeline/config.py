@@ -42,11 +42,29 @@ class _Frozen(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class CodeSpec(_Frozen):
+    """A coded concept: ``{scheme: SCT, value: "39607008", meaning: Lung}`` (SNOMED CT, DCM, ...)."""
+
+    scheme: str = Field(min_length=1, max_length=16, description="Coding scheme designator: SCT, DCM, FMA, ...")
+    value: str = Field(min_length=1, max_length=64)
+    meaning: str = Field(min_length=1, max_length=64)
+
+
+class ClassCode(_Frozen):
+    """What a class is, coded as DICOM SEG describes a segment: its category and its type."""
+
+    category: CodeSpec = Field(description="Segmented property category (CID 7150), e.g. SCT 85756007 Tissue.")
+    type: CodeSpec = Field(description="Segmented property type (CID 7151), e.g. SCT 39607008 Lung.")
+
+
 class ClassSpec(_Frozen):
-    """One output class: its name and display colour (``#rrggbb``)."""
+    """One output class: its name, display colour (``#rrggbb``) and, for DICOM SEG export, its code."""
 
     name: str = Field(min_length=1)
     color: Color | None = None
+    code: ClassCode | None = Field(
+        default=None, description="{category: {scheme, value, meaning}, type: {...}}: what DICOM SEG calls the class."
+    )
 
 
 class SourceConfig(_Frozen):

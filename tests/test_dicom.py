@@ -45,11 +45,15 @@ def test_affine_maps_each_slice_index_to_its_image_position() -> None:
     np.testing.assert_allclose((affine @ [0, 0, 5, 1])[:3], expected)
 
 
-def test_series_without_uids_in_the_dataset_is_grouped_by_frame_of_reference() -> None:
-    ds = pydicom.dcmread(next(CT_SERIES.iterdir()), stop_before_pixels=True)
-    assert ds.SeriesInstanceUID == ""  # the edge case this test is about
-    [series], _ = discover([str(CT_SERIES)])
+def test_series_without_uids_in_the_dataset_is_grouped_by_frame_of_reference(tmp_path: Path) -> None:
+    """As the bundled series came (anonymised: its UIDs only in the file meta)."""
+    for path in CT_SERIES.iterdir():
+        ds = pydicom.dcmread(path)
+        ds.SeriesInstanceUID = ds.SOPInstanceUID = ds.StudyInstanceUID = ""
+        ds.save_as(tmp_path / path.name)
+    [series], _ = discover([str(tmp_path)])
     assert series.key.startswith("for:1.3.12.2.1107.5.1.4.60064.300000221208072742751")
+    assert len(series.frames) == 20
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in EDGE_CASES.glob("*.dcm")))

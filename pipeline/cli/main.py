@@ -301,14 +301,19 @@ def _parser() -> argparse.ArgumentParser:
         "--probabilities, the class probabilities); .parquet (GeoParquet 1.1), .fgb, .gpkg or .geojson (WGS84) one "
         "polygon per region with the region table's columns, its exact pixel-edge outline (area = pixels x pixel "
         "area), streamed chunk by chunk (QGIS, GDAL, geopandas, DuckDB, BigQuery); .nii.gz (or .nii) a volume's "
-        "labels as NIfTI-1 in RAS with OUT.json naming the classes (3D Slicer, ITK-SNAP, nibabel).",
+        "labels as NIfTI-1 in RAS with OUT.json naming the classes (3D Slicer, ITK-SNAP, nibabel); .dcm a volume's "
+        "labels as a DICOM Segmentation referencing its source series, one coded segment per class with voxels "
+        "(a PACS, OHIF, 3D Slicer; the source files must still be where the run read them).",
     )
     export.add_argument("store")
     export.add_argument(
-        "out", help="output path: .tif, .parquet, .fgb, .gpkg or .geojson (never one of the store's inputs)"
+        "out",
+        help="output path: .tif, .parquet, .fgb, .gpkg, .geojson, .nii.gz or .dcm (never one of the store's inputs)",
     )
-    export.add_argument("--class", dest="classes", action="append", metavar="NAME",
-                        help="polygons: only regions of this class (repeat for several)")  # fmt: skip
+    export.add_argument(
+        "--class", dest="classes", action="append", metavar="NAME",
+        help="polygons: only regions of this class; DICOM SEG: only this class's segment (repeat for several)",
+    )  # fmt: skip
     export.add_argument(
         "--min-area", type=float, metavar="A", help="polygons: only regions of at least A m² (mm² for images)"
     )
@@ -328,6 +333,13 @@ def _parser() -> argparse.ArgumentParser:
         action="store_true",
         help="write the per-class probabilities (one uint8 band per class, p x 254; the job needs "
         "output.probabilities: true) instead of the class ids",
+    )
+    export.add_argument(
+        "--seg-encoding",
+        choices=("binary", "labelmap"),
+        default="binary",
+        help="DICOM SEG: binary (default: one bit per voxel per segment; read by OHIF, 3D Slicer, dcmqi, dciodvfy) "
+        "or labelmap (the 2024 Label Map SEG: one value per voxel; fewer readers know it)",
     )
     export.set_defaults(func=_cmd_export)
 
@@ -513,6 +525,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from pipeline.query.export import export_geotiff
     from pipeline.query.nifti import export_nifti, nifti_suffix, side_file
     from pipeline.query.polygons import export_polygons, polygon_suffix
+    from pipeline.query.seg import export_seg, seg_suffix
     from pipeline.store import COMPLETE, MaskStore
     from pipeline.store.outputs import check_writable_folder, guard_output, store_inputs
 
@@ -534,10 +547,24 @@ def _cmd_export(args: argparse.Namespace) -> int:
         result = export_nifti(store, out)
         print(json.dumps(result, indent=2) if args.json else f"{out}: NIfTI-1 labels, classes in {result['labels']}")
         return 0
+    if seg_suffix(out):
+        check_writable_folder(out)
+        result = export_seg(store, out, classes=args.classes, encoding=args.seg_encoding)
+        for name in result["uncoded"]:
+            print(
+                f"raymask: warning: class {name!r} has no code in its model config or card; written under the local "
+                "scheme 99RAYMASK (give classes: [{name, code: {category, type}}] for SNOMED CT codes)",
+                file=sys.stderr,
+            )
+        shown = ", ".join(s["class"] for s in result["segments"])
+        print(
+            json.dumps(result, indent=2) if args.json else f"{out}: DICOM SEG ({result['encoding']}), segments {shown}"
+        )
+        return 0
     if out.suffix.lower() not in (".tif", ".tiff"):
         raise QueryError(
             f"{out}: unknown export format {out.suffix or '(no suffix)'}; "
-            "use .tif, .parquet, .fgb, .gpkg, .geojson or .nii.gz"
+            "use .tif, .parquet, .fgb, .gpkg, .geojson, .nii.gz or .dcm"
         )
     if store.status != COMPLETE:
         print(f"raymask: warning: {args.store} is {store.status}; unwritten chunks export as nodata", file=sys.stderr)

@@ -43,7 +43,7 @@ def write_preview(store: MaskStore, source: Source) -> Path:
         mask = np.asarray(store.mask[::step, ::step])
         assert store.info.source is not None
         base = _base_image(store.info.source.paths, store.info.source.bands, mask.shape)
-    classes = [c.model_dump() for c in store.info.classes]
+    classes = [c.model_dump(exclude_none=True) for c in store.info.classes]
     colours = np.zeros((256, 3), dtype=np.float32)
     for cls in classes:
         colours[cls["id"]] = rgb(cls["color"])

@@ -329,6 +329,7 @@ def create_store(job: Job) -> MaskStore:
         volume=job.info.volume,
         pixel_area_mm2=job.info.pixel_area_mm2,
         probabilities=job.config.output.probabilities,
+        codes=dict(job.model.codes),
     )
     return MaskStore.create(job.store_path, layout)
 

@@ -27,7 +27,7 @@ import datetime as dt
 import os
 import shutil
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -63,6 +63,7 @@ class StoreLayout:
     volume: VolumeGeometry | None = None  # set for volumetric (OME-Zarr) stores
     pixel_area_mm2: float | None = None  # 2-D medical images with a stated pixel spacing
     probabilities: bool = False  # a per-class probability array beside the mask
+    codes: dict[str, dict[str, Any]] = field(default_factory=dict)  # class name -> {category, type} (DICOM SEG)
 
     @property
     def measure_unit(self) -> str | None:
@@ -124,7 +125,10 @@ class MaskStore:
             status=INCOMPLETE,
             created=_now(),
             shape=list(grid.shape),
-            classes=[{"id": i, "name": n, "color": c} for i, (n, c) in enumerate(layout.classes)],
+            classes=[
+                {"id": i, "name": n, "color": c, **({"code": layout.codes[n]} if n in layout.codes else {})}
+                for i, (n, c) in enumerate(layout.classes)
+            ],
             nodata=NODATA,
             crs=layout.georef.crs_wkt,
             transform=list(layout.georef.transform) if layout.georef.transform else None,

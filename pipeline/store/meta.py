@@ -30,6 +30,7 @@ class ClassEntry(_Meta):
     id: int
     name: str
     color: str
+    code: dict[str, dict[str, str]] | None = None  # {category, type: {scheme, value, meaning}}, as the config coded it
 
 
 class Arrays(_Meta):

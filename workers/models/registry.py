@@ -11,7 +11,7 @@ import json
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -49,6 +49,7 @@ class ModelSpec:
     dims: int | None = None  # spatial dimensions the network takes; None: per pixel, any
     mixed_precision: bool = False  # autocast: tiles and whole image may round differently
     fixed_window: tuple[int, ...] | None = None  # an ONNX graph exported with a fixed spatial input size
+    codes: tuple[tuple[str, dict[str, Any]], ...] = ()  # (class name, {category, type}) the config codes
 
     @property
     def pixelwise(self) -> bool:
@@ -127,6 +128,9 @@ def _describe_network(config: NetworkModelConfig, n_bands: int) -> ModelSpec:
         dims=config.dims,
         mixed_precision=config.precision != "float32",
         fixed_window=fixed,
+        codes=tuple(
+            (c.name, c.code.model_dump()) for c in config.classes if not isinstance(c, str) and c.code is not None
+        ),
     )
 
 
@@ -203,4 +207,10 @@ def _check_positions(config: ModelConfig, n_bands: int, **positions: int) -> Non
 
 
 def _config_hash(config: ModelConfig | NetworkModelConfig) -> str:
-    return hashlib.sha256(json.dumps(config.model_dump(mode="json"), sort_keys=True).encode()).hexdigest()[:16]
+    """The model settings' identity. A class's ``code`` names it for exports and never changes what
+    the model computes, so it stays out (stores made before codes existed keep their identity)."""
+    data = config.model_dump(mode="json")
+    for entry in data.get("classes") or []:
+        if isinstance(entry, dict):
+            entry.pop("code", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]

@@ -8,11 +8,13 @@ STAMP  := $(VENV)/.installed-stamp
 
 .PHONY: demo test check lint bench fuzz clean debs
 
-# Debian tools the tests call: dciodvfy (dicom3tools) validates the DICOM SEG exports.
+# Debian tools the tests call: dciodvfy (dicom3tools) validates the DICOM SEG exports; gdalinfo
+# (gdal-bin) reads the COG's class names and attribute table as GDAL and QGIS see them.
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+DEBS := dicom3tools gdal-bin
 debs:
-	@command -v dciodvfy >/dev/null || $(SUDO) apt-get install -y -q dicom3tools >/dev/null \
-		|| { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q dicom3tools >/dev/null; }
+	@{ command -v dciodvfy && command -v gdalinfo; } >/dev/null || $(SUDO) apt-get install -y -q $(DEBS) >/dev/null \
+		|| { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $(DEBS) >/dev/null; }
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)

@@ -325,6 +325,11 @@ class OutputConfig(_Frozen):
         description="Also store each class's softmax probability (network models), uint8: 0..254 for 0..1, "
         "255 = nodata; feeds the region table's mean_probability and `raymask export --probabilities`.",
     )
+    levels: bool = Field(
+        default=True,
+        description="Write lower-resolution levels once the mask is complete (2x steps down to one chunk; mode of "
+        "labels, mean of a volume's image) for viewers (OME-Zarr multiscales) and the COG's overviews.",
+    )
 
 
 class RegionsConfig(_Frozen):

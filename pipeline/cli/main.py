@@ -566,6 +566,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
             f"{out}: unknown export format {out.suffix or '(no suffix)'}; "
             "use .tif, .parquet, .fgb, .gpkg, .geojson, .nii.gz or .dcm"
         )
+    if not args.probabilities:  # GDAL keeps the class names and attribute table in OUT.tif.aux.xml
+        guard_output(out.with_name(out.name + ".aux.xml"), inputs=store_inputs(store), overwrite=args.overwrite)
     if store.status != COMPLETE:
         print(f"raymask: warning: {args.store} is {store.status}; unwritten chunks export as nodata", file=sys.stderr)
     out = export_geotiff(store, out, probabilities=args.probabilities)

@@ -41,18 +41,18 @@ def _blocks(a: np.ndarray, fill: float | int) -> np.ndarray:
 
 
 def mode2x(labels: np.ndarray, nodata: int) -> np.ndarray:
-    """The next level of a uint8 label array: the most frequent non-nodata label of each 2 x 2 block
-    (the smaller on a tie), nodata where the block has none."""
-    quads = _blocks(labels, nodata).astype(np.int16)
+    """The next level of an integer label array: the most frequent label other than ``nodata`` of each
+    2 x 2 block (the smaller on a tie), ``nodata`` where the block has none."""
+    quads = _blocks(labels, nodata)
     valid = quads != nodata
-    counts = np.zeros(quads.shape, dtype=np.int16)
+    counts = np.zeros(quads.shape, dtype=np.int8)
     for j in range(4):
         counts += (quads == quads[..., j : j + 1]) & valid[..., j : j + 1]
-    # best: most votes, then the smaller label; invalid entries score below every valid one
-    score = np.where(valid, counts * 512 + (511 - quads), -1)
-    pick = np.argmax(score, axis=-1)[..., None]
-    out = np.take_along_axis(quads, pick, axis=-1)[..., 0]
-    return out.astype(labels.dtype)
+    best = counts.max(axis=-1, keepdims=True)
+    top = np.iinfo(labels.dtype).max
+    candidates = np.where(valid & (counts == best), quads, top)
+    out = candidates.min(axis=-1)
+    return np.where(best[..., 0] > 0, out, nodata).astype(labels.dtype)
 
 
 def mean2x(image: np.ndarray) -> np.ndarray:

@@ -44,6 +44,7 @@ from pipeline.errors import ConfigError
 from pipeline.jobs.executors import Executor
 from pipeline.sources.inputs import Source
 from pipeline.store import REGION_TABLE, VOLUME_REGIONS, MaskStore
+from pipeline.store.levels import write_region_levels
 from workers.region_tasks import LabelTask, RelabelTask, label_task, relabel_task
 
 TABLE_CHUNK = 65_536
@@ -168,6 +169,8 @@ def label_store(
         "intensity": bool(bands),
     }
     store.install_regions(scratch / ("regions-group" if volume else "regions"), scratch / "table", summary)
+    if volume and store.info.levels:  # relabelled: the new regions get as many levels as the mask has
+        write_region_levels(store)
     shutil.rmtree(scratch, ignore_errors=True)
     return summary
 

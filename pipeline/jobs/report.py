@@ -109,6 +109,7 @@ def store_info(store: MaskStore) -> dict[str, Any]:
         "units_total": int(store.units_done().size),
         "stats": info.stats,
         "regions": info.regions.model_dump(exclude={"token"}) if info.regions else None,
+        "levels": info.levels or [],
         "model": raw.get("model"),  # provenance records, shown as stored
         "source": raw.get("source"),
         "raymask_version": info.raymask_version,
@@ -149,6 +150,10 @@ def render_info(info: dict[str, Any]) -> str:
     model = info["model"] or {}
     if model.get("equals"):  # stores since blended stitching say what their output equals
         lines.append(f"stitch     {model.get('stitch', 'exact')}: equals {model['equals']}")
+    levels = info.get("levels") or []
+    if levels:
+        shown = ", ".join(" x ".join(map(str, lv["shape"])) for lv in levels)
+        lines.append(f"levels     {len(levels)} lower resolutions for viewers: {shown} (at {levels[0]['mask']} ...)")
     ties = (info.get("stats") or {}).get("near_ties")
     if ties is not None:
         lines.append(f"near-ties  {_near_ties(ties)}")

@@ -335,7 +335,11 @@ def create_store(job: Job) -> MaskStore:
 
 
 def finalize(job: Job, store: MaskStore) -> dict[str, dict[str, Any]]:
-    """Sum the per-unit statistics the store holds, write them, mark the store complete."""
+    """Write the levels, sum the per-unit statistics the store holds, write them, mark the store complete."""
+    if job.config.output.levels:
+        from pipeline.store.levels import write_levels
+
+        write_levels(store)
     unit = store.info.measure_unit
     table = class_table(store.totals(), [n for n, _ in job.model.classes], unit)
     if job.regions is not None:

@@ -15,7 +15,7 @@ it a band of chunk rows at a time (memory: two bands of the finer level).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import zarr
@@ -29,24 +29,17 @@ MAP_LEVELS = "levels/mask"
 
 
 def write_levels(store: MaskStore) -> list[dict[str, Any]]:
-    """Write every level of ``store``'s mask (and of a volume's image); returns what ``levels`` records."""
+    """Write every level of ``store``'s mask (and of a volume's image and regions); returns what the
+    store's ``levels`` records."""
     info = store.info
     mask = store.mask
     shapes = level_shapes(mask.shape, mask.chunks)
     volume = info.volume is not None
     classes = tuple((c.name, c.color) for c in info.classes)
-    if volume:
-        group = zarr.open_group(store.path / "labels" / "mask", mode="r+")
-        label_paths = [str(k) for k in range(1, len(shapes) + 1)]
-    else:
-        group = zarr.open_group(store.path, mode="r+").require_group(MAP_LEVELS)
-        label_paths = [str(k) for k in range(1, len(shapes) + 1)]
-    _clear(group, keep="0" if volume else None)
-    source = mask
-    for path, shape in zip(label_paths, shapes, strict=True):
-        target = _create(group, path, shape, mask, fill=NODATA, attributes=class_attrs(classes))
-        _halve(source, target, lambda a: mode2x(a, NODATA))
-        source = target
+    # groups opened past the consolidated metadata: a group object taken from it would write its stale
+    # listing back into the group's zarr.json with its attributes, hiding the new levels
+    group = _open(store, "labels/mask") if volume else _open(store, "").require_group(MAP_LEVELS)
+    _label_levels(group, mask, shapes, NODATA, class_attrs(classes))
     records: list[dict[str, Any]] = []
     for level, shape in enumerate(shapes, start=1):
         record: dict[str, Any] = {"level": level, "shape": list(shape)}
@@ -57,41 +50,76 @@ def write_levels(store: MaskStore) -> list[dict[str, Any]]:
     if volume:
         assert info.volume is not None
         spacing = [float(v) for v in info.volume.spacing_mm]
-        attrs = dict(group.attrs)
-        attrs["ome"] = {**attrs["ome"], "multiscales": _ngff("mask", spacing, len(shapes) + 1, "0")}
-        group.attrs.update(attrs)
+        _set_multiscales(group, _ngff("mask", spacing, len(shapes) + 1, "0"))
+        root = store.group  # the store's own handle: its attributes are rewritten by update_meta below
         if info.image_ingested and store.image is not None:
-            root = zarr.open_group(store.path, mode="r+")
-            _clear(root, keep=VOLUME_IMAGE, only=[str(k) for k in range(1, 64)])
+            _clear(root, keep=VOLUME_IMAGE)
             source = store.image
             for level, shape in enumerate(shapes, start=1):
                 target = _create(root, str(level), shape, store.image, fill=np.nan)
                 _halve(source, target, mean2x)
                 source = target
                 records[level - 1]["image"] = str(level)
-            root_attrs = dict(root.attrs)
-            root_attrs["ome"] = {**root_attrs["ome"], "multiscales": _ngff("image", spacing, len(shapes) + 1, "0")}
-            root.attrs.update(root_attrs)
+        # NGFF: the image and its label images have as many levels
+        _set_multiscales(root, _ngff("image", spacing, len(shapes) + 1, "0"))
+        if info.arrays.regions:
+            write_region_levels(store, len(shapes))
     else:
-        spacing = _map_spacing(info.transform)
         group.attrs.update(
             {
                 "multiscales": _ngff(
-                    "mask", spacing, len(shapes) + 1, f"../../{info.arrays.mask}", axes=("y", "x"), unit=_unit(info)
+                    "mask", _map_spacing(info.transform), len(shapes) + 1, f"../../{info.arrays.mask}",
+                    axes=("y", "x"), unit=_unit(info),
                 ),
                 "long_name": "lower resolution levels of the mask (mode of 2 x 2)",
             }
-        )
+        )  # fmt: skip
     store.update_meta(levels=records)
     return records
 
 
-def _clear(group: zarr.Group, keep: str | None, only: list[str] | None = None) -> None:
-    """Remove level arrays a cut-short earlier attempt left (never ``keep``, level 0)."""
+def write_region_levels(store: MaskStore, count: int | None = None) -> None:
+    """A volume's ``labels/regions`` levels (mode of region ids, 0 = none), as many as the mask has;
+    called again when the regions are relabelled."""
+    info = store.info
+    if info.volume is None or not info.arrays.regions:
+        return
+    mask = store.mask
+    shapes = level_shapes(mask.shape, mask.chunks)
+    if count is None:
+        count = len(info.levels or [])
+    group = _open(store, "labels/regions")
+    _label_levels(group, group["0"], shapes[:count], 0, {})  # type: ignore[arg-type]
+    spacing = [float(v) for v in info.volume.spacing_mm]
+    _set_multiscales(group, _ngff("regions", spacing, count + 1, "0"))
+
+
+def _open(store: MaskStore, path: str) -> zarr.Group:
+    return zarr.open_group(str(store.path / path) if path else str(store.path), mode="r+", use_consolidated=False)
+
+
+def _label_levels(
+    group: zarr.Group, level0: zarr.Array, shapes: list[tuple[int, ...]], nodata: int, attrs: Any
+) -> None:
+    _clear(group, keep="0")
+    source = level0
+    for level, shape in enumerate(shapes, start=1):
+        target = _create(group, str(level), shape, level0, fill=nodata, attributes=attrs)
+        _halve(source, target, lambda a: mode2x(a, nodata))
+        source = target
+
+
+def _set_multiscales(group: zarr.Group, multiscales: list[dict[str, Any]]) -> None:
+    ome = dict(cast(dict[str, Any], group.attrs.get("ome") or {}))
+    ome["multiscales"] = multiscales
+    group.attrs.update({"ome": ome})
+
+
+def _clear(group: zarr.Group, keep: str) -> None:
+    """Remove the level arrays (named 1, 2, ...) an earlier attempt left; never ``keep``, level 0."""
     for name in list(group.array_keys()):
-        if name == keep or (only is not None and name not in only) or not name.isdigit():
-            continue
-        del group[name]
+        if name != keep and name.isdigit():
+            del group[name]
 
 
 def _create(

@@ -104,6 +104,8 @@ class StoreMeta(_Meta):
     model: dict[str, Any] | None = None
     source: SourceMeta | None = None
     grid: dict[str, Any] | None = None
+    # lower-resolution levels (pipeline.store.levels): [{level, shape, mask, image?, transform?}]
+    levels: list[dict[str, Any]] | None = None
 
     @property
     def class_names(self) -> list[str]:

@@ -436,6 +436,12 @@ class JobConfig(_Frozen):
 class BatchOutputConfig(_Frozen):
     root: str = Field(description="Folder under which each input gets its own store, at a name derived from its path.")
     preview: bool = Field(default=False, description="Write a preview PNG beside each store.")
+    exports: list[Literal["parquet", "fgb", "gpkg", "geojson", "cog", "seg", "nifti"]] = Field(
+        default_factory=list,
+        description="Exports written beside each store, named after it (a/b.tif.zarr -> a/b.tif.parquet): "
+        "parquet, fgb, gpkg, geojson (region polygons) and cog for 2-D stores; seg (DICOM SEG) and nifti for "
+        "volumes; each where it fits. Rewritten when the store is new; for a skipped store only when missing.",
+    )
 
 
 class BatchConfig(_Frozen):

@@ -11,6 +11,7 @@ import pytest
 import zarr
 
 from pipeline.cli import main
+from pipeline.store import MaskStore
 from tests.conftest import CT_SERIES, EDGE_CASES, ROOT, S2, GeoTiffFactory, write_config
 
 pytestmark = pytest.mark.usefixtures("ray_session")
@@ -180,3 +181,74 @@ def test_the_shipped_nightly_config_runs(tmp_path: Path, capsys: pytest.CaptureF
     monkeypatch.chdir(ROOT)
     code, report = batch(capsys, ROOT / "configs" / "archive-nightly.yaml", "--set", f"output.root={tmp_path}/archive")
     assert code == 0 and report["counts"]["done"] == 3
+    written = sorted(where for r in report["results"] for where in r["exports"].values() if "not written" not in where)
+    assert sorted(Path(w).suffix for w in written) == [".dcm", ".parquet", ".parquet"]
+    assert all((tmp_path / "archive" / w).is_file() for w in written)
+
+
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
+def test_batch_exports_beside_each_store(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """output.exports: each fitting export beside its store, named after it; rewritten for a new store,
+    kept for a skipped one, written again when missing; an unfit one is named, not failed."""
+    import geopandas as gpd
+    import rasterio
+
+    scenes = tmp_path / "scenes"
+    (scenes / "a").mkdir(parents=True)
+    shutil.copy(S2, scenes / "aber.tif")
+    shutil.copy(S2, scenes / "a" / "b.tif")
+    config = write_config(
+        tmp_path / "nightly.yaml",
+        inputs=[f"{scenes}/**/*.tif"],
+        source={"bands": [3, 8]},
+        model={"kind": "ndvi"},
+        tiling={"chunk": 128},
+        output={"root": f"{tmp_path}/masks", "exports": ["parquet", "cog", "seg"]},
+    )
+    root = tmp_path / "masks"
+    code, report = batch(capsys, config)
+    assert code == 0 and report["counts"]["done"] == 2
+    result = by_input(report)["b.tif"]
+    assert result["exports"]["parquet"] == "a/b.tif.parquet" and result["exports"]["cog"] == "a/b.tif.tif"
+    assert result["exports"]["seg"].startswith("not written: a 2-D store")
+    for name in ("aber.tif", "a/b.tif"):
+        store = MaskStore.open(root / f"{name}.zarr")
+        polygons = gpd.read_parquet(root / f"{name}.parquet")
+        assert len(polygons) == store.info.regions.count
+        with rasterio.open(root / f"{name}.tif") as cog:
+            assert np.array_equal(cog.read(1), np.asarray(store.mask[:]))
+    assert not list(root.rglob(".*writing*")) and not list(root.rglob(".*polygons-*"))
+
+    stamp = (root / "aber.tif.parquet").stat().st_mtime_ns
+    (root / "a" / "b.tif.tif").unlink()
+    code, again = batch(capsys, config)
+    assert code == 0 and again["counts"]["skipped"] == 2
+    assert (root / "aber.tif.parquet").stat().st_mtime_ns == stamp  # kept
+    assert (root / "a" / "b.tif.tif").is_file()  # written again
+    assert main(["batch", str(config)]) == 0
+    assert "exports parquet, cog" in capsys.readouterr().out
+
+
+@pytest.mark.slow  # end to end, several seconds: `make test` runs it, `make check` does not
+def test_batch_exports_volumes_as_seg_and_nifti(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import highdicom as hd
+    import nibabel as nib
+
+    shutil.copytree(CT_SERIES, tmp_path / "studies" / "p1" / "ct")
+    config = write_config(
+        tmp_path / "dicom.yaml",
+        inputs=[f"{tmp_path}/studies/*"],
+        model={"kind": "hu-tissue"},
+        tiling={"chunk": [10, 256, 256]},
+        output={"root": f"{tmp_path}/masks", "exports": ["seg", "nifti", "parquet"]},
+    )
+    code, report = batch(capsys, config)
+    assert code == 0, report
+    (result,) = report["results"]
+    store_path = tmp_path / "masks" / result["store"]
+    mask = np.asarray(MaskStore.open(store_path).mask[:])
+    assert result["exports"]["parquet"].startswith("not written: a volume")
+    seg = hd.seg.segread(tmp_path / "masks" / result["exports"]["seg"])
+    assert [s.SegmentLabel for s in seg.SegmentSequence] == ["air", "lung", "fat", "soft tissue", "bone"]
+    image = nib.load(tmp_path / "masks" / result["exports"]["nifti"])
+    assert np.array_equal(np.asarray(image.dataobj).transpose(2, 1, 0), mask)

@@ -127,7 +127,7 @@ def test_a_batch_config_s_unknown_key_lists_the_batch_keys(tmp_path: Path) -> No
     config = tmp_path / "batch.yaml"
     body = "inputs: ['*.tif']\nmodel: {kind: ndvi}\noutput: {root: out, path: x.zarr}\n"
     config.write_text(body)
-    with pytest.raises(ConfigError, match=r"unknown key 'output.path' \(allowed: root, preview\)"):
+    with pytest.raises(ConfigError, match=r"unknown key 'output.path' \(allowed: root, preview, exports\)"):
         load_batch_config(config)
     config.write_text(body.replace("output: {root: out, path: x.zarr}", "output: {root: out}\ninput: x"))
     with pytest.raises(ConfigError, match=r"unknown key 'input' \(allowed: inputs, source, model"):

@@ -61,6 +61,8 @@ def test_a_volume_exports_to_nifti_with_its_geometry_and_classes(
     assert image.header.get_xyzt_units()[0] == "mm"
     side = json.loads((tmp_path / "ct.json").read_text())
     assert [label["name"] for label in side["labels"]] == store.info.class_names
+    lung = side["labels"][1]
+    assert lung["code"]["type"] == {"scheme": "SCT", "value": "39607008", "meaning": "Lung"}
     assert side["nodata"] == 255
 
 

@@ -310,4 +310,5 @@ def test_bad_seg_requests_are_one_line_and_leave_nothing(
     assert_one_line_error(raymask("export", str(ct), str(out / "mine.dcm")), "already exists")
     assert (out / "mine.dcm").read_text() == "mine"
     assert_one_line_error(raymask("export", str(ct), str(out / "x.dcm"), "--class", "nope"), "--class nope")
+    assert_one_line_error(raymask("export", str(ct), "/proc/ct-seg.dcm"), "/proc")  # an unwritable folder
     assert sorted(p.name for p in out.iterdir()) == ["mine.dcm"]

@@ -227,6 +227,12 @@ def _parser() -> argparse.ArgumentParser:
     catalog.add_argument("--json", action="store_true", help="one JSON list on stdout")
     catalog.add_argument("--out", metavar="FILE", help="also write the table as .csv or .parquet")
     catalog.add_argument("--overwrite", action="store_true", help="with --out: replace FILE if it exists")
+    catalog.add_argument(
+        "--polygons",
+        action="store_true",
+        help="with --out FILE.parquet: write every 2-D store's region polygons into one GeoParquet instead, a "
+        "`store` column naming each feature's store (one CRS kept; several reprojected to lon/lat)",
+    )
     catalog.set_defaults(func=_cmd_catalog)
 
     info = sub.add_parser(
@@ -438,6 +444,23 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
     from pipeline.store.outputs import guard_output
 
     out = guard_output(args.out, overwrite=args.overwrite) if args.out else None
+    if args.polygons:
+        from pipeline.errors import QueryError
+        from pipeline.query.polygons import merge_polygons
+        from pipeline.store.catalog import find_stores
+
+        if out is None or out.suffix.lower() != ".parquet":
+            raise QueryError("--polygons: give --out FILE.parquet (the merged polygons are GeoParquet)")
+        root = Path(args.root)
+        result = merge_polygons(root, find_stores(root), out, progress=sys.stderr.isatty())
+        for name, reason in result["skipped"].items():
+            print(f"raymask: note: {name}: no polygons ({reason})", file=sys.stderr)
+        print(
+            json.dumps(result, indent=2)
+            if args.json
+            else f"{out}: {result['features']} polygons from {len(result['stores'])} stores ({result['crs']})"
+        )
+        return 0
     rows = catalog_rows(Path(args.root))
     if out is not None:
         write_table_file(rows, out)

@@ -68,6 +68,7 @@ class InputResult:
     error: str | None = None
     traceback: str | None = None
     classes: dict[str, Any] = field(default_factory=dict)
+    exports: dict[str, str] = field(default_factory=dict)  # name -> path written, or why not
 
 
 @dataclass
@@ -165,6 +166,10 @@ def run_batch(config: BatchConfig, *, progress: bool = True) -> BatchReport:
         for key, (job, store, final) in planned.items():
             if results[key].status != "failed":
                 _finish(job, store, final, results[key])
+        if config.output.exports:
+            for result in results.values():
+                if result.status in ("done", "resumed", "skipped"):
+                    _exports(config, root / result.store, result)
     report = BatchReport(str(root), started, time.perf_counter() - clock, [results[k] for k in sorted(results)])
     (root / REPORT).write_text(json.dumps(report.to_json(), indent=2))
     return report
@@ -244,6 +249,32 @@ def _finish(job: Job, store: MaskStore, final: Path | None, result: InputResult)
         retired = final.with_name(final.name + f".old-{os.getpid()}")
         swap_in(store.path, final, retired)
         shutil.rmtree(retired)
+
+
+def _exports(config: BatchConfig, store_path: Path, result: InputResult) -> None:
+    """Write the configured exports of a complete store beside it: all of them for a store this run
+    made, only the missing ones for a skipped store. A failed export fails the input (the store stays
+    complete; the next run retries the export)."""
+    from pipeline.query.formats import export_path, unfit, write_export
+
+    store = MaskStore.open(store_path)
+    root = Path(config.output.root).absolute()
+    for name in config.output.exports:
+        out = export_path(store_path, name)
+        reason = unfit(store, name)
+        if reason:
+            result.exports[name] = f"not written: {reason}"
+            continue
+        if result.status == "skipped" and out.exists():
+            result.exports[name] = str(out.relative_to(root))
+            continue
+        try:
+            write_export(store, name, out, address=config.runtime.address)
+        except Exception as exc:
+            _fail(result, exc)
+            result.error = f"export {name}: {result.error}"
+            return
+        result.exports[name] = str(out.relative_to(root))
 
 
 def _fail(result: InputResult, exc: BaseException) -> None:

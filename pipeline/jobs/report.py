@@ -79,6 +79,9 @@ def render_batch(report: BatchReport, report_name: str) -> str:
         note = r.error or (
             f"{r.units_skipped} units already written" if r.units_skipped and r.status != "skipped" else ""
         )
+        written = [name for name, where in r.exports.items() if not where.startswith("not written")]
+        if written and not r.error:
+            note = (note + "; " if note else "") + "exports " + ", ".join(written)
         lines.append(f"{r.input[-48:]:<48} {r.status:<9} {r.units_run:>7}  {note[:100]}")
     lines.append("")
     lines.append(

@@ -5,7 +5,8 @@ indexes ``(z, y, x)`` and its affine maps them to DICOM's LPS. So the array is t
 affine is ``diag(-1, -1, 1, 1) @ A @ P``, with ``A`` the store's voxel-to-LPS affine and ``P`` the
 permutation ``(i, j, k) -> (k, j, i)``; written as both the qform and the sform (code 1, scanner
 anatomical). Labels are the store's class ids unchanged (255 = nodata); ``OUT.json`` beside it names
-them (with colours) and says where they came from.
+them, with colours and the codes a DICOM SEG would carry (``pipeline.query.seg.class_code``), and says
+where they came from.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import QueryError, StoreError
+from pipeline.query.seg import class_code
 from pipeline.store import COMPLETE, MaskStore
 
 SUFFIXES = (".nii.gz", ".nii")
@@ -61,7 +63,9 @@ def export_nifti(store: MaskStore, out: Path) -> dict[str, Any]:
     image.set_qform(affine, code=1)
     image.set_sform(affine, code=1)
     side = side_file(out)
-    labels = [{"value": c.id, "name": c.name, "color": c.color} for c in info.classes]
+    labels = [
+        {"value": c.id, "name": c.name, "color": c.color, "code": class_code(c.name, c.code)[0]} for c in info.classes
+    ]
     meta = {
         "labels": labels,
         "nodata": info.nodata,

@@ -280,6 +280,80 @@ def _reproject(wkb: Any, crs_wkt: str) -> Any:
     return pa.array(shapely.to_wkb(moved), type=pa.binary())
 
 
+def merge_polygons(
+    root: Path, stores: list[Path], out: Path, *, address: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """Every store's region polygons in one GeoParquet file, a ``store`` column naming the source (its
+    path under ``root``). Volumes, incomplete stores and stores without regions are left out and named
+    in ``skipped``. Stores on one CRS keep it; on several, every geometry is reprojected to lon/lat
+    (OGC:CRS84, vertices only). Columns are the union of the stores' (null where a store has none).
+    Streamed: one store's features at a time."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from pyproj import CRS
+
+    scratch = out.with_name(f".{out.name}.merge-{os.getpid()}")
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    parts: list[tuple[str, Path, str | None]] = []
+    skipped: dict[str, str] = {}
+    try:
+        for path in stores:
+            name = str(path.relative_to(root))
+            store = MaskStore.open(path)
+            info = store.info
+            reason = (
+                "a volume" if info.volume is not None
+                else f"the store is {info.status}" if info.status != COMPLETE
+                else "no regions labelled" if info.regions is None
+                else None
+            )  # fmt: skip
+            if reason:
+                skipped[name] = reason
+                continue
+            part = scratch / f"{len(parts)}.parquet"
+            export_polygons(store, part, address=address, progress=progress)
+            parts.append((name, part, info.crs))
+        if not parts:
+            raise QueryError(f"{root}: no store there has region polygons ({len(stores)} stores looked at)")
+        crs_list = [CRS.from_wkt(c) if c else None for _, _, c in parts]
+        same = all(c == crs_list[0] for c in crs_list) if crs_list else True
+        target = crs_list[0] if same and crs_list else CRS.from_string("OGC:CRS84")
+        if not same and any(c is None for c in crs_list):
+            raise QueryError(f"{root}: some stores have no CRS and others do; their polygons cannot share a file")
+        schemas = [pq.read_schema(p).remove_metadata() for _, p, _ in parts]
+        schema = pa.unify_schemas([pa.schema([("store", pa.string())]), *schemas], promote_options="permissive")
+        wkt = target.to_wkt() if target is not None else None
+        staging = scratch / "merged.parquet"
+        count = 0
+        with pq.ParquetWriter(staging, schema.with_metadata(_geo_metadata(wkt))) as writer:
+            for (name, part, crs), _ in zip(parts, schemas, strict=True):
+                for batch in pq.ParquetFile(part).iter_batches(batch_size=BATCH):
+                    if not same and crs:
+                        index = batch.schema.get_field_index("geometry")
+                        batch = batch.set_column(index, "geometry", _reproject(batch.column(index), crs))
+                    columns = {f: batch.column(f) for f in batch.schema.names}
+                    columns["store"] = pa.array([name] * batch.num_rows, pa.string())
+                    arrays = [
+                        columns[f.name].cast(f.type) if f.name in columns else pa.nulls(batch.num_rows, f.type)
+                        for f in schema
+                    ]
+                    writer.write_batch(pa.RecordBatch.from_arrays(arrays, schema=writer.schema))
+                    count += batch.num_rows
+        os.replace(staging, out)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return {
+        "path": str(out),
+        "format": "GeoParquet",
+        "features": count,
+        "stores": [name for name, _, _ in parts],
+        "skipped": skipped,
+        "crs": crs_name(wkt) if wkt else None,
+        "reprojected": not same,
+    }
+
+
 def polygon_suffix(out: str | Path) -> bool:
     """Whether ``out`` names a polygon format (the other exports: .tif)."""
     return Path(out).suffix.lower() in FORMATS

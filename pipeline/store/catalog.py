@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import importlib.util
 import io
 from pathlib import Path
 from typing import Any
@@ -66,6 +67,36 @@ def _epsg(wkt: str | None) -> int | None:
 UNITS = {"ha": "ha", "ml": "mL", "cm2": "cm²"}  # how the measure columns' units are written for people
 
 
+def _unit_of(column: str) -> str | None:
+    if column in ("lon_min", "lat_min", "lon_max", "lat_max"):
+        return "degree"
+    suffix = column.rsplit("_", 1)[-1]
+    return UNITS.get(suffix) if column.endswith(("_area_ha", "_volume_ml", "_area_cm2")) else None
+
+
+def _with_footprints(table: Any) -> tuple[Any, bytes]:
+    """``table`` with a WKB ``geometry`` column from its WKT footprints, and GeoParquet metadata."""
+    import json
+
+    import pyarrow as pa
+    import shapely
+    from pyproj import CRS
+
+    wkt = table.column("footprint").to_pylist()
+    geometries = [shapely.to_wkb(shapely.from_wkt(w)) if w else None for w in wkt]
+    table = table.append_column("geometry", pa.array(geometries, pa.binary()))
+    present = [shapely.from_wkt(w) for w in wkt if w]
+    column: dict[str, Any] = {
+        "encoding": "WKB",
+        "geometry_types": ["Polygon"],
+        "crs": CRS.from_string("OGC:CRS84").to_json_dict(),
+    }
+    if present:
+        column["bbox"] = list(shapely.total_bounds(present))
+    geo = {"version": "1.1.0", "primary_column": "geometry", "columns": {"geometry": column}}
+    return table, json.dumps(geo).encode()
+
+
 def to_csv(rows: list[dict[str, Any]]) -> str:
     columns = list(dict.fromkeys(k for row in rows for k in row))
     buffer = io.StringIO()
@@ -76,12 +107,20 @@ def to_csv(rows: list[dict[str, Any]]) -> str:
 
 
 def write_table_file(rows: list[dict[str, Any]], out: Path) -> None:
+    """The catalog as .csv, or as .parquet: GeoParquet 1.1 with each store's footprint as its geometry
+    (lon/lat, OGC:CRS84; null for stores without a CRS), so QGIS or geopandas map the archive, and each
+    measure column's unit in its field metadata (``unit``: ha, mL, cm², degree)."""
     if out.suffix == ".parquet":
         import pyarrow as pa
         import pyarrow.parquet as pq
 
         columns = list(dict.fromkeys(k for row in rows for k in row))
         table = pa.Table.from_pylist([{c: row.get(c) for c in columns} for row in rows]) if rows else pa.table({})
+        fields = [f.with_metadata({"unit": _unit_of(f.name)}) if _unit_of(f.name) else f for f in table.schema]
+        table = table.cast(pa.schema(fields))
+        if "footprint" in table.column_names and importlib.util.find_spec("shapely") is not None:  # [export]
+            table, geo = _with_footprints(table)
+            table = table.replace_schema_metadata({b"geo": geo})
         pq.write_table(table, out)
     elif out.suffix == ".csv":
         out.write_text(to_csv(rows))

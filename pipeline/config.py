@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal, Union, cast
 
@@ -317,8 +318,28 @@ class TilingConfig(_Frozen):
         return tuple(window)
 
 
+URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|/vsi)")
+
+
+def _local_store(value: str) -> str:
+    """Stores are local folders (or a cluster's shared filesystem): a URL is refused rather than
+    written to a folder that happens to be named like it (``s3:/bucket/...``)."""
+    if URL.match(value):
+        raise ValueError(
+            f"{value!r} is a URL; stores are written to local or shared-filesystem folders only "
+            "(object storage for stores is not supported yet)"
+        )
+    return value
+
+
 class OutputConfig(_Frozen):
     path: str = Field(min_length=1, description="The zarr store to write (a directory ending in .zarr).")
+
+    @field_validator("path")
+    @classmethod
+    def _local(cls, value: str) -> str:
+        return _local_store(value)
+
     preview: bool = Field(default=True, description="Write STORE.png: the image with the mask overlaid.")
     probabilities: bool = Field(
         default=False,
@@ -435,6 +456,12 @@ class JobConfig(_Frozen):
 
 class BatchOutputConfig(_Frozen):
     root: str = Field(description="Folder under which each input gets its own store, at a name derived from its path.")
+
+    @field_validator("root")
+    @classmethod
+    def _local(cls, value: str) -> str:
+        return _local_store(value)
+
     preview: bool = Field(default=False, description="Write a preview PNG beside each store.")
     exports: list[Literal["parquet", "fgb", "gpkg", "geojson", "cog", "seg", "nifti"]] = Field(
         default_factory=list,

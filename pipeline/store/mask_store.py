@@ -35,6 +35,7 @@ import numpy as np
 import zarr
 import zarr.errors
 
+from pipeline.config import URL
 from pipeline.core import ngff
 from pipeline.core.geometry import Box, TileGrid, WorkUnit
 from pipeline.core.georef import Georef, cf_grid_mapping, pixel_measure
@@ -87,6 +88,8 @@ class MaskStore:
 
     @classmethod
     def open(cls, path: str | Path, *, mode: str = "r") -> MaskStore:
+        if URL.match(str(path)):
+            raise StoreError(f"{path}: a URL; stores are read from local or shared-filesystem folders only")
         path = Path(path)
         if not path.exists():
             raise StoreError(f"{path}: no such store")

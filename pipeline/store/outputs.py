@@ -14,6 +14,7 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
+from pipeline.config import URL
 from pipeline.errors import StoreError, StoreExists
 from pipeline.store.mask_store import MaskStore
 
@@ -25,6 +26,8 @@ def guard_output(out: str | Path, *, inputs: Iterable[str | Path] = (), overwrit
     its path, which job made it) is the job's to decide, so only inputs and the folder are checked
     for stores.
     """
+    if URL.match(str(out)):
+        raise StoreError(f"{out}: a URL; raymask writes to local or shared-filesystem paths only")
     path = Path(out)
     real = Path(os.path.realpath(path))
     for given in inputs:

@@ -151,9 +151,23 @@ def _series_key(header: pydicom.Dataset) -> str:
 
 
 def _refuse_odd_size(groups: dict[str, list[tuple[pydicom.Dataset, str]]]) -> None:
-    """Without series UIDs the frame size is part of the series key; one file whose Rows or
-    Columns differ from the many others of its frame of reference is named as the odd one
-    (not left to look like a one-file series and a gap in the rest)."""
+    """One file whose Rows or Columns differ from the many others of its series is named as the odd
+    one: within a series UID's group, and, without series UIDs (the frame size is then part of the
+    series key), among the groups of one frame of reference (not left to look like a one-file series
+    and a gap in the rest)."""
+    for members in groups.values():  # with series UIDs: one file of another size within its series
+        counts: dict[tuple[int, int], list[tuple[pydicom.Dataset, str]]] = defaultdict(list)
+        for header, path in members:
+            counts[(int(header.Rows), int(header.Columns))].append((header, path))
+        if len(counts) > 1:
+            size, majority = max(counts.items(), key=lambda item: len(item[1]))
+            odd = [m for other, ms in counts.items() if other != size for m in ms]
+            if len(odd) == 1 < len(majority):
+                header, path = odd[0]
+                raise SourceError(
+                    f"{path}: Rows × Columns {header.Rows} × {header.Columns} differ from the other "
+                    f"{len(majority)} files of its series ({size[0]} × {size[1]}); remove the file or fix its header"
+                )
     sizes: dict[str, list[str]] = defaultdict(list)
     for key in groups:
         if key.startswith("for:"):

@@ -20,7 +20,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24"
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[dev,bench,onnx,export]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,bench,onnx,export,s3]"
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -77,6 +77,26 @@ def _reload_ray_auth() -> None:
     AuthenticationTokenLoader.instance().reset_cache()
 
 
+# What reaches object storage: credentials, endpoint and region, GDAL's /vsis3/ (/vsigs/, /vsiaz/)
+# settings. Set on the driver, they go to the workers with their tasks and actors (a Ray that was
+# started earlier, or a cluster's nodes, would not see them otherwise); on a cluster with instance
+# roles or node-level settings none are set, and nothing is sent.
+STORAGE_ENV_PREFIXES = (
+    "AWS_", "GS_", "GOOGLE_APPLICATION_CREDENTIALS", "AZURE_STORAGE_", "CPL_VSIL_", "GDAL_HTTP_", "VSI_CACHE",
+)  # fmt: skip
+
+
+def storage_env() -> dict[str, str]:
+    """The driver's object-storage settings, to forward to Ray workers (``runtime_env``)."""
+    return {k: v for k, v in sorted(os.environ.items()) if k.startswith(STORAGE_ENV_PREFIXES)}
+
+
+def storage_options() -> dict[str, Any]:
+    """Ray ``.options(...)`` that give a task or actor the driver's object-storage settings."""
+    env = storage_env()
+    return {"runtime_env": {"env_vars": env}} if env else {}
+
+
 def describe_cluster(started: bool, address: str | None) -> str:
     """``a local Ray started for this run (2 CPUs)``, ``the Ray cluster at HOST:PORT (3 nodes,
     48 CPUs, 4 GPUs)``, or ``the Ray already running in this process (...)``."""

@@ -39,7 +39,9 @@ class RayExecutor:
             return
         import ray
 
-        remote = ray.remote(num_cpus=self.num_cpus, max_retries=3, retry_exceptions=False)(fn)
+        from pipeline.jobs.cluster import storage_options
+
+        remote = ray.remote(num_cpus=self.num_cpus, max_retries=3, retry_exceptions=False, **storage_options())(fn)
         pending = [remote.remote(item) for item in items]
         while pending:
             done, pending = ray.wait(pending, num_returns=1)

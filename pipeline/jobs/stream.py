@@ -29,7 +29,7 @@ from typing import Any
 from pipeline.config import ModelConfig, NetworkModelConfig, RuntimeConfig
 from pipeline.core.plan import Item, Placement, Target, batch_for, lease_size, place_actors, square_order
 from pipeline.errors import ConfigError, WorkerError, describe, one_line, rebuild
-from pipeline.jobs.cluster import local_cpus
+from pipeline.jobs.cluster import local_cpus, storage_options
 from pipeline.sources.geotiff import WORKER_QUIET
 
 Row = dict[str, Any]
@@ -180,6 +180,7 @@ def _on_ray(
             max_concurrency=3,  # two leases at once, plus the ready() probe
             max_restarts=0,  # a dead actor is replaced here, with its units requeued
             scheduling_strategy="SPREAD",
+            **storage_options(),
         ).remote(
             targets_ref,
             model,

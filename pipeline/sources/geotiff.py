@@ -9,6 +9,7 @@ values, internal masks and alpha bands; a pixel is valid only if every band the 
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import warnings
 from dataclasses import dataclass
@@ -78,9 +79,15 @@ class RasterSource:
         return data, np.asarray(np.all(valid, axis=0))
 
     def fingerprint(self) -> str:
-        """Content hash of local files (path-independent); grid description for remote ones."""
+        """Content hash of local files (path-independent); of S3 objects, their ETag and size (read
+        from the object's metadata, never by downloading it); other remote paths by name."""
+        from pipeline.sources.remote import object_identity, split_s3
+
         digest = hashlib.sha256()
         for path in self.paths:
+            if split_s3(path) is not None and importlib.util.find_spec("obstore") is not None:
+                digest.update(object_identity(path).encode())
+                continue
             if is_remote(path):
                 digest.update(path.encode())
                 continue

@@ -84,6 +84,12 @@ class S3Server:
         client.upload_file(str(local), bucket, key)
         return url
 
+    def put_tree(self, folder: Path, url: str) -> str:
+        """Upload every file under ``folder`` to the prefix ``url`` (a store copied to object storage)."""
+        for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+            self.put(path, f"{url.rstrip('/')}/{path.relative_to(folder).as_posix()}")
+        return url
+
 
 @pytest.fixture(scope="session")
 def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:

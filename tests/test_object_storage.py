@@ -24,7 +24,8 @@ def test_a_store_url_is_refused_not_written_to_a_local_folder(tmp_path: Path) ->
             result = raymask("run", str(config), "--set", f"source.path={S2}", "--set", f"output.path={url}")
             assert_one_line_error(result, url, "is a URL")
         assert list(work.iterdir()) == []  # no s3:/masks/... folder here
-        assert_one_line_error(raymask("info", "s3://masks/nd/naip.zarr"), "s3://masks/nd/naip.zarr", "a URL")
+        # reading one is supported; here, with no endpoint or credentials, it is one line
+        assert_one_line_error(raymask("info", "s3://masks/nd/naip.zarr"), "s3://masks/nd/naip.zarr", "cannot reach")
         store = tmp_path / "local.zarr"
         assert (
             raymask("run", str(config), "--set", f"source.path={S2}", "--set", f"output.path={store}").returncode == 0
@@ -75,3 +76,96 @@ def test_a_missing_object_is_one_line_in_seconds(s3, tmp_path: Path) -> None:  #
     )
     assert_one_line_error(result, "s3://imagery/absent.tif")
     assert time.monotonic() - started < 30 and not (tmp_path / "x.zarr").exists()
+
+
+def test_stores_on_s3_are_read_as_local_ones(
+    s3, shipped_store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """info, regions, query, export and pipeline.open_store on an s3:// store give what they give on
+    the same store on disk (zarr's ObjectStore over obstore, configured from the GDAL variables)."""
+    import json
+
+    import numpy as np
+    import rasterio
+
+    import pipeline
+    from pipeline.cli import main
+
+    aber, _ = shipped_store("aerial-vegetation.yaml")
+    url = s3.put_tree(aber, "s3://masks/wales/aber.zarr")
+
+    def run(*args: str) -> dict:
+        capsys.readouterr()
+        assert main([*args, "--json"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    local, remote = run("info", str(aber)), run("info", url)
+    assert remote.pop("path") == url and local.pop("path") == str(aber)
+    assert remote == local
+    for command in (["regions"], ["query", "--bbox", "-4.09,52.40,-4.06,52.42", "--crs", "EPSG:4326"]):
+        a = run(command[0], str(aber), *command[1:])
+        b = run(command[0], url, *command[1:])
+        assert json.dumps(a).replace(str(aber), url) == json.dumps(b)
+    assert main(["export", url, str(tmp_path / "remote.tif")]) == 0
+    assert main(["export", str(aber), str(tmp_path / "local.tif")]) == 0
+    with rasterio.open(tmp_path / "remote.tif") as a, rasterio.open(tmp_path / "local.tif") as b:
+        assert np.array_equal(a.read(), b.read()) and a.transform == b.transform and a.crs == b.crs
+    assert main(["export", url, str(tmp_path / "remote.parquet")]) == 0  # polygons: tasks read the S3 arrays
+    view = pipeline.open_store(url)
+    assert np.array_equal(view.mask.values, pipeline.open_store(aber).mask.values)
+    assert view.mask.rio.crs == pipeline.open_store(aber).mask.rio.crs
+
+
+def test_object_storage_failures_are_one_line(s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    s3.put(S2, "s3://masks/not-a-store/file.tif")
+    started = time.monotonic()
+    assert_one_line_error(raymask("info", "s3://masks/absent.zarr"), "s3://masks/absent.zarr: no such store")
+    assert_one_line_error(raymask("info", "s3://no-such-bucket/x.zarr"), "s3://no-such-bucket/x.zarr")
+    result = raymask("regions", "s3://masks/x.zarr", "--compute")
+    assert_one_line_error(result, "s3://masks/x.zarr")
+    os.environ["AWS_S3_ENDPOINT"] = "127.0.0.1:9"  # nothing listens there
+    try:
+        assert_one_line_error(raymask("info", "s3://masks/x.zarr"), "s3://masks/x.zarr", "cannot reach")
+    finally:
+        os.environ["AWS_S3_ENDPOINT"] = s3.env["AWS_S3_ENDPOINT"]
+    assert time.monotonic() - started < 60
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_batch_over_an_s3_prefix_isolates_a_broken_object(
+    s3, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """Inputs listed in the bucket (one listing; ``**`` spans folders), stores named after the keys;
+    the broken object fails alone; the next run skips the others by their ETags."""
+    import json
+
+    from pipeline.cli import main
+    from tests.conftest import write_config
+
+    s3.put(S2, "s3://archive/nightly/wales/aber.tif")
+    s3.put(S2, "s3://archive/nightly/wales/sub/again.tif")
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"II*\x00 not really a TIFF")
+    s3.put(broken, "s3://archive/nightly/broken.tif")
+    s3.put(S2, "s3://archive/other/not-matched.tif")
+    config = write_config(
+        tmp_path / "nightly.yaml",
+        inputs=["s3://archive/nightly/**/*.tif"],
+        source={"bands": [3, 8]},
+        model={"kind": "ndvi"},
+        tiling={"chunk": 128},
+        output={"root": f"{tmp_path}/masks"},
+    )
+    capsys.readouterr()
+    assert main(["batch", str(config), "--json"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    by_store = {r["store"]: r for r in report["results"]}
+    assert sorted(by_store) == ["broken.tif.zarr", "wales/aber.tif.zarr", "wales/sub/again.tif.zarr"]
+    assert (
+        by_store["broken.tif.zarr"]["status"] == "failed"
+        and "s3://archive/nightly/broken.tif" in (by_store["broken.tif.zarr"]["error"])
+    )
+    assert by_store["wales/aber.tif.zarr"]["status"] == "done" == by_store["wales/sub/again.tif.zarr"]["status"]
+    assert main(["batch", str(config), "--json"]) == 1
+    again = json.loads(capsys.readouterr().out)
+    assert again["counts"]["skipped"] == 2 and again["counts"]["failed"] == 1

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import zarr
 
 from pipeline.core.geometry import Box
+from pipeline.store.location import open_array
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,10 @@ def polygon_task(task: PolygonTask) -> tuple[int, int]:
     import shapely
     from affine import Affine
 
-    ids = np.asarray(zarr.open_array(task.regions, mode="r")[task.box.slices()]).astype(np.int32)
+    ids = np.asarray(open_array(task.regions)[task.box.slices()]).astype(np.int32)
     keep = ids > 0
     if task.classes is not None:
-        mask = np.asarray(zarr.open_array(task.mask, mode="r")[task.box.slices()])
+        mask = np.asarray(open_array(task.mask)[task.box.slices()])
         keep &= np.isin(mask, task.classes)
     row, col = task.box.start
     pieces: dict[int, list[object]] = {}

@@ -99,6 +99,9 @@ def expand_inputs(config: BatchConfig) -> list[BatchInput]:
 
     found: dict[str, BatchInput] = {}
     for pattern in config.inputs:
+        if pattern.startswith(("s3://", "/vsis3/")):  # listed in the bucket, read through GDAL's /vsis3/
+            _add_objects(found, pattern, config)
+            continue
         base = _fixed_part(pattern)
         matches = sorted(glob.glob(pattern, recursive=True)) if _has_glob(pattern) else [pattern]
         matches = [m for m in matches if Path(m).exists()]
@@ -122,6 +125,23 @@ def expand_inputs(config: BatchConfig) -> list[BatchInput]:
                 source = SourceConfig(path=match, kind=config.source.kind, bands=config.source.bands)
                 _add(found, BatchInput(rel, source, match))
     return list(found.values())
+
+
+def _add_objects(found: dict[str, BatchInput], pattern: str, config: BatchConfig) -> None:
+    """Inputs from an ``s3://`` glob: each matching object is one raster input, its store named after
+    its key relative to the pattern's fixed prefix (as local globs name theirs)."""
+    from pipeline.sources.remote import glob_s3
+
+    url = pattern.replace("/vsis3/", "s3://", 1)
+    base, matches = glob_s3(url)
+    if not matches:
+        raise ConfigError(f"{pattern}: matches nothing")
+    for match in matches:
+        rel = match[len(base) :].strip("/") or match.rsplit("/", 1)[-1]
+        if any(part in ("..", ".", "") for part in rel.split("/")):
+            raise SourceError(f"{match}: cannot derive a store name inside the output root")
+        source = SourceConfig(path=match, kind="raster", bands=config.source.bands)
+        _add(found, BatchInput(rel, source, match))
 
 
 def run_batch(config: BatchConfig, *, progress: bool = True) -> BatchReport:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
+from datetime import timedelta
 from typing import Any
 
 from pipeline.errors import SourceError, SourceNotFound
@@ -43,13 +45,18 @@ def s3_config() -> dict[str, Any]:
     return config
 
 
-def s3_store(bucket: str) -> Any:
+def s3_store(bucket: str, prefix: str | None = None) -> Any:
+    """An obstore S3 store for ``bucket`` (rooted at ``prefix``), configured from the environment;
+    requests time out rather than hang (an unreachable endpoint is an error in seconds)."""
     from obstore.store import S3Store
 
     config = s3_config()
     endpoint = str(config.get("endpoint", ""))
-    client = {"allow_http": True} if endpoint.startswith("http://") else None
-    return S3Store(bucket, config=config, client_options=client)  # type: ignore[arg-type]
+    client: dict[str, Any] = {"connect_timeout": "5s", "timeout": "60s"}
+    if endpoint.startswith("http://"):
+        client["allow_http"] = True
+    retry = {"max_retries": 3, "retry_timeout": timedelta(seconds=20)}
+    return S3Store(bucket, prefix=prefix or None, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]
 
 
 def object_identity(url: str) -> str:
@@ -69,3 +76,59 @@ def object_identity(url: str) -> str:
         raise SourceError(f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
     digest = hashlib.sha256(f"{meta.get('e_tag')}|{meta['size']}".encode()).hexdigest()
     return digest[:16]
+
+
+def glob_s3(pattern: str) -> tuple[str, list[str]]:
+    """``(fixed prefix URL, matching object URLs)`` for an ``s3://bucket/prefix/**/*.tif`` pattern:
+    one listing of the prefix before the first wildcard, matched as ``glob`` would (``**`` spans
+    folders, ``*`` does not). A pattern without wildcards names one object."""
+    import re
+
+    import obstore
+
+    where = split_s3(pattern)
+    if where is None:
+        raise SourceError(f"{pattern}: not an S3 URL")
+    bucket, key = where
+    parts = key.split("/")
+    fixed = []
+    for part in parts:
+        if any(c in part for c in "*?["):
+            break
+        fixed.append(part)
+    if len(fixed) == len(parts):  # one object
+        return f"s3://{bucket}/{'/'.join(fixed[:-1])}", [pattern]
+    prefix = "/".join(fixed)
+    regex = re.compile(_glob_regex(key))
+    try:
+        listed = [
+            str(meta["path"])
+            for batch in obstore.list(s3_store(bucket), prefix=f"{prefix}/" if prefix else None)
+            for meta in batch
+        ]
+    except Exception as exc:
+        raise SourceError(
+            f"{pattern}: cannot list the bucket: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from exc
+    return f"s3://{bucket}/{prefix}", sorted(f"s3://{bucket}/{k}" for k in listed if regex.fullmatch(k))
+
+
+def _glob_regex(pattern: str) -> str:
+    out, i = [], 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out.append("(?:.*/)?")
+            i += 3
+        elif pattern.startswith("**", i):
+            out.append(".*")
+            i += 2
+        elif pattern[i] == "*":
+            out.append("[^/]*")
+            i += 1
+        elif pattern[i] == "?":
+            out.append("[^/]")
+            i += 1
+        else:
+            out.append(re.escape(pattern[i]))
+            i += 1
+    return "".join(out)

@@ -6,9 +6,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import zarr
 
 from pipeline.core.geometry import Box
+from pipeline.store.location import open_array
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class StoreArraySource:
         path = f"{self.store}/{self.array}"
         array = cache.get(path) if cache is not None else None
         if array is None:
-            array = zarr.open_array(path, mode="r")
+            array = open_array(path)  # a local folder or an s3:// store
             if cache is not None:
                 cache[path] = array
         data = np.asarray(array[box.slices()], dtype=np.float32)

@@ -35,7 +35,6 @@ import numpy as np
 import zarr
 import zarr.errors
 
-from pipeline.config import URL
 from pipeline.core import ngff
 from pipeline.core.geometry import Box, TileGrid, WorkUnit
 from pipeline.core.georef import Georef, cf_grid_mapping, pixel_measure
@@ -43,6 +42,7 @@ from pipeline.core.stats import NODATA, PROBABILITY_SCALE, ChunkStats, PixelMeas
 from pipeline.core.transform import axis_centres
 from pipeline.core.volume import VolumeGeometry
 from pipeline.errors import StoreError, one_line
+from pipeline.store.location import ObjectPath, StorePath, key_exists, open_array, open_group, store_path
 from pipeline.store.meta import FORMAT, VERSION, StoreMeta, parse_meta
 
 VOLUME_IMAGE = "0"  # the NGFF image's level 0, at the root
@@ -77,8 +77,8 @@ class StoreLayout:
 
 
 class MaskStore:
-    def __init__(self, path: Path, group: zarr.Group) -> None:
-        self.path = path
+    def __init__(self, path: StorePath, group: zarr.Group) -> None:
+        self.path: Any = path  # a Path, or an ObjectPath (``s3://...``) for a store read from object storage
         self.group = group
         self._writing: dict[str, zarr.Array] = {}
         self._info: StoreMeta | None = None  # arrays write_unit writes, opened once (their metadata is fixed)
@@ -87,10 +87,24 @@ class MaskStore:
     # -- opening -----------------------------------------------------------------------------
 
     @classmethod
-    def open(cls, path: str | Path, *, mode: str = "r") -> MaskStore:
-        if URL.match(str(path)):
-            raise StoreError(f"{path}: a URL; stores are read from local or shared-filesystem folders only")
-        path = Path(path)
+    def open(cls, path: str | Path | ObjectPath, *, mode: str = "r") -> MaskStore:
+        where = store_path(path)
+        if isinstance(where, ObjectPath):
+            if mode != "r":
+                raise StoreError(
+                    f"{where}: stores on object storage can be read, not yet written (write to a local or "
+                    "shared-filesystem folder)"
+                )
+            try:
+                found = key_exists(where, "zarr.json")
+            except StoreError:
+                raise
+            except Exception as exc:  # obstore: credentials, bucket, endpoint; one line naming the URL
+                raise StoreError(f"{where}: cannot reach the store: {one_line(exc, 200)}") from exc
+            if not found:
+                raise StoreError(f"{where}: no such store")
+            return cls._opened(where, open_group(where, mode="r"))
+        path = where
         if not path.exists():
             raise StoreError(f"{path}: no such store")
         try:
@@ -102,6 +116,10 @@ class MaskStore:
                     f"{path}: not a raymask store any more: zarr.json is damaged ({one_line(exc, 80)})"
                 ) from exc
             raise StoreError(f"{path}: not a zarr store") from exc
+        return cls._opened(path, group)
+
+    @classmethod
+    def _opened(cls, path: StorePath, group: zarr.Group) -> MaskStore:
         store = cls(path, group)
         _ = store.info  # parses and checks the metadata: a foreign, damaged or newer store fails here
         return store
@@ -279,9 +297,8 @@ class MaskStore:
         keys = ["/".join(str(i + f) for i, f in zip(index, first))
                 for index in np.ndindex(*[b - a + 1 for a, b in zip(first, last)])]  # fmt: skip
         if self.info.every_chunk and self.info.complete and box.size:  # an unfinished store lacks chunks
-            root = self.path / self.info.arrays.mask / "c"
             for key in keys:
-                if not (root / key).is_file():
+                if not key_exists(self.path, f"{self.info.arrays.mask}/c/{key}"):
                     raise StoreError(
                         f"{self.path}: mask chunk {key} is missing; the store is damaged "
                         "(run its job again with --overwrite)"
@@ -329,11 +346,11 @@ class MaskStore:
 
     def regions(self) -> zarr.Array:
         info = self._checked_regions()
-        return zarr.open_array(str(self.path / info["array"]), mode="r")
+        return open_array(self.path / info["array"])
 
     def region_table(self) -> zarr.Group:
         info = self._checked_regions()
-        return zarr.open_group(str(self.path / info["table"]), mode="r", use_consolidated=False)
+        return open_group(self.path / info["table"], use_consolidated=False)
 
     def _checked_regions(self) -> dict[str, Any]:
         info = self.regions_info
@@ -343,9 +360,9 @@ class MaskStore:
                 f"label them with: raymask regions {self.path} --compute"
             )
         try:  # from the files themselves: consolidated metadata may predate an interrupted swap
-            table = zarr.open_group(str(self.path / info["table"]), mode="r", use_consolidated=False)
+            table = open_group(self.path / info["table"], use_consolidated=False)
             table_token = table.attrs.get("token")
-            array_token = zarr.open_array(str(self.path / info["array"]), mode="r").attrs.get("raymask_regions_token")
+            array_token = open_array(self.path / info["array"]).attrs.get("raymask_regions_token")
         except (KeyError, FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.ArrayNotFoundError):
             table_token = array_token = None
         if not table_token == array_token == info.get("token"):

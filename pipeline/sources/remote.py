@@ -1,62 +1,14 @@
-"""Objects on S3 (and S3-compatible servers) as raymask reaches them: one configuration for GDAL and
-for the object-store client.
-
-GDAL reads inputs through ``/vsis3/`` with its own settings (``AWS_S3_ENDPOINT``, ``AWS_HTTPS``,
-``AWS_VIRTUAL_HOSTING``, ``AWS_REGION`` and the credentials); obstore (listing, object metadata) is
-configured from the same variables, so a user sets them once. ``AWS_ENDPOINT_URL`` is honoured too.
-"""
+"""Inputs on S3 (and S3-compatible servers): an object's identity from its metadata, and globs
+listed in the bucket. The client is ``pipeline.store.location.s3_store``, configured from the same
+variables GDAL reads for ``/vsis3/``."""
 
 from __future__ import annotations
 
 import hashlib
-import os
 import re
-from datetime import timedelta
-from typing import Any
 
 from pipeline.errors import SourceError, SourceNotFound
-
-
-def split_s3(url: str) -> tuple[str, str] | None:
-    """``(bucket, key)`` of ``s3://bucket/key`` or ``/vsis3/bucket/key``; None for anything else."""
-    for prefix in ("s3://", "/vsis3/"):
-        if url.startswith(prefix):
-            bucket, _, key = url[len(prefix) :].partition("/")
-            return bucket, key
-    return None
-
-
-def s3_config() -> dict[str, Any]:
-    """obstore S3 settings from the environment GDAL reads."""
-    config: dict[str, Any] = {}
-    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
-    https = os.environ.get("AWS_HTTPS", "YES").upper() not in ("NO", "FALSE", "OFF", "0")
-    if not endpoint and os.environ.get("AWS_S3_ENDPOINT"):
-        endpoint = f"{'https' if https else 'http'}://{os.environ['AWS_S3_ENDPOINT']}"
-    if endpoint:
-        config["endpoint"] = endpoint
-    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
-    if region:
-        config["region"] = region
-    if os.environ.get("AWS_VIRTUAL_HOSTING", "TRUE").upper() in ("FALSE", "NO", "OFF", "0"):
-        config["virtual_hosted_style_request"] = False
-    if os.environ.get("AWS_NO_SIGN_REQUEST", "").upper() in ("YES", "TRUE", "ON", "1"):
-        config["skip_signature"] = True
-    return config
-
-
-def s3_store(bucket: str, prefix: str | None = None) -> Any:
-    """An obstore S3 store for ``bucket`` (rooted at ``prefix``), configured from the environment;
-    requests time out rather than hang (an unreachable endpoint is an error in seconds)."""
-    from obstore.store import S3Store
-
-    config = s3_config()
-    endpoint = str(config.get("endpoint", ""))
-    client: dict[str, Any] = {"connect_timeout": "5s", "timeout": "60s"}
-    if endpoint.startswith("http://"):
-        client["allow_http"] = True
-    retry = {"max_retries": 3, "retry_timeout": timedelta(seconds=20)}
-    return S3Store(bucket, prefix=prefix or None, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]
+from pipeline.store.location import s3_store, split_s3
 
 
 def object_identity(url: str) -> str:

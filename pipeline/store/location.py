@@ -2,8 +2,9 @@
 
 The zarr layer for object storage is zarr's ``ObjectStore`` over obstore (Rust: connection pooling,
 retries with backoff and request timeouts built in, one wheel with no botocore to pin), configured
-from the same environment GDAL reads (``pipeline.sources.remote.s3_config``). Local stores stay
-zarr ``LocalStore`` paths.
+from the same environment GDAL reads for ``/vsis3/`` (``AWS_S3_ENDPOINT``, ``AWS_HTTPS``,
+``AWS_VIRTUAL_HOSTING``, ``AWS_REGION``, the credentials; ``AWS_ENDPOINT_URL`` too), so a user sets
+them once. Local stores stay zarr ``LocalStore`` paths.
 
 ``ObjectPath`` is the URL with the few path operations the store code uses (``/``, ``name``), so a
 store's ``path`` prints as the URL the user gave.
@@ -11,6 +12,8 @@ store's ``path`` prints as the URL the user gave.
 
 from __future__ import annotations
 
+import os
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Union
 
@@ -48,6 +51,48 @@ class ObjectPath:
 StorePath = Union[Path, ObjectPath]
 
 
+def split_s3(url: str) -> tuple[str, str] | None:
+    """``(bucket, key)`` of ``s3://bucket/key`` or ``/vsis3/bucket/key``; None for anything else."""
+    for prefix in ("s3://", "/vsis3/"):
+        if url.startswith(prefix):
+            bucket, _, key = url[len(prefix) :].partition("/")
+            return bucket, key
+    return None
+
+
+def s3_config() -> dict[str, Any]:
+    """obstore S3 settings from the environment GDAL reads."""
+    config: dict[str, Any] = {}
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")
+    https = os.environ.get("AWS_HTTPS", "YES").upper() not in ("NO", "FALSE", "OFF", "0")
+    if not endpoint and os.environ.get("AWS_S3_ENDPOINT"):
+        endpoint = f"{'https' if https else 'http'}://{os.environ['AWS_S3_ENDPOINT']}"
+    if endpoint:
+        config["endpoint"] = endpoint
+    region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION")
+    if region:
+        config["region"] = region
+    if os.environ.get("AWS_VIRTUAL_HOSTING", "TRUE").upper() in ("FALSE", "NO", "OFF", "0"):
+        config["virtual_hosted_style_request"] = False
+    if os.environ.get("AWS_NO_SIGN_REQUEST", "").upper() in ("YES", "TRUE", "ON", "1"):
+        config["skip_signature"] = True
+    return config
+
+
+def s3_store(bucket: str, prefix: str | None = None) -> Any:
+    """An obstore S3 store for ``bucket`` (rooted at ``prefix``), configured from the environment;
+    requests time out rather than hang (an unreachable endpoint is an error in seconds)."""
+    from obstore.store import S3Store
+
+    config = s3_config()
+    endpoint = str(config.get("endpoint", ""))
+    client: dict[str, Any] = {"connect_timeout": "5s", "timeout": "60s"}
+    if endpoint.startswith("http://"):
+        client["allow_http"] = True
+    retry = {"max_retries": 3, "retry_timeout": timedelta(seconds=20)}
+    return S3Store(bucket, prefix=prefix or None, config=config, client_options=client, retry_config=retry)  # type: ignore[arg-type]
+
+
 def store_path(where: str | Path | ObjectPath) -> StorePath:
     """A store's location from what a user or a task gave: a URL, or a local path."""
     if isinstance(where, (Path, ObjectPath)):
@@ -67,8 +112,6 @@ def zarr_store(where: str | Path | ObjectPath, *, read_only: bool = True) -> Any
     path = store_path(where)
     if isinstance(path, Path):
         return str(path)
-    from pipeline.sources.remote import s3_store, split_s3
-
     parts = split_s3(path.url)
     if parts is None:
         raise StoreError(f"{path}: only s3:// URLs (and S3-compatible servers) are supported for stores")

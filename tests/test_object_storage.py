@@ -169,3 +169,52 @@ def test_a_batch_over_an_s3_prefix_isolates_a_broken_object(
     assert main(["batch", str(config), "--json"]) == 1
     again = json.loads(capsys.readouterr().out)
     assert again["counts"]["skipped"] == 2 and again["counts"]["failed"] == 1
+
+
+@pytest.mark.usefixtures("ray_session")
+def test_a_dicom_series_from_an_s3_prefix_equals_the_local_one(
+    s3, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """``source.path: s3://bucket/study/`` (a prefix) is a DICOM folder: listed, each object read whole
+    (on Ray workers for the remote run); the store equals the local series' byte for byte, and its
+    DICOM SEG references the same instances."""
+    import json
+
+    import highdicom as hd
+
+    from pipeline.cli import main
+    from pipeline.store import MaskStore
+    from tests.conftest import CT_SERIES, store_digest
+
+    url = s3.put_tree(CT_SERIES, "s3://studies/p1/ct") + "/"
+    config = ROOT / "configs" / "ct-tissue.yaml"
+    stores = {}
+    for name, source, engine in (("remote", url, "ray"), ("local", str(CT_SERIES), "process")):
+        stores[name] = tmp_path / f"{name}.zarr"
+        argv = ["run", str(config), "--set", f"source.path={source}", "--set", f"output.path={stores[name]}"]
+        assert main([*argv, "--json", "--no-progress", "--set", f"runtime.engine={engine}"]) == 0
+    capsys.readouterr()
+    assert store_digest(stores["remote"])["files"] == store_digest(stores["local"])["files"]
+    source = MaskStore.open(stores["remote"]).info.source
+    assert source is not None and all(p.startswith("s3://studies/p1/ct/") for p in source.paths)
+    segs = {}
+    for name, store in stores.items():
+        assert main(["export", str(store), str(tmp_path / f"{name}.dcm")]) == 0
+        segs[name] = hd.seg.segread(tmp_path / f"{name}.dcm")
+    refs = {
+        name: sorted(r.ReferencedSOPInstanceUID for r in seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence)
+        for name, seg in segs.items()
+    }
+    assert refs["remote"] == refs["local"] and len(refs["remote"]) == 20
+
+    # a batch over the study prefix: one input per series, named after the study, exported as SEG
+    from tests.conftest import write_config
+
+    batch = write_config(
+        tmp_path / "studies.yaml", inputs=["s3://studies/p1/"], model={"kind": "hu-tissue"},
+        tiling={"chunk": [10, 256, 256]}, output={"root": f"{tmp_path}/masks", "exports": ["seg"]},
+    )  # fmt: skip
+    capsys.readouterr()
+    assert main(["batch", str(batch), "--json"]) == 0
+    (result,) = json.loads(capsys.readouterr().out)["results"]
+    assert result["status"] == "done" and result["store"].startswith("p1/CT-") and result["exports"]["seg"]

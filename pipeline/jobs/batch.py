@@ -95,7 +95,6 @@ class BatchReport:
 
 def expand_inputs(config: BatchConfig) -> list[BatchInput]:
     """Inputs from the globs, with stable store names; refuses empty globs and name collisions."""
-    from pipeline.sources.dicom import discover
 
     found: dict[str, BatchInput] = {}
     for pattern in config.inputs:
@@ -110,29 +109,41 @@ def expand_inputs(config: BatchConfig) -> list[BatchInput]:
         for match in matches:
             rel = _relative_name(Path(match), base)
             if Path(match).is_dir():
-                try:
-                    series, _ = discover([match])
-                except RaymaskError as exc:  # this study fails on its own; the other inputs still run
-                    source = SourceConfig(path=match, kind="dicom")
-                    _add(found, BatchInput(f"{rel}/study", source, match, problem=exc))
-                    continue
-                for s in series:
-                    tag = hashlib.sha256(s.key.encode()).hexdigest()[:8]
-                    source = SourceConfig(path=s.paths, kind="dicom")
-                    label = f"{match} ({s.modality} series {tag}, {len(s.frames)} frames)"
-                    _add(found, BatchInput(f"{rel}/{s.modality or 'series'}-{tag}", source, label))
+                _add_study(found, match, rel)
             else:
                 source = SourceConfig(path=match, kind=config.source.kind, bands=config.source.bands)
                 _add(found, BatchInput(rel, source, match))
     return list(found.values())
 
 
+def _add_study(found: dict[str, BatchInput], match: str, rel: str) -> None:
+    """A DICOM study folder (or ``s3://`` prefix): one input per series, named ``rel/MODALITY-tag``."""
+    from pipeline.sources.dicom import discover
+
+    try:
+        series, _ = discover([match])
+    except RaymaskError as exc:  # this study fails on its own; the other inputs still run
+        source = SourceConfig(path=match, kind="dicom")
+        _add(found, BatchInput(f"{rel}/study", source, match, problem=exc))
+        return
+    for s in series:
+        tag = hashlib.sha256(s.key.encode()).hexdigest()[:8]
+        source = SourceConfig(path=s.paths, kind="dicom")
+        label = f"{match} ({s.modality} series {tag}, {len(s.frames)} frames)"
+        _add(found, BatchInput(f"{rel}/{s.modality or 'series'}-{tag}", source, label))
+
+
 def _add_objects(found: dict[str, BatchInput], pattern: str, config: BatchConfig) -> None:
     """Inputs from an ``s3://`` glob: each matching object is one raster input, its store named after
-    its key relative to the pattern's fixed prefix (as local globs name theirs)."""
+    its key relative to the pattern's fixed prefix (as local globs name theirs); a URL ending in ``/``
+    is a DICOM study prefix, one input per series."""
     from pipeline.sources.remote import glob_s3
 
     url = pattern.replace("/vsis3/", "s3://", 1)
+    if url.endswith("/"):  # a prefix: a DICOM study folder in the bucket
+        name = url.rstrip("/").rsplit("/", 1)[-1]
+        _add_study(found, url, name)
+        return
     base, matches = glob_s3(url)
     if not matches:
         raise ConfigError(f"{pattern}: matches nothing")

@@ -29,6 +29,7 @@ import numpy as np
 
 from pipeline.errors import QueryError, StoreError
 from pipeline.store import COMPLETE, MaskStore
+from pipeline.store.location import split_s3
 
 SUFFIXES = (".dcm",)
 LOCAL_SCHEME = "99RAYMASK"
@@ -115,6 +116,7 @@ def export_seg(
     import pydicom
 
     import pipeline
+    from pipeline.sources.dicom import read_dataset
 
     info = store.info
     if info.volume is None:
@@ -134,7 +136,7 @@ def export_seg(
     headers: dict[str, pydicom.Dataset] = {}
     for path, _ in frames:
         if path not in headers:
-            headers[path] = pydicom.dcmread(path, stop_before_pixels=True)
+            headers[path] = read_dataset(path, stop_before_pixels=True)
     for path, header in headers.items():
         missing = [k for k in REFERENCED if not str(header.get(k, "") or "")]
         if missing:
@@ -235,7 +237,7 @@ def source_frames(store: MaskStore) -> list[tuple[str, int | None]]:
     if source is None or not source.paths or not source.series:
         raise StoreError(f"{store.path}: the store does not record its source DICOM series; DICOM SEG references it")
     for path in source.paths:
-        if not Path(path).is_file():
+        if split_s3(path) is None and not Path(path).is_file():
             raise StoreError(f"{path}: a source image of {store.path} is gone; DICOM SEG references the source series")
     try:
         found, _ = discover(list(source.paths))

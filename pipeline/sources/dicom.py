@@ -11,6 +11,7 @@ per-frame functional groups.
 from __future__ import annotations
 
 import hashlib
+import io
 import math
 import warnings
 from collections import defaultdict
@@ -27,6 +28,8 @@ from pydicom.multival import MultiValue
 from pipeline.core.geometry import Box
 from pipeline.core.volume import GeometryError, PlaneGeometry, VolumeGeometry, order_planes
 from pipeline.errors import SourceError, SourceNotFound, one_line
+from pipeline.sources.remote import list_prefix, object_identity, read_object
+from pipeline.store.location import split_s3
 
 # Values that break their VR's rules ("CT" as a UID, "nan" as a decimal string) would make pydicom
 # print a UserWarning per element read; raymask checks every value it uses itself and names the
@@ -82,7 +85,10 @@ class Series:
     def fingerprint(self) -> str:
         digest = hashlib.sha256()
         for path in self.paths:
-            digest.update(Path(path).read_bytes())
+            if split_s3(path) is not None:  # an object's identity from its metadata, not a download
+                digest.update(object_identity(path).encode())
+            else:
+                digest.update(Path(path).read_bytes())
         return digest.hexdigest()[:16]
 
 
@@ -107,9 +113,19 @@ def discover(inputs: Sequence[str]) -> tuple[list[Series], list[str]]:
     return [_series(key, members) for key, members in split], notes
 
 
+def read_dataset(path: str, *, stop_before_pixels: bool = False) -> pydicom.Dataset:
+    """A DICOM file from disk, or an object from S3 (``s3://bucket/key``, fetched whole)."""
+    if split_s3(path) is not None:
+        return pydicom.dcmread(io.BytesIO(read_object(path)), stop_before_pixels=stop_before_pixels)
+    return pydicom.dcmread(path, stop_before_pixels=stop_before_pixels)
+
+
 def _candidate_files(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
     files: list[str] = []
     for item in inputs:
+        if split_s3(item) is not None:  # a prefix (a study or series folder) or one object
+            files.extend(list_prefix(item) if item.endswith("/") else [item])
+            continue
         path = Path(item)
         if not path.exists():
             raise SourceNotFound(f"{item}: file not found")
@@ -122,7 +138,7 @@ def _candidate_files(inputs: Sequence[str]) -> tuple[list[str], list[str]]:
 
 def _read_header(path: str, *, explicit: bool) -> pydicom.Dataset | None:
     try:
-        return pydicom.dcmread(path, stop_before_pixels=True)
+        return read_dataset(path, stop_before_pixels=True)
     except InvalidDicomError:
         if explicit:
             raise SourceError(f"{path}: not a DICOM file") from None
@@ -322,7 +338,7 @@ def _frames(header: pydicom.Dataset, path: str) -> list[Frame]:
         )
         frames.append(
             Frame(
-                path=str(Path(path).absolute()),
+                path=path if split_s3(path) is not None else str(Path(path).absolute()),
                 index=index if count > 1 else None,
                 slope=_one_number(slope, 1.0, path, "RescaleSlope"),
                 intercept=_one_number(intercept, 0.0, path, "RescaleIntercept"),
@@ -399,7 +415,7 @@ def _pixels(path: str) -> np.ndarray:
     with warnings.catch_warnings(record=True) as caught:  # pydicom warns, then fails, on a cut file
         warnings.simplefilter("always")
         try:
-            dataset = pydicom.dcmread(path)
+            dataset = read_dataset(path)
             return np.asarray(dataset.pixel_array)
         except Exception as exc:  # pydicom and its plugins raise many types for broken pixel data
             if any("End of file reached" in str(w.message) for w in caught):
@@ -455,4 +471,4 @@ class DicomFrameSource:
 
 
 def samples_per_pixel(path: str) -> int:
-    return int(pydicom.dcmread(path, stop_before_pixels=True).get("SamplesPerPixel", 1) or 1)
+    return int(read_dataset(path, stop_before_pixels=True).get("SamplesPerPixel", 1) or 1)

@@ -122,8 +122,8 @@ def _is_dicom(config: SourceConfig) -> bool:
     if config.kind != "auto":
         return config.kind == "dicom"
     first = config.paths[0]
-    if is_remote(first):
-        return False
+    if is_remote(first):  # an s3:// prefix ending in "/" is a DICOM study or series folder
+        return first.startswith("s3://") and first.endswith("/")
     path = Path(first)
     if path.is_dir():
         return True

@@ -84,3 +84,41 @@ def _glob_regex(pattern: str) -> str:
             out.append(re.escape(pattern[i]))
             i += 1
     return "".join(out)
+
+
+def list_prefix(url: str) -> list[str]:
+    """The object URLs under ``s3://bucket/prefix/`` (recursively, hidden names left out), sorted."""
+    import obstore
+
+    where = split_s3(url)
+    if where is None:
+        raise SourceError(f"{url}: not an S3 URL")
+    bucket, prefix = where
+    prefix = prefix.strip("/")
+    try:
+        keys = [
+            str(meta["path"])
+            for batch in obstore.list(s3_store(bucket), prefix=f"{prefix}/" if prefix else None)
+            for meta in batch
+        ]
+    except Exception as exc:
+        raise SourceError(
+            f"{url}: cannot list the bucket: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        ) from exc
+    return sorted(f"s3://{bucket}/{k}" for k in keys if not k.rsplit("/", 1)[-1].startswith("."))
+
+
+def read_object(url: str) -> bytes:
+    """The bytes of an S3 object; a missing one is one line naming ``url``."""
+    import obstore
+
+    where = split_s3(url)
+    if where is None:
+        raise SourceError(f"{url}: not an S3 URL")
+    bucket, key = where
+    try:
+        return bytes(obstore.get(s3_store(bucket), key).bytes())
+    except FileNotFoundError as exc:
+        raise SourceNotFound(f"{url}: no such object") from exc
+    except Exception as exc:
+        raise SourceError(f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc

@@ -34,10 +34,6 @@ def glob_s3(pattern: str) -> tuple[str, list[str]]:
     """``(fixed prefix URL, matching object URLs)`` for an ``s3://bucket/prefix/**/*.tif`` pattern:
     one listing of the prefix before the first wildcard, matched as ``glob`` would (``**`` spans
     folders, ``*`` does not). A pattern without wildcards names one object."""
-    import re
-
-    import obstore
-
     where = split_s3(pattern)
     if where is None:
         raise SourceError(f"{pattern}: not an S3 URL")
@@ -52,17 +48,24 @@ def glob_s3(pattern: str) -> tuple[str, list[str]]:
         return f"s3://{bucket}/{'/'.join(fixed[:-1])}", [pattern]
     prefix = "/".join(fixed)
     regex = re.compile(_glob_regex(key))
+    listed = _keys(pattern, bucket, prefix)
+    return f"s3://{bucket}/{prefix}", sorted(f"s3://{bucket}/{k}" for k in listed if regex.fullmatch(k))
+
+
+def _keys(url: str, bucket: str, prefix: str) -> list[str]:
+    """Every key under ``prefix`` (one listing, paged by obstore); a failure is one line naming ``url``."""
+    import obstore
+
     try:
-        listed = [
+        return [
             str(meta["path"])
             for batch in obstore.list(s3_store(bucket), prefix=f"{prefix}/" if prefix else None)
             for meta in batch
         ]
     except Exception as exc:
         raise SourceError(
-            f"{pattern}: cannot list the bucket: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+            f"{url}: cannot list the bucket: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
         ) from exc
-    return f"s3://{bucket}/{prefix}", sorted(f"s3://{bucket}/{k}" for k in listed if regex.fullmatch(k))
 
 
 def _glob_regex(pattern: str) -> str:
@@ -88,23 +91,11 @@ def _glob_regex(pattern: str) -> str:
 
 def list_prefix(url: str) -> list[str]:
     """The object URLs under ``s3://bucket/prefix/`` (recursively, hidden names left out), sorted."""
-    import obstore
-
     where = split_s3(url)
     if where is None:
         raise SourceError(f"{url}: not an S3 URL")
     bucket, prefix = where
-    prefix = prefix.strip("/")
-    try:
-        keys = [
-            str(meta["path"])
-            for batch in obstore.list(s3_store(bucket), prefix=f"{prefix}/" if prefix else None)
-            for meta in batch
-        ]
-    except Exception as exc:
-        raise SourceError(
-            f"{url}: cannot list the bucket: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-        ) from exc
+    keys = _keys(url, bucket, prefix.strip("/"))
     return sorted(f"s3://{bucket}/{k}" for k in keys if not k.rsplit("/", 1)[-1].startswith("."))
 
 

@@ -129,6 +129,7 @@ def test_object_storage_failures_are_one_line(s3, tmp_path: Path) -> None:  # ty
     finally:
         os.environ["AWS_S3_ENDPOINT"] = s3.env["AWS_S3_ENDPOINT"]
     assert time.monotonic() - started < 60
+    assert_one_line_error(raymask("catalog", "s3://masks/"), "s3://masks/", "a URL")
 
 
 @pytest.mark.usefixtures("ray_session")

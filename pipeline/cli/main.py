@@ -451,8 +451,9 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
 
         if out is None or out.suffix.lower() != ".parquet":
             raise QueryError("--polygons: give --out FILE.parquet (the merged polygons are GeoParquet)")
+        stores = find_stores(args.root)
         root = Path(args.root)
-        result = merge_polygons(root, find_stores(root), out, progress=sys.stderr.isatty())
+        result = merge_polygons(root, stores, out, progress=sys.stderr.isatty())
         for name, reason in result["skipped"].items():
             print(f"raymask: note: {name}: no polygons ({reason})", file=sys.stderr)
         print(
@@ -461,7 +462,7 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
             else f"{out}: {result['features']} polygons from {len(result['stores'])} stores ({result['crs']})"
         )
         return 0
-    rows = catalog_rows(Path(args.root))
+    rows = catalog_rows(args.root)
     if out is not None:
         write_table_file(rows, out)
     print(json.dumps(rows, indent=2) if args.json else render(rows))

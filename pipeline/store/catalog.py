@@ -8,13 +8,17 @@ import io
 from pathlib import Path
 from typing import Any
 
+from pipeline.config import URL
 from pipeline.core.georef import corner_bounds, crs_name
 from pipeline.errors import StoreError
 from pipeline.store import MaskStore
 
 
-def find_stores(root: Path) -> list[Path]:
+def find_stores(root: Path | str) -> list[Path]:
     """Stores under ``root`` (new versions still being built, ``*.zarr.next``, are not listed)."""
+    if URL.match(str(root)):
+        raise StoreError(f"{root}: a URL; the catalog lists folders (stores on object storage are read one by one)")
+    root = Path(root)
     if not root.is_dir():
         raise StoreError(f"{root}: not a folder")
     found = []
@@ -24,9 +28,11 @@ def find_stores(root: Path) -> list[Path]:
     return found
 
 
-def catalog_rows(root: Path) -> list[dict[str, Any]]:
+def catalog_rows(root: Path | str) -> list[dict[str, Any]]:
     rows = []
-    for path in find_stores(root):
+    stores = find_stores(root)
+    root = Path(root)
+    for path in stores:
         try:
             store = MaskStore.open(path)
         except StoreError:

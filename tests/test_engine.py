@@ -339,13 +339,15 @@ def test_a_handful_of_chunk_tasks_runs_in_the_driver_and_more_go_to_ray() -> Non
 def test_actors_the_cluster_cannot_place_do_not_hold_up_the_run(
     tmp_path: Path, make_geotiff: GeoTiffFactory, scripted_unet, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    """Three 1-CPU actors asked of a 2-CPU Ray: the two that start do all the work (the third's
-    ready() never answers), and the mask is the one a single actor writes."""
+    """Three 1-CPU actors asked of a 2-CPU Ray: the run completes with the actors that start (the
+    third's ready() never answers), and the mask is the one a single actor writes. How many of the
+    two did work depends on how fast the second starts (on a loaded machine the first may finish
+    alone), so the count is bounded, not fixed."""
     config = unet_job(tmp_path, make_geotiff, scripted_unet, store="asked.zarr", seed=8)
     sets = ["--set", "runtime.actors=3", "--set", "runtime.actor_cpus=1"]
     assert main(["run", str(config), "--json", "--no-progress", *sets]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["status"] == "complete" and summary["workers"]["actors"] == 2, summary["workers"]
+    assert summary["status"] == "complete" and 1 <= summary["workers"]["actors"] <= 2, summary["workers"]
     one = ["--set", "runtime.actors=1", "--set", f"output.path={tmp_path}/one.zarr"]
     assert main(["run", str(config), "--json", "--no-progress", *one]) == 0
     assert json.loads(capsys.readouterr().out)["workers"]["actors"] == 1

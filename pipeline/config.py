@@ -321,14 +321,12 @@ class TilingConfig(_Frozen):
 URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*://|/vsi)")
 
 
-def _local_store(value: str) -> str:
-    """Stores are local folders (or a cluster's shared filesystem): a URL is refused rather than
-    written to a folder that happens to be named like it (``s3:/bucket/...``)."""
-    if URL.match(value):
-        raise ValueError(
-            f"{value!r} is a URL; stores are written to local or shared-filesystem folders only "
-            "(object storage for stores is not supported yet)"
-        )
+def _local_store(value: str, *, s3: bool = False) -> str:
+    """Stores are folders, or with ``s3`` also ``s3://`` prefixes: any other URL is refused rather
+    than written to a folder that happens to be named like it (``gs:/bucket/...``)."""
+    if URL.match(value) and not (s3 and value.startswith("s3://")):
+        where = "folders or s3:// prefixes" if s3 else "local or shared-filesystem folders"
+        raise ValueError(f"{value!r} is a URL; stores are written to {where} only")
     return value
 
 
@@ -338,7 +336,7 @@ class OutputConfig(_Frozen):
     @field_validator("path")
     @classmethod
     def _local(cls, value: str) -> str:
-        return _local_store(value)
+        return _local_store(value, s3=True)
 
     preview: bool = Field(default=True, description="Write STORE.png: the image with the mask overlaid.")
     probabilities: bool = Field(

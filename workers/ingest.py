@@ -6,9 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import zarr
 
 from pipeline.sources.dicom import Frame, decode_frames
+from pipeline.store.location import open_array
 
 
 @dataclass(frozen=True)
@@ -20,5 +20,5 @@ class Slab:
 
 def ingest_slab(slab: Slab) -> int:
     values = decode_frames(slab.frames)
-    zarr.open_array(slab.array, mode="r+")[slab.z0 : slab.z0 + len(values)] = values.astype(np.float32)
+    open_array(slab.array, mode="r+")[slab.z0 : slab.z0 + len(values)] = values.astype(np.float32)
     return len(values)

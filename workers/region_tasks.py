@@ -24,6 +24,7 @@ from pipeline.core.geometry import Box
 from pipeline.core.regions import face_slices, label_chunk, region_stats, relabel_table
 from pipeline.core.stats import NODATA, decode_probability
 from pipeline.sources.inputs import Source
+from pipeline.store.location import open_array
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,7 @@ class RelabelTask:
 
 def label_task(task: LabelTask) -> tuple[int, int]:
     """Step 1 for one chunk; returns (chunk, label count)."""
-    mask = np.asarray(zarr.open_array(task.mask, mode="r")[task.box.slices()])
+    mask = np.asarray(open_array(task.mask)[task.box.slices()])
     labelled = label_chunk(mask, connectivity=task.connectivity, classes=set(task.classes))
     local = zarr.open_array(os.path.join(task.scratch, "local"), mode="r+")
     local[task.box.slices()] = labelled.ids.astype(np.uint32)
@@ -63,7 +64,7 @@ def label_task(task: LabelTask) -> tuple[int, int]:
     bands = len(task.source.bands) if task.source is not None else 0
     own = None
     if task.probability is not None and labelled.count:
-        stored = np.asarray(zarr.open_array(task.probability, mode="r")[(slice(None), *task.box.slices())])
+        stored = np.asarray(open_array(task.probability)[(slice(None), *task.box.slices())])
         classes = np.where(mask == NODATA, 0, mask)[None].astype(np.intp)
         own = decode_probability(np.take_along_axis(stored, classes, axis=0)[0])
         own[labelled.ids == 0] = 0.0  # nodata and unlabelled classes count in no region

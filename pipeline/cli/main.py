@@ -119,6 +119,19 @@ otherwise is an error, not an override.
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _main(argv)
+    if argv is None and "obstore" in sys.modules:
+        # The command line, after object storage was used: obstore's runtime threads can abort the
+        # interpreter while it finalizes (SIGABRT after the command's own output, seen now and then
+        # after an S3 request). Everything is written and closed by now; leave without finalizing.
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(OSError, ValueError):
+                stream.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = _parser()
     args = parser.parse_args(_join_coordinates(list(sys.argv[1:] if argv is None else argv)))
     try:

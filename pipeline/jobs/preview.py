@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
@@ -15,16 +15,17 @@ from pipeline.core.stats import NODATA
 from pipeline.sources.geotiff import open_raster
 from pipeline.sources.inputs import Source
 from pipeline.store import MaskStore
+from pipeline.store.location import ObjectPath, put_object
 
 MAX_EDGE = 1024
 ALPHA = 0.45
 
 
-def preview_path(store_path: Path) -> Path:
+def preview_path(store_path: Any) -> Any:
     return store_path.with_name(store_path.name.removesuffix(".zarr") + ".preview.png")
 
 
-def write_preview(store: MaskStore, source: Source) -> Path:
+def write_preview(store: MaskStore, source: Source) -> Any:
     """Images: the source decimated to at most 1024 px. Volumes: the middle slice."""
     if store.image is not None:
         mid = store.image.shape[0] // 2
@@ -52,6 +53,13 @@ def write_preview(store: MaskStore, source: Source) -> Path:
     image_out = Image.fromarray(blend.clip(0, 255).astype(np.uint8))
     out = _with_legend(image_out, classes, (store.info.stats or {}).get("classes", {}))
     path = preview_path(store.path)
+    if isinstance(path, ObjectPath):  # beside the store in the bucket
+        import io
+
+        buffer = io.BytesIO()
+        out.save(buffer, format="PNG")
+        put_object(path, buffer.getvalue())
+        return path
     out.save(path)
     return path
 

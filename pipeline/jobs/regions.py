@@ -18,6 +18,7 @@ task rewrites whole files, so a retried task (a dead worker) is harmless.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -45,6 +46,7 @@ from pipeline.jobs.executors import Executor
 from pipeline.sources.inputs import Source
 from pipeline.store import REGION_TABLE, VOLUME_REGIONS, MaskStore
 from pipeline.store.levels import write_region_levels
+from pipeline.store.location import ObjectPath
 from workers.region_tasks import LabelTask, RelabelTask, label_task, relabel_task
 
 TABLE_CHUNK = 65_536
@@ -94,7 +96,10 @@ def label_store(
     grid = TileGrid.chunked(shape, chunk)
     indices = list(np.ndindex(*grid.grid_shape))
     boxes = [grid.chunk_box(i) for i in indices]
-    scratch = store.path.with_name(f".{store.path.name}.regions")
+    if isinstance(store.path, ObjectPath):  # built on this machine's disk, then copied in
+        scratch = Path(tempfile.mkdtemp(prefix=f".{store.path.name}.regions-"))
+    else:
+        scratch = store.path.with_name(f".{store.path.name}.regions")
     shutil.rmtree(scratch, ignore_errors=True)
     (scratch / "chunks").mkdir(parents=True)
     volume = store.is_volume

@@ -40,7 +40,7 @@ from pipeline.jobs.ingest import ingest_series
 from pipeline.jobs.regions import RegionSpec, label_store, resolve
 from pipeline.jobs.stream import StreamClock, stream
 from pipeline.sources.inputs import InputInfo, Source, open_input
-from pipeline.store import MaskStore, StoreLayout
+from pipeline.store import MaskStore, StoreLayout, location
 from pipeline.store.lease import store_lease
 from pipeline.store.outputs import check_writable_folder, guard_output
 from workers.models.registry import ModelSpec, describe
@@ -56,7 +56,7 @@ class Job:
     model: ModelSpec
     grid: TileGrid
     fingerprint: str
-    store_path: Path
+    store_path: Any  # a Path, or an ObjectPath for an s3:// store
     pixel_measure: PixelMeasure  # what one pixel measures (m² per row, mm², mm³), or None
     regions: RegionSpec | None = None  # None: regions.enabled is false
     blend: BlendGrid | None = None  # tiling.stitch blend: the sliding-window grid over the image
@@ -134,7 +134,7 @@ class Timings:
 
 def prepare(config: JobConfig) -> Job:
     """Open the input and describe the model: every input error surfaces here, before Ray starts."""
-    store_path = Path(config.output.path).absolute()  # absolute: Ray workers have their own cwd
+    store_path = location.store_path(config.output.path).absolute()  # absolute: Ray workers have their own cwd
     opened = open_input(config.source, store_path=store_path)
     info = opened.info
     declared = math.prod(info.shape)
@@ -284,8 +284,9 @@ def decide_output(job: Job, *, overwrite: bool, batch: bool = False) -> tuple[st
     Whatever is there is opened first, so a folder that is not a raymask store is refused, never removed.
     """
     given, path = job.config.output.path, job.store_path
-    guard_output(path, inputs=job_inputs(job), overwrite=overwrite, kind="store")
-    existing = MaskStore.open(path) if path.exists() else None
+    if not isinstance(path, location.ObjectPath):
+        guard_output(path, inputs=job_inputs(job), overwrite=overwrite, kind="store")
+    existing = MaskStore.open(path) if _store_there(path) else None
     status = existing.status if existing is not None else None
     same = existing is not None and same_job(existing, job)
     action = resume_action(status, same, overwrite=overwrite, batch=batch)
@@ -297,6 +298,12 @@ def decide_output(job: Job, *, overwrite: bool, batch: bool = False) -> tuple[st
             "pass --overwrite to start again"
         )
     return action, existing
+
+
+def _store_there(path: Any) -> bool:
+    """Whether something is at the output path (an object store: a store's root metadata, or
+    anything else under the prefix, which ``MaskStore.open`` then names)."""
+    return location.exists(path)
 
 
 def open_output(job: Job, *, overwrite: bool, batch: bool = False) -> tuple[str, MaskStore, int]:
@@ -469,7 +476,10 @@ def run_job(config: JobConfig, *, overwrite: bool = False, progress: bool = True
     """Run a job to a complete store; one writer at a time (``store_lease``: ``wait`` for a busy store)."""
     started = time.perf_counter()
     job = prepare(config)
-    check_writable_folder(job.store_path)  # the lease lives beside the store
+    if isinstance(job.store_path, location.ObjectPath):
+        location.exists(job.store_path)  # the bucket answers (one line naming the store if not)
+    else:
+        check_writable_folder(job.store_path)  # the lease lives beside the store
     with store_lease(job.store_path, command=f"raymask run (output {config.output.path})", wait=wait):
         return _run_leased(job, started, overwrite=overwrite, progress=progress)
 

@@ -60,7 +60,7 @@ class OpenedInput:
     fingerprint: str
 
 
-def open_input(config: SourceConfig, *, store_path: Path) -> OpenedInput:
+def open_input(config: SourceConfig, *, store_path: Any) -> OpenedInput:
     if _is_dicom(config):
         return _open_dicom(config, store_path)
     source, info = open_source(config)
@@ -73,7 +73,7 @@ def open_input(config: SourceConfig, *, store_path: Path) -> OpenedInput:
     return OpenedInput(source=source, info=opened, fingerprint=source.fingerprint())
 
 
-def _open_dicom(config: SourceConfig, store_path: Path) -> OpenedInput:
+def _open_dicom(config: SourceConfig, store_path: Any) -> OpenedInput:
     if config.bands not in (None, [1]):
         raise SourceError(f"{config.paths[0]}: a DICOM series has one band; source.bands {config.bands} does not apply")
     found, notes = discover(list(config.paths))

@@ -24,16 +24,17 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StoreBusy, StoreError
+from pipeline.store.location import ObjectPath, delete_object, get_object, put_object
 
 HEARTBEAT_S = 5.0
 STALE_S = 60.0
 
 
-def lease_path(store: Path) -> Path:
+def lease_path(store: Any) -> Any:
     return store.parent / f".{store.name}.lease"
 
 
-def holder_line(store: Path, holder: dict[str, Any]) -> str:
+def holder_line(store: Any, holder: dict[str, Any]) -> str:
     age = time.time() - float(holder.get("heartbeat", 0))
     return (
         f"{store}: in use by {holder.get('command', 'raymask')} (pid {holder.get('pid')} on {holder.get('host')}, "
@@ -42,7 +43,7 @@ def holder_line(store: Path, holder: dict[str, Any]) -> str:
 
 
 @contextlib.contextmanager
-def store_lease(store: Path, *, command: str, wait: bool = False, poll_s: float = 1.0) -> Iterator[None]:
+def store_lease(store: Any, *, command: str, wait: bool = False, poll_s: float = 1.0) -> Iterator[None]:
     """Hold the lease on ``store`` for the block; ``StoreBusy`` (one line) if another live writer has it."""
     path = lease_path(store)
     me = {
@@ -69,10 +70,10 @@ def store_lease(store: Path, *, command: str, wait: bool = False, poll_s: float 
         beat.join()
         with contextlib.suppress(FileNotFoundError):
             if _read(path).get("id") == me["id"]:
-                path.unlink()
+                _unlink(path)
 
 
-def _try_take(path: Path, me: dict[str, Any]) -> dict[str, Any] | None:
+def _try_take(path: Any, me: dict[str, Any]) -> dict[str, Any] | None:
     """Take the lease; None when taken, else the live holder."""
     for _ in range(3):
         if _create(path, me):
@@ -82,11 +83,14 @@ def _try_take(path: Path, me: dict[str, Any]) -> dict[str, Any] | None:
             time.sleep(0.05)
             holder = _read(path)
             if not holder:
-                if not path.exists():
+                if not _exists(path):
                     continue
-                holder = {"heartbeat": path.stat().st_mtime}
+                holder = {"heartbeat": path.stat().st_mtime} if isinstance(path, Path) else {"heartbeat": time.time()}
         if not _stale(holder):
             return holder
+        if isinstance(path, ObjectPath):  # no rename on object storage: the stale lease is deleted, then
+            _unlink(path)  # created again conditionally above (one contender's create wins)
+            continue
         tomb = path.with_name(f"{path.name}.stale-{me['id']}")
         try:
             os.rename(path, tomb)  # only one contender moves this lease away
@@ -97,7 +101,9 @@ def _try_take(path: Path, me: dict[str, Any]) -> dict[str, Any] | None:
     return _read(path) or {"command": "another raymask", "heartbeat": time.time()}
 
 
-def _create(path: Path, me: dict[str, Any]) -> bool:
+def _create(path: Any, me: dict[str, Any]) -> bool:
+    if isinstance(path, ObjectPath):  # a conditional put (If-None-Match): one creator wins
+        return put_object(path, json.dumps({**me, "heartbeat": time.time()}).encode(), create=True)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -110,12 +116,23 @@ def _create(path: Path, me: dict[str, Any]) -> bool:
     return True
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Any) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(get_object(path) or b"{}" if isinstance(path, ObjectPath) else path.read_text())
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _exists(path: Any) -> bool:
+    return get_object(path) is not None if isinstance(path, ObjectPath) else bool(path.exists())
+
+
+def _unlink(path: Any) -> None:
+    if isinstance(path, ObjectPath):
+        delete_object(path)
+    else:
+        path.unlink()
 
 
 def _stale(holder: dict[str, Any]) -> bool:
@@ -129,10 +146,14 @@ def _stale(holder: dict[str, Any]) -> bool:
     return time.time() - float(holder.get("heartbeat", 0)) > STALE_S
 
 
-def _heartbeat(path: Path, me: dict[str, Any], stop: threading.Event) -> None:
+def _heartbeat(path: Any, me: dict[str, Any], stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_S):
         if _read(path).get("id") != me["id"]:
             return  # taken over (we were silent too long): the new holder's file is not ours to touch
+        if isinstance(path, ObjectPath):
+            with contextlib.suppress(Exception):  # a failed beat is retried at the next one
+                put_object(path, json.dumps({**me, "heartbeat": time.time()}).encode())
+            continue
         tmp = path.with_name(f"{path.name}.{me['id']}.tmp")
         try:
             tmp.write_text(json.dumps({**me, "heartbeat": time.time()}))

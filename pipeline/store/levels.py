@@ -23,6 +23,7 @@ import zarr
 from pipeline.core import ngff
 from pipeline.core.pyramid import level_shapes, level_transform, mean2x, mode2x, ngff_scale_translation
 from pipeline.core.stats import NODATA
+from pipeline.store.location import open_group
 from pipeline.store.mask_store import VOLUME_IMAGE, MaskStore, class_attrs
 
 MAP_LEVELS = "levels/mask"
@@ -95,7 +96,7 @@ def write_region_levels(store: MaskStore, count: int | None = None) -> None:
 
 
 def _open(store: MaskStore, path: str) -> zarr.Group:
-    return zarr.open_group(str(store.path / path) if path else str(store.path), mode="r+", use_consolidated=False)
+    return open_group(store.path / path if path else store.path, mode="r+", use_consolidated=False)
 
 
 def _label_levels(

@@ -35,6 +35,16 @@ class ObjectPath:
     def name(self) -> str:
         return self.url.rsplit("/", 1)[-1]
 
+    @property
+    def parent(self) -> ObjectPath:
+        return ObjectPath(self.url.rsplit("/", 1)[0])
+
+    def with_name(self, name: str) -> ObjectPath:
+        return self.parent / name
+
+    def absolute(self) -> ObjectPath:
+        return self
+
     def __str__(self) -> str:
         return self.url
 
@@ -135,3 +145,96 @@ def key_exists(where: str | Path | ObjectPath, key: str) -> bool:
     from zarr.core.sync import sync
 
     return bool(sync(zarr_store(path).exists(key)))
+
+
+# -- objects, for what zarr does not do: markers, leases, copying a finished local array in -------
+
+
+def _bucket_key(path: ObjectPath) -> tuple[Any, str]:
+    from pipeline.errors import StoreError
+
+    parts = split_s3(path.url)
+    if parts is None:
+        raise StoreError(f"{path}: only s3:// URLs (and S3-compatible servers) are supported for stores")
+    bucket, key = parts
+    return s3_store(bucket), key
+
+
+def unreachable(path: object, exc: BaseException) -> Exception:
+    """One line for an object-store failure (credentials, bucket, endpoint), naming the URL."""
+    from pipeline.errors import StoreError, one_line
+
+    return StoreError(f"{path}: cannot reach the object store: {one_line(exc, 200)}")
+
+
+def list_keys(path: ObjectPath) -> list[str]:
+    """Keys under ``path`` (as a prefix), relative to it."""
+    import obstore
+
+    client, key = _bucket_key(path)
+    prefix = key.strip("/") + "/"
+    try:
+        return [str(m["path"])[len(prefix) :] for batch in obstore.list(client, prefix=prefix) for m in batch]
+    except Exception as exc:
+        raise unreachable(path, exc) from exc
+
+
+def exists(where: StorePath) -> bool:
+    """Anything at ``where``: a file or folder, or any object under the prefix."""
+    if isinstance(where, Path):
+        return where.exists()
+    return bool(list_keys(where))
+
+
+def delete_prefix(path: ObjectPath) -> None:
+    import obstore
+
+    client, key = _bucket_key(path)
+    keys = [f"{key.strip('/')}/{k}" for k in list_keys(path)]
+    for start in range(0, len(keys), 1000):
+        obstore.delete(client, keys[start : start + 1000])
+
+
+def get_object(path: ObjectPath) -> bytes | None:
+    import obstore
+
+    client, key = _bucket_key(path)
+    try:
+        return bytes(obstore.get(client, key).bytes())
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        raise unreachable(path, exc) from exc
+
+
+def put_object(path: ObjectPath, data: bytes, *, create: bool = False) -> bool:
+    """Write ``data`` at ``path``; with ``create``, only if nothing is there (a conditional put:
+    one of two writers wins). Returns False when ``create`` lost."""
+    import obstore
+    from obstore.exceptions import AlreadyExistsError
+
+    client, key = _bucket_key(path)
+    try:
+        obstore.put(client, key, data, mode="create" if create else "overwrite")
+    except (AlreadyExistsError, FileExistsError):
+        return False
+    except Exception as exc:
+        raise unreachable(path, exc) from exc
+    return True
+
+
+def delete_object(path: ObjectPath) -> None:
+    import obstore
+
+    client, key = _bucket_key(path)
+    obstore.delete(client, key)
+
+
+def upload_tree(folder: Path, path: ObjectPath) -> None:
+    """Every file under ``folder`` to the same relative keys under ``path`` (a finished zarr array or
+    group built on disk, copied in)."""
+    import obstore
+
+    client, key = _bucket_key(path)
+    for file in sorted(p for p in folder.rglob("*") if p.is_file() and not p.name.endswith(".partial")):
+        obstore.put(client, f"{key.strip('/')}/{file.relative_to(folder).as_posix()}", file.read_bytes())

@@ -42,7 +42,22 @@ from pipeline.core.stats import NODATA, PROBABILITY_SCALE, ChunkStats, PixelMeas
 from pipeline.core.transform import axis_centres
 from pipeline.core.volume import VolumeGeometry
 from pipeline.errors import StoreError, one_line
-from pipeline.store.location import ObjectPath, StorePath, key_exists, open_array, open_group, store_path
+from pipeline.store.location import (
+    ObjectPath,
+    StorePath,
+    delete_object,
+    delete_prefix,
+    exists,
+    get_object,
+    key_exists,
+    open_array,
+    open_group,
+    put_object,
+    store_path,
+    unreachable,
+    upload_tree,
+    zarr_store,
+)
 from pipeline.store.meta import FORMAT, VERSION, StoreMeta, parse_meta
 
 VOLUME_IMAGE = "0"  # the NGFF image's level 0, at the root
@@ -90,20 +105,15 @@ class MaskStore:
     def open(cls, path: str | Path | ObjectPath, *, mode: str = "r") -> MaskStore:
         where = store_path(path)
         if isinstance(where, ObjectPath):
-            if mode != "r":
-                raise StoreError(
-                    f"{where}: stores on object storage can be read, not yet written (write to a local or "
-                    "shared-filesystem folder)"
-                )
             try:
                 found = key_exists(where, "zarr.json")
             except StoreError:
                 raise
             except Exception as exc:  # obstore: credentials, bucket, endpoint; one line naming the URL
-                raise StoreError(f"{where}: cannot reach the store: {one_line(exc, 200)}") from exc
+                raise unreachable(where, exc) from exc
             if not found:
                 raise StoreError(f"{where}: no such store")
-            return cls._opened(where, open_group(where, mode="r"))
+            return cls._opened(where, open_group(where, mode="r" if mode == "r" else "r+"))
         path = where
         if not path.exists():
             raise StoreError(f"{path}: no such store")
@@ -125,10 +135,25 @@ class MaskStore:
         return store
 
     @classmethod
-    def create(cls, path: str | Path, layout: StoreLayout) -> MaskStore:
+    def create(cls, path: str | Path | ObjectPath, layout: StoreLayout) -> MaskStore:
         """Build the empty store beside ``path`` and rename it into place, so that a crash
-        during creation never leaves a half-made store where a job will look for one."""
-        path = Path(path)
+        during creation never leaves a half-made store where a job will look for one.
+
+        Object storage has no rename: the store is built at its prefix under a marker object
+        (``NAME.zarr.creating``), its root metadata (what makes it a raymask store) written last and
+        the marker removed after. A prefix that holds a marker is an interrupted creation, cleared
+        before building again; one that holds anything else is not touched."""
+        where = store_path(path)
+        if isinstance(where, ObjectPath):
+            marker = where.with_name(f"{where.name}.creating")
+            if exists(where) and get_object(marker) is None:
+                raise StoreError(f"{where}: something is there that raymask did not start; not touched")
+            put_object(marker, _now().encode())
+            delete_prefix(where)
+            cls._build(where, layout)
+            delete_object(marker)
+            return cls.open(where, mode="r+")
+        path = where
         staging = path.with_name(f".{path.name}.creating-{os.getpid()}")
         shutil.rmtree(staging, ignore_errors=True)
         cls._build(staging, layout)
@@ -136,9 +161,9 @@ class MaskStore:
         return cls.open(path, mode="r+")
 
     @classmethod
-    def _build(cls, path: Path, layout: StoreLayout) -> None:
+    def _build(cls, path: StorePath, layout: StoreLayout) -> None:
         grid = layout.grid
-        group = zarr.open_group(str(path), mode="w", zarr_format=3)
+        group = open_group(path, mode="w", zarr_format=3)
         meta = dict(layout.provenance)
         meta.update(
             format=FORMAT,
@@ -259,10 +284,13 @@ class MaskStore:
         )
 
     @staticmethod
-    def remove(path: str | Path) -> None:
+    def remove(path: str | Path | ObjectPath) -> None:
         """Delete a raymask store (and only that: a foreign directory is refused)."""
-        MaskStore.open(path)
-        shutil.rmtree(path)
+        store = MaskStore.open(path)
+        if isinstance(store.path, ObjectPath):
+            delete_prefix(store.path)
+        else:
+            shutil.rmtree(store.path)
 
     # -- reading -----------------------------------------------------------------------------
 
@@ -492,23 +520,32 @@ class MaskStore:
         The old ones stay readable until the new ones are in place; the metadata names the new
         ones last, with a token that both carry, so a run stopped half-way is detected on read.
         """
-        retired = self.path.with_name(f".{self.path.name}.regions-old-{os.getpid()}")
-        shutil.rmtree(retired, ignore_errors=True)
-        retired.mkdir()
         array_dst = self.path / (str(Path(VOLUME_REGIONS).parent) if self.is_volume else "regions")
-        for src, dst in ((array, array_dst), (table, self.path / REGION_TABLE)):
-            swap_in(src, dst, retired / dst.name)
+        if isinstance(self.path, ObjectPath):
+            # No rename: the old objects go, the new ones are copied in; until the metadata names
+            # the new token, readers are told the regions are being replaced (see _checked_regions).
+            for src, dst in ((array, array_dst), (table, self.path / REGION_TABLE)):
+                delete_prefix(dst)
+                upload_tree(src, dst)
+            retired = None
+        else:
+            retired = self.path.with_name(f".{self.path.name}.regions-old-{os.getpid()}")
+            shutil.rmtree(retired, ignore_errors=True)
+            retired.mkdir()
+            for src, dst in ((array, array_dst), (table, self.path / REGION_TABLE)):
+                swap_in(src, dst, retired / dst.name)
         arrays = dict(self.meta.get("arrays", {}))
         arrays["regions"] = summary["array"]
         if self.is_volume:
-            labels = zarr.open_group(str(self.path / "labels"), mode="r+")
+            labels = open_group(self.path / "labels", mode="r+")
             ome = cast(dict[str, Any], labels.attrs.get("ome") or {})
             names = list(ome.get("labels", []))
             if "regions" not in names:
                 labels.attrs.update(ngff.labels_group_attrs([*names, "regions"]))
         self.update_meta(arrays=arrays, regions=summary)
-        self.group = zarr.open_group(str(self.path), mode="r+")
-        shutil.rmtree(retired, ignore_errors=True)
+        self.group = open_group(self.path, mode="r+")
+        if retired is not None:
+            shutil.rmtree(retired, ignore_errors=True)
 
     def mark_complete(self, statistics: dict[str, Any]) -> None:
         if not self.units_done().all():
@@ -521,6 +558,8 @@ class MaskStore:
         ``KEY.<uuid>.partial`` and renames it into place, so a SIGKILL between the two leaves the
         temporary file (the chunk itself was written again by the unit's retry). Called only when
         the store completes, when no writer of the run is left."""
+        if isinstance(self.path, ObjectPath):
+            return 0  # object stores write each chunk whole: nothing partial is ever left
         leftovers = list(self.path.rglob("*.partial"))
         for path in leftovers:
             path.unlink(missing_ok=True)
@@ -540,11 +579,11 @@ def class_attrs(classes: tuple[tuple[str, str], ...]) -> dict[str, Any]:
     }
 
 
-def _consolidate(path: Path) -> None:
+def _consolidate(path: StorePath) -> None:
     """Consolidated metadata lets xarray open the store in one read; zarr warns it is not in the v3 spec yet."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", category=UserWarning)
-        zarr.consolidate_metadata(str(path))
+        zarr.consolidate_metadata(zarr_store(path, read_only=False))
 
 
 def _now() -> str:

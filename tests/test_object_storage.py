@@ -321,3 +321,24 @@ def test_a_driver_killed_while_writing_to_s3_resumes_byte_identical(
     assert {k: v for k, v in s3_digest(url).items() if k.startswith("mask/")} == {
         k: v for k, v in clean.items() if k.startswith("mask/")
     }
+
+
+def test_an_interrupted_creation_on_s3_is_cleared_and_a_foreign_prefix_kept(s3, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.store.location import ObjectPath, get_object, list_keys, put_object
+
+    s3.client().create_bucket(Bucket="creating")
+    config = ROOT / "configs" / "aerial-vegetation.yaml"
+    url = "s3://creating/aber.zarr"
+    # what a creation killed half-way leaves: the marker and some array metadata, no root metadata
+    put_object(ObjectPath("s3://creating/aber.zarr.creating"), b"2026-11-22T00:00:00+00:00")
+    put_object(ObjectPath(f"{url}/mask/zarr.json"), b"{}")
+    result = raymask("run", str(config), "--set", f"source.path={S2}", "--set", f"output.path={url}")
+    assert result.returncode == 0, result.stderr
+    assert get_object(ObjectPath("s3://creating/aber.zarr.creating")) is None
+    assert "zarr.json" in list_keys(ObjectPath(url))
+
+    foreign = "s3://creating/theirs.zarr"
+    put_object(ObjectPath(f"{foreign}/notes.txt"), b"mine")
+    result = raymask("run", str(config), "--set", f"source.path={S2}", "--set", f"output.path={foreign}")
+    assert_one_line_error(result, foreign)
+    assert list_keys(ObjectPath(foreign)) == ["notes.txt"]

@@ -301,9 +301,16 @@ def decide_output(job: Job, *, overwrite: bool, batch: bool = False) -> tuple[st
 
 
 def _store_there(path: Any) -> bool:
-    """Whether something is at the output path (an object store: a store's root metadata, or
-    anything else under the prefix, which ``MaskStore.open`` then names)."""
-    return location.exists(path)
+    """Whether something is at the output path for ``MaskStore.open`` to judge. On object storage a
+    prefix without root metadata is nothing when an interrupted creation left it (its marker is
+    there: the next creation clears it) and is refused when anything else is there."""
+    if not isinstance(path, location.ObjectPath):
+        return bool(path.exists())
+    if location.key_exists(path, "zarr.json"):
+        return True
+    if location.exists(path) and location.get_object(path.with_name(f"{path.name}.creating")) is None:
+        raise StoreError(f"{path}: something is there that raymask did not make; not touched")
+    return False
 
 
 def open_output(job: Job, *, overwrite: bool, batch: bool = False) -> tuple[str, MaskStore, int]:

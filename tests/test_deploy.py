@@ -104,3 +104,21 @@ def test_no_secrets_inline() -> None:
             is_env_entry = isinstance(value, dict) and "name" in value and ({"value", "valueFrom"} & set(value))
             if is_env_entry and SECRET_KEYS.search(str(value["name"])):
                 assert "value" not in value, f"{path.relative_to(ROOT)}: {where} sets a secret inline; use valueFrom"
+
+
+def test_jobs_read_and_write_object_storage_with_credentials_from_a_secret_or_a_role() -> None:
+    """The RayJob's input and store are s3:// URLs (no shared volume assumed), every container of it
+    takes the AWS_* settings from a Secret (or its service account's role), and the cluster launcher's
+    nodes get an instance profile; no credential is written in any file (test_no_secrets_inline)."""
+    rayjob = next(doc for _, doc in DOCS if doc.get("kind") == "RayJob")
+    entry = rayjob["spec"]["entrypoint"]
+    assert "source.path=s3://" in entry and "output.path=s3://" in entry
+    spec = rayjob["spec"]["rayClusterSpec"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        assert "volumes" not in pod and pod.get("serviceAccountName") == "raymask"
+        for container in containers(pod):
+            assert {"secretRef": {"name": "raymask-s3", "optional": True}} in container.get("envFrom", [])
+    launcher = yaml.safe_load((DEPLOY / "cluster-launcher" / "raymask-aws.yaml").read_text())
+    for node in launcher["available_node_types"].values():
+        assert node["node_config"]["IamInstanceProfile"] == {"Name": "raymask-s3"}

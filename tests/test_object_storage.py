@@ -342,3 +342,27 @@ def test_an_interrupted_creation_on_s3_is_cleared_and_a_foreign_prefix_kept(s3, 
     result = raymask("run", str(config), "--set", f"source.path={S2}", "--set", f"output.path={foreign}")
     assert_one_line_error(result, foreign)
     assert list_keys(ObjectPath(foreign)) == ["notes.txt"]
+
+
+def test_regions_of_an_s3_store_are_relabelled_as_on_disk(
+    s3, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """`raymask regions s3://... --compute --connectivity 8`: the lease, the scratch and the copy-in
+    work on object storage; the new table equals the one a local relabel gives."""
+    import json
+
+    from pipeline.cli import main
+
+    s3.client().create_bucket(Bucket="relabel")
+    config = ROOT / "configs" / "aerial-vegetation.yaml"
+    url, local = "s3://relabel/aber.zarr", tmp_path / "aber.zarr"
+    for out in (url, str(local)):
+        argv = ["run", str(config), "--set", f"source.path={S2}", "--set", f"output.path={out}", "--no-progress"]
+        assert main([*argv, "--set", "runtime.engine=process", "--set", "output.preview=false"]) == 0
+        assert main(["regions", out, "--compute", "--connectivity", "8", "--no-progress"]) == 0
+    capsys.readouterr()
+    assert main(["regions", url, "--json"]) == 0
+    remote = json.loads(capsys.readouterr().out)
+    assert main(["regions", str(local), "--json"]) == 0
+    assert json.dumps(json.loads(capsys.readouterr().out)).replace(str(local), url) == json.dumps(remote)
+    assert remote

@@ -428,7 +428,7 @@ def label_existing(
     n_chunks = math.prod(-(-size // chunk) for size, chunk in zip(store.mask.shape, store.mask.chunks, strict=True))
     engine = choose_engine(runtime, n_chunks)  # a handful of chunks is labelled here, as small jobs run
     try:
-        lease = store_lease(Path(path), command="raymask regions --compute")
+        lease = store_lease(location.store_path(path), command="raymask regions --compute")
         with lease, ray_session(address, enabled=engine == "ray"):
             summary = label_store(
                 store, spec, source=source, executor=executor_for(engine, runtime), progress=progress,

@@ -226,3 +226,19 @@ def test_the_cog_overviews_are_the_store_levels_and_gdal_lists_the_classes(shipp
     for name, row in rows.items():
         assert row[names.index("pixels")] == stats[name]["pixels"]
         assert row[names.index("area_m2")] == pytest.approx(stats[name]["area_m2"])
+
+
+def test_the_cog_export_of_a_store_missing_a_mask_chunk_is_one_line_and_writes_nothing(  # type: ignore[no-untyped-def]
+    shipped_store, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    aber, _ = shipped_store("aerial-vegetation.yaml")
+    damaged = tmp_path / "damaged.zarr"
+    shutil.copytree(aber, damaged)
+    chunk = damaged / "mask" / "c" / "0" / "1"
+    assert chunk.is_file()
+    chunk.unlink()
+    out = tmp_path / "out" / "aber.tif"
+    assert main(["export", str(damaged), str(out)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "mask chunk 0/1 is missing" in err and str(damaged) in err, err
+    assert not out.exists() and list(out.parent.iterdir()) == []

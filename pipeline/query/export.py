@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from xml.sax.saxutils import escape
 
+import numpy as np
 import rasterio
 import rasterio.shutil
 from affine import Affine
@@ -73,7 +75,12 @@ def export_geotiff(store: MaskStore, out: Path, *, probabilities: bool = False) 
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.writing-") as tmp:
         staging = Path(tmp) / "mask.tif"
         with rasterio.open(staging, "w", **profile) as dst:
-            _copy_chunks(store, mask, dst, probability)
+            if probability is not None:
+                _copy_chunks(
+                    probability.shape, probability.chunks, lambda box: probability[(slice(None), *box.slices())], dst
+                )
+            else:  # read_mask: a missing or damaged chunk is one line naming it, never a hole in the export
+                _copy_chunks(mask.shape, mask.chunks, lambda box: store.read_mask(box)[None], dst)
             if probability is not None:
                 for c in info.classes:
                     dst.set_band_description(c.id + 1, c.name)
@@ -93,7 +100,7 @@ def export_geotiff(store: MaskStore, out: Path, *, probabilities: bool = False) 
                     **{**profile, "height": rows, "width": cols,
                        **({"transform": Affine.from_gdal(*level["transform"])} if level.get("transform") else {})},
                 ) as dst:  # fmt: skip
-                    _copy_chunks(store, array, dst, None)
+                    _copy_chunks(array.shape, array.chunks, lambda box, a=array: a[box.slices()][None], dst)
             source = Path(tmp) / "mask.vrt"
             source.write_text(_vrt(store, staging, levels, (height, width)))
         written = Path(tmp) / "out.tif"
@@ -110,21 +117,16 @@ def export_geotiff(store: MaskStore, out: Path, *, probabilities: bool = False) 
     return out
 
 
-def _copy_chunks(store: MaskStore, array: Any, dst: Any, probability: Any) -> None:
-    """``array`` (the mask, a level of it, or with ``probability`` the probabilities) into ``dst``,
-    one chunk at a time."""
-    height, width = array.shape[-2:]
-    chunk_rows, chunk_cols = array.chunks[-2:]
+def _copy_chunks(shape: tuple[int, ...], chunks: tuple[int, ...], read: Callable[[Box], np.ndarray], dst: Any) -> None:
+    """An array of ``shape`` (bands first where it has three axes) into ``dst``, one chunk of
+    ``chunks`` at a time, each read by ``read`` as (bands, rows, cols)."""
+    height, width = shape[-2:]
+    chunk_rows, chunk_cols = chunks[-2:]
     for row in range(0, height, chunk_rows):
         for col in range(0, width, chunk_cols):
             box = Box((row, col), (min(row + chunk_rows, height), min(col + chunk_cols, width)))
             window = Window(col, row, box.shape[1], box.shape[0])  # type: ignore[call-arg]
-            if probability is not None:
-                dst.write(probability[(slice(None), *box.slices())], window=window)
-            elif array is store.mask:
-                dst.write(store.read_mask(box), 1, window=window)
-            else:
-                dst.write(array[box.slices()], 1, window=window)
+            dst.write(read(box), window=window)
 
 
 def _vrt(store: MaskStore, level0: Path, levels: list[dict[str, Any]], shape: tuple[int, int]) -> str:

@@ -20,13 +20,15 @@ from __future__ import annotations
 import os
 import tempfile
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
 import rasterio.shutil
+import zarr
 from affine import Affine
 from rasterio.crs import CRS
 from rasterio.windows import Window
@@ -76,8 +78,9 @@ def export_geotiff(store: MaskStore, out: Path, *, probabilities: bool = False) 
         staging = Path(tmp) / "mask.tif"
         with rasterio.open(staging, "w", **profile) as dst:
             if probability is not None:
+                bands = probability
                 _copy_chunks(
-                    probability.shape, probability.chunks, lambda box: probability[(slice(None), *box.slices())], dst
+                    bands.shape, bands.chunks, lambda box: np.asarray(bands[(slice(None), *box.slices())]), dst
                 )
             else:  # read_mask: a missing or damaged chunk is one line naming it, never a hole in the export
                 _copy_chunks(mask.shape, mask.chunks, lambda box: store.read_mask(box)[None], dst)
@@ -93,14 +96,14 @@ def export_geotiff(store: MaskStore, out: Path, *, probabilities: bool = False) 
         source = staging
         if probability is None:
             for level in levels:
-                array = store.group[level["mask"]]
+                array = cast(zarr.Array, store.group[level["mask"]])
                 rows, cols = level["shape"]
                 with rasterio.open(
                     Path(tmp) / f"level{level['level']}.tif", "w",
                     **{**profile, "height": rows, "width": cols,
                        **({"transform": Affine.from_gdal(*level["transform"])} if level.get("transform") else {})},
                 ) as dst:  # fmt: skip
-                    _copy_chunks(array.shape, array.chunks, lambda box, a=array: a[box.slices()][None], dst)
+                    _copy_chunks(array.shape, array.chunks, partial(_read_level, array), dst)
             source = Path(tmp) / "mask.vrt"
             source.write_text(_vrt(store, staging, levels, (height, width)))
         written = Path(tmp) / "out.tif"
@@ -115,6 +118,10 @@ def export_geotiff(store: MaskStore, out: Path, *, probabilities: bool = False) 
             os.replace(aux, out.with_name(out.name + ".aux.xml"))
         os.replace(written, out)
     return out
+
+
+def _read_level(array: zarr.Array, box: Box) -> np.ndarray:
+    return np.asarray(array[box.slices()])[None]
 
 
 def _copy_chunks(shape: tuple[int, ...], chunks: tuple[int, ...], read: Callable[[Box], np.ndarray], dst: Any) -> None:

@@ -453,12 +453,15 @@ class JobConfig(_Frozen):
 
 
 class BatchOutputConfig(_Frozen):
-    root: str = Field(description="Folder under which each input gets its own store, at a name derived from its path.")
+    root: str = Field(
+        description="Folder (or s3:// prefix) under which each input gets its own store, at a name derived "
+        "from its path."
+    )
 
     @field_validator("root")
     @classmethod
     def _local(cls, value: str) -> str:
-        return _local_store(value)
+        return _local_store(value, s3=True)
 
     preview: bool = Field(default=False, description="Write a preview PNG beside each store.")
     exports: list[Literal["parquet", "fgb", "gpkg", "geojson", "cog", "seg", "nifti"]] = Field(

@@ -366,3 +366,86 @@ def test_regions_of_an_s3_store_are_relabelled_as_on_disk(
     assert main(["regions", str(local), "--json"]) == 0
     assert json.dumps(json.loads(capsys.readouterr().out)).replace(str(local), url) == json.dumps(remote)
     assert remote
+
+
+@pytest.mark.slow  # three batches, one of them killed mid-swap
+def test_a_batch_root_on_s3_versions_stores_without_rename(
+    s3, tmp_path: Path, make_geotiff, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """output.root s3://...: stores, exports and the report go to the bucket; the second run skips;
+    a changed input gets a new version built at NAME.zarr.next and copied over the old one; a batch
+    killed during that copy leaves a store that says so (never a mix read as complete), and the next
+    run finishes the copy: the store then equals a local batch's, object for file."""
+    import json
+    import shutil
+
+    import numpy as np
+
+    from pipeline.cli import main
+    from pipeline.store import MaskStore
+    from pipeline.store.location import ObjectPath, get_object, list_keys
+    from tests.conftest import store_digest, write_config
+    from tests.test_resume import kill_driver_when
+
+    s3.client().create_bucket(Bucket="nightly")
+    archive = tmp_path / "archive"
+    archive.mkdir()
+    shutil.copy(S2, archive / "aber.tif")
+    rng = np.random.default_rng(7)
+
+    def change_small() -> None:
+        image = make_geotiff(rng.integers(1, 3000, (10, 256, 256)).astype(np.uint16), name="small.tif")
+        shutil.move(image, archive / "small.tif")
+
+    change_small()
+
+    def config(root: str, name: str) -> Path:
+        return write_config(
+            tmp_path / name, inputs=[f"{archive}/*.tif"], source={"bands": [3, 8]}, model={"kind": "ndvi"},
+            tiling={"chunk": 32}, runtime={"engine": "process"},
+            output={"root": root, "exports": ["cog"]},
+        )  # fmt: skip
+
+    remote, local = config("s3://nightly/masks", "remote.yaml"), config(f"{tmp_path}/masks", "local.yaml")
+    url = "s3://nightly/masks/small.tif.zarr"
+
+    def batch(cfg: Path) -> dict:  # type: ignore[type-arg]
+        capsys.readouterr()
+        assert main(["batch", str(cfg), "--json", "--no-progress"]) == 0
+        return json.loads(capsys.readouterr().out)
+
+    first = batch(remote)
+    assert first["counts"]["done"] == 2 and first["root"] == "s3://nightly/masks"
+    keys = list_keys(ObjectPath("s3://nightly/masks"))
+    assert {"batch-report.json", "aber.tif.tif", "small.tif.tif", "small.tif.zarr/zarr.json"} <= set(keys)
+    assert not any(k.startswith(("s3:", "/")) for k in keys) and not (Path.cwd() / "s3:").exists()
+    assert json.loads(get_object(ObjectPath("s3://nightly/masks/batch-report.json")) or b"{}")["ok"] is True
+    assert batch(remote)["counts"]["skipped"] == 2
+
+    before = np.asarray(MaskStore.open(url).mask[:])
+    change_small()  # same name, new content: a new version, copied over the old one
+    third = batch(remote)
+    assert third["counts"] == {"done": 1, "resumed": 0, "skipped": 1, "busy": 0, "failed": 0}
+    after = np.asarray(MaskStore.open(url).mask[:])
+    assert not np.array_equal(before, after)
+    siblings = list_keys(ObjectPath("s3://nightly/masks"))
+    assert not any(".next" in k or ".replacing" in k for k in siblings)
+
+    change_small()
+    marker = ObjectPath("s3://nightly/masks/small.tif.zarr.replacing")
+    kill_driver_when(remote, lambda: get_object(marker) is not None, timeout=300, verb="batch")
+    assert get_object(marker) is not None, "the kill did not land during the copy"
+    try:  # the old store (its root metadata not yet gone) or one line: never a mix read as complete
+        still = MaskStore.open(url)
+        assert still.info.complete and np.array_equal(np.asarray(still.mask[:]), after)
+    except Exception as exc:
+        assert_one_line_error_text(str(exc), url, "a new version is being copied over this store")
+    fourth = batch(remote)  # finishes the copy, then finds the new version complete
+    assert fourth["counts"]["skipped"] == 2 and get_object(marker) is None
+    assert batch(local)["counts"]["done"] == 2
+    assert s3_digest(url) == store_digest(tmp_path / "masks" / "small.tif.zarr")["files"]
+    assert not any(".next" in k for k in list_keys(ObjectPath("s3://nightly/masks")))
+
+
+def assert_one_line_error_text(text: str, *needles: str) -> None:
+    assert "\n" not in text and all(n in text for n in needles), text

@@ -33,12 +33,14 @@ from tests.conftest import (
 pytestmark = pytest.mark.slow  # kills drivers and workers, and runs them again
 
 
-def kill_driver_when(config: Path, ready: Callable[[], bool], *, timeout: float) -> None:
-    """Run ``raymask run CONFIG`` as its own process with its own Ray; SIGKILL it and every Ray
-    process it started, all at once, as soon as ``ready()`` (or the driver ends, or ``timeout``)."""
+def kill_driver_when(config: Path, ready: Callable[[], bool], *, timeout: float, verb: str = "run") -> None:
+    """Run ``raymask run CONFIG`` (or ``verb``: ``raymask batch CONFIG``, its runtime as configured)
+    as its own process with its own Ray; SIGKILL it and every Ray process it started, all at once,
+    as soon as ``ready()`` (or the driver ends, or ``timeout``)."""
     ray_tmp = tempfile.mkdtemp(prefix="rk", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    extra = ["--set", "runtime.address=local"] if verb == "run" else []
     driver = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress", "--set", "runtime.address=local"],
+        [sys.executable, "-m", "pipeline.cli", verb, str(config), "--no-progress", *extra],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

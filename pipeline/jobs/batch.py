@@ -9,7 +9,9 @@ outside the root, and two inputs that would share a name are refused before anyt
 Decisions come from the stores themselves: complete and made by the same job (config, model and
 source content) -> skipped; incomplete of the same job -> resumed; complete but the source changed
 -> a new version is built beside it (``NAME.zarr.next``) and swapped in only once complete, so the
-previous store stays readable until then. All inputs stream through one pool of
+previous store stays readable until then (on object storage, which has no rename, the new version
+is copied over the old one: ``MaskStore.replace_version``; a swap cut short is finished by the next
+run before anything else happens to that store). All inputs stream through one pool of
 workers (a model is loaded once per actor for the whole batch); a failing input is recorded with
 its message and traceback and never stops the others.
 """
@@ -22,6 +24,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 import time
 import traceback
 from dataclasses import asdict, dataclass, field
@@ -43,8 +46,9 @@ from pipeline.jobs.run import (
     regions_pending,
 )
 from pipeline.jobs.stream import stream
-from pipeline.store import MaskStore, swap_in
+from pipeline.store import MaskStore, finish_replacement, location, replace_version, swap_in
 from pipeline.store.lease import store_lease
+from pipeline.store.location import ObjectPath, StorePath
 
 REPORT = "batch-report.json"
 _GLOB_CHARS = set("*?[")
@@ -157,25 +161,26 @@ def _add_objects(found: dict[str, BatchInput], pattern: str, config: BatchConfig
 
 def run_batch(config: BatchConfig, *, progress: bool = True) -> BatchReport:
     started, clock = time.strftime("%Y-%m-%dT%H:%M:%S%z"), time.perf_counter()
-    root = Path(config.output.root).absolute()
-    if root.exists() and not root.is_dir():
+    root = _root(config)
+    if isinstance(root, Path) and root.exists() and not root.is_dir():
         raise ConfigError(f"{config.output.root}: the output root is a file, not a folder")
     inputs = expand_inputs(config)
     target = target_of(config.runtime.address)
     if target not in ("local", "auto"):
         probe(target)  # an unreachable cluster fails here, before any store or report exists
-    root.mkdir(parents=True, exist_ok=True)
+    if isinstance(root, Path):
+        root.mkdir(parents=True, exist_ok=True)
     results: dict[int, InputResult] = {}
-    planned: dict[int, tuple[Job, MaskStore, Path | None]] = {}
+    planned: dict[int, tuple[Job, MaskStore, StorePath | None]] = {}
     with contextlib.ExitStack() as leases:  # one writer per store: overlapping batches share the inputs
         for key, item in enumerate(inputs):
             store_path = root / f"{item.name}.zarr"
-            result = InputResult(input=item.label, store=str(store_path.relative_to(root)), status="done")
+            result = InputResult(input=item.label, store=f"{item.name}.zarr", status="done")
             results[key] = result
             if item.problem is not None:
                 _fail(result, item.problem)
                 continue
-            if not _stays_inside(root, store_path):
+            if isinstance(root, Path) and not _stays_inside(root, store_path):  # type: ignore[arg-type]
                 _fail(
                     result, SourceError(f"{store_path}: leaves output.root {root} through a symbolic link; not written")
                 )
@@ -202,15 +207,27 @@ def run_batch(config: BatchConfig, *, progress: bool = True) -> BatchReport:
                 if result.status in ("done", "resumed", "skipped"):
                     _exports(config, root / result.store, result)
     report = BatchReport(str(root), started, time.perf_counter() - clock, [results[k] for k in sorted(results)])
-    (root / REPORT).write_text(json.dumps(report.to_json(), indent=2))
+    text = json.dumps(report.to_json(), indent=2)
+    if isinstance(root, ObjectPath):
+        location.put_object(root / REPORT, text.encode())
+    else:
+        (root / REPORT).write_text(text)
     return report
 
 
+def _root(config: BatchConfig) -> StorePath:
+    """The output root: an absolute local folder, or an ``s3://`` prefix."""
+    root = location.store_path(config.output.root)
+    return root.absolute() if isinstance(root, Path) else root
+
+
 def _plan(
-    config: BatchConfig, item: BatchInput, store_path: Path, result: InputResult
-) -> tuple[Job, MaskStore, Path | None] | None:
+    config: BatchConfig, item: BatchInput, store_path: StorePath, result: InputResult
+) -> tuple[Job, MaskStore, StorePath | None] | None:
     """Decide from the store on disk (``plan.resume_action``): skip, resume, start, or build a new
     version beside a complete store whose source or config changed."""
+    if isinstance(store_path, ObjectPath):
+        finish_replacement(store_path)  # a swap a killed run left half-done is finished first
     job = prepare(config.job(item.source, str(store_path)))
     action, store, done = open_output(job, overwrite=False, batch=True)
     if action == "skip":
@@ -230,7 +247,7 @@ def _plan(
 
 
 def _run(
-    config: BatchConfig, planned: dict[int, tuple[Job, MaskStore, Path | None]], results: dict[int, InputResult],
+    config: BatchConfig, planned: dict[int, tuple[Job, MaskStore, StorePath | None]], results: dict[int, InputResult],
     *, progress: bool,
 ) -> None:  # fmt: skip
     from pipeline.core.plan import pending_units
@@ -274,38 +291,53 @@ def _run(
                 _fail(results[key], exc)
 
 
-def _finish(job: Job, store: MaskStore, final: Path | None, result: InputResult) -> None:
+def _finish(job: Job, store: MaskStore, final: StorePath | None, result: InputResult) -> None:
     result.classes = finalize(job, store)
-    if final is not None:  # swap the new version in; the old one was readable until now
+    if isinstance(final, ObjectPath) and isinstance(store.path, ObjectPath):
+        replace_version(store.path, final)  # copied over the old one: object storage has no rename
+    elif isinstance(final, Path) and isinstance(store.path, Path):  # two renames; the old one was readable until now
         retired = final.with_name(final.name + f".old-{os.getpid()}")
         swap_in(store.path, final, retired)
         shutil.rmtree(retired)
 
 
-def _exports(config: BatchConfig, store_path: Path, result: InputResult) -> None:
+def _exports(config: BatchConfig, store_path: StorePath, result: InputResult) -> None:
     """Write the configured exports of a complete store beside it: all of them for a store this run
     made, only the missing ones for a skipped store. A failed export fails the input (the store stays
-    complete; the next run retries the export)."""
+    complete; the next run retries the export). Beside a store on object storage, each export is
+    written to a temporary folder and uploaded (with its sidecar files) once whole."""
     from pipeline.query.formats import export_path, unfit, write_export
 
     store = MaskStore.open(store_path)
-    root = Path(config.output.root).absolute()
     for name in config.output.exports:
-        out = export_path(store_path, name)
         reason = unfit(store, name)
         if reason:
             result.exports[name] = f"not written: {reason}"
             continue
-        if result.status == "skipped" and out.exists():
-            result.exports[name] = str(out.relative_to(root))
+        local = export_path(Path(store_path.name), name)
+        relative = str(Path(result.store).with_name(local.name))
+        there = (
+            location.key_exists(store_path.parent, local.name)
+            if isinstance(store_path, ObjectPath)
+            else export_path(store_path, name).exists()
+        )
+        if result.status == "skipped" and there:
+            result.exports[name] = relative
             continue
         try:
-            write_export(store, name, out, address=config.runtime.address)
+            if isinstance(store_path, ObjectPath):
+                with tempfile.TemporaryDirectory(prefix="raymask-export-") as tmp:
+                    written = Path(tmp) / local.name
+                    write_export(store, name, written, address=config.runtime.address)
+                    for file in sorted(Path(tmp).iterdir()):  # the export, then e.g. its .aux.xml
+                        location.put_object(store_path.parent / file.name, file.read_bytes())
+            else:
+                write_export(store, name, export_path(store_path, name), address=config.runtime.address)
         except Exception as exc:
             _fail(result, exc)
             result.error = f"export {name}: {result.error}"
             return
-        result.exports[name] = str(out.relative_to(root))
+        result.exports[name] = relative
 
 
 def _fail(result: InputResult, exc: BaseException) -> None:

@@ -308,8 +308,7 @@ def _store_there(path: Any) -> bool:
         return bool(path.exists())
     if location.key_exists(path, "zarr.json"):
         return True
-    if location.exists(path) and location.get_object(path.with_name(f"{path.name}.creating")) is None:
-        raise StoreError(f"{path}: something is there that raymask did not make; not touched")
+    location.refuse_foreign(path)
     return False
 
 

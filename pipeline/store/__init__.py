@@ -11,6 +11,8 @@ from pipeline.store.mask_store import (
     VOLUME_REGIONS,
     MaskStore,
     StoreLayout,
+    finish_replacement,
+    replace_version,
     swap_in,
 )
 from pipeline.store.meta import FORMAT, VERSION, StoreMeta
@@ -27,5 +29,7 @@ __all__ = [
     "MaskStore",
     "StoreLayout",
     "StoreMeta",
+    "finish_replacement",
+    "replace_version",
     "swap_in",
 ]

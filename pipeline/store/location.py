@@ -142,9 +142,16 @@ def key_exists(where: str | Path | ObjectPath, key: str) -> bool:
     path = store_path(where)
     if isinstance(path, Path):
         return (path / key).is_file()
-    from zarr.core.sync import sync
+    import obstore
 
-    return bool(sync(zarr_store(path).exists(key)))
+    client, prefix = _bucket_key(path)
+    try:
+        obstore.head(client, f"{prefix.strip('/')}/{key}")
+    except FileNotFoundError:
+        return False
+    except Exception as exc:
+        raise unreachable(path, exc) from exc
+    return True
 
 
 # -- objects, for what zarr does not do: markers, leases, copying a finished local array in -------
@@ -184,6 +191,47 @@ def exists(where: StorePath) -> bool:
     if isinstance(where, Path):
         return where.exists()
     return bool(list_keys(where))
+
+
+def creation_marker(path: ObjectPath) -> ObjectPath:
+    """The object that says a store's creation at ``path`` began and has not finished."""
+    return path.with_name(f"{path.name}.creating")
+
+
+def replacement_marker(path: ObjectPath) -> ObjectPath:
+    """The object that says a new version is being copied over the store at ``path``; it holds
+    the URL of the new version."""
+    return path.with_name(f"{path.name}.replacing")
+
+
+def refuse_foreign(path: ObjectPath) -> None:
+    """Refuse a prefix holding objects that raymask did not leave: only an interrupted creation
+    (its marker is there) may be cleared and built again."""
+    from pipeline.errors import StoreError
+
+    if get_object(replacement_marker(path)) is not None:
+        raise StoreError(f"{path}: a new version is being copied over this store; run the batch again to finish it")
+    if exists(path) and get_object(creation_marker(path)) is None:
+        raise StoreError(f"{path}: something is there that raymask did not make; not touched")
+
+
+def copy_prefix(src: ObjectPath, dst: ObjectPath, *, last: str = "zarr.json") -> None:
+    """Copy every object under ``src`` to the same relative key under ``dst`` (server-side, within
+    one bucket), ``last`` after all the others: a reader finds it only once the rest is there."""
+    import obstore
+
+    from pipeline.errors import StoreError
+
+    client, src_key = _bucket_key(src)
+    _, dst_key = _bucket_key(dst)
+    if split_s3(src.url)[0] != split_s3(dst.url)[0]:  # type: ignore[index]
+        raise StoreError(f"{src}: copying between buckets is not supported (to {dst})")
+    keys = sorted(list_keys(src), key=lambda k: k == last)
+    try:
+        for key in keys:
+            obstore.copy(client, f"{src_key.strip('/')}/{key}", f"{dst_key.strip('/')}/{key}")
+    except Exception as exc:
+        raise unreachable(dst, exc) from exc
 
 
 def delete_prefix(path: ObjectPath) -> None:

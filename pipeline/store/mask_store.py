@@ -45,14 +45,17 @@ from pipeline.errors import StoreError, one_line
 from pipeline.store.location import (
     ObjectPath,
     StorePath,
+    copy_prefix,
+    creation_marker,
     delete_object,
     delete_prefix,
-    exists,
     get_object,
     key_exists,
     open_array,
     open_group,
     put_object,
+    refuse_foreign,
+    replacement_marker,
     store_path,
     unreachable,
     upload_tree,
@@ -93,7 +96,7 @@ class StoreLayout:
 
 class MaskStore:
     def __init__(self, path: StorePath, group: zarr.Group) -> None:
-        self.path: Any = path  # a Path, or an ObjectPath (``s3://...``) for a store read from object storage
+        self.path: StorePath = path  # a Path, or an ObjectPath (``s3://...``) for a store read from object storage
         self.group = group
         self._writing: dict[str, zarr.Array] = {}
         self._info: StoreMeta | None = None  # arrays write_unit writes, opened once (their metadata is fixed)
@@ -112,6 +115,10 @@ class MaskStore:
             except Exception as exc:  # obstore: credentials, bucket, endpoint; one line naming the URL
                 raise unreachable(where, exc) from exc
             if not found:
+                if get_object(replacement_marker(where)) is not None:
+                    raise StoreError(
+                        f"{where}: a new version is being copied over this store; run the batch again to finish it"
+                    )
                 raise StoreError(f"{where}: no such store")
             return cls._opened(where, open_group(where, mode="r" if mode == "r" else "r+"))
         path = where
@@ -145,9 +152,8 @@ class MaskStore:
         before building again; one that holds anything else is not touched."""
         where = store_path(path)
         if isinstance(where, ObjectPath):
-            marker = where.with_name(f"{where.name}.creating")
-            if exists(where) and get_object(marker) is None:
-                raise StoreError(f"{where}: something is there that raymask did not start; not touched")
+            marker = creation_marker(where)
+            refuse_foreign(where)
             put_object(marker, _now().encode())
             delete_prefix(where)
             cls._build(where, layout)
@@ -520,20 +526,21 @@ class MaskStore:
         The old ones stay readable until the new ones are in place; the metadata names the new
         ones last, with a token that both carry, so a run stopped half-way is detected on read.
         """
-        array_dst = self.path / (str(Path(VOLUME_REGIONS).parent) if self.is_volume else "regions")
-        if isinstance(self.path, ObjectPath):
+        where = self.path
+        name = str(Path(VOLUME_REGIONS).parent) if self.is_volume else "regions"
+        if isinstance(where, ObjectPath):
             # No rename: the old objects go, the new ones are copied in; until the metadata names
             # the new token, readers are told the regions are being replaced (see _checked_regions).
-            for src, dst in ((array, array_dst), (table, self.path / REGION_TABLE)):
+            for src, dst in ((array, where / name), (table, where / REGION_TABLE)):
                 delete_prefix(dst)
                 upload_tree(src, dst)
             retired = None
         else:
-            retired = self.path.with_name(f".{self.path.name}.regions-old-{os.getpid()}")
+            retired = where.with_name(f".{where.name}.regions-old-{os.getpid()}")
             shutil.rmtree(retired, ignore_errors=True)
             retired.mkdir()
-            for src, dst in ((array, array_dst), (table, self.path / REGION_TABLE)):
-                swap_in(src, dst, retired / dst.name)
+            for src, local in ((array, where / name), (table, where / REGION_TABLE)):
+                swap_in(src, local, retired / local.name)
         arrays = dict(self.meta.get("arrays", {}))
         arrays["regions"] = summary["array"]
         if self.is_volume:
@@ -588,6 +595,44 @@ def _consolidate(path: StorePath) -> None:
 
 def _now() -> str:
     return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def replace_version(new: ObjectPath, dest: ObjectPath) -> None:
+    """Put the complete store at ``new`` in place of the one at ``dest``, on object storage.
+
+    There is no rename, so the new version is copied over the old, server-side: a marker object
+    (``NAME.zarr.replacing``, holding ``new``'s URL) is written first, the old root metadata goes
+    (from then on a reader is told the store is being replaced, never shown a mix), the old objects
+    go, the new ones are copied in with the root metadata last, then ``new`` and the marker go. A
+    run killed at any step leaves the marker and a complete ``new``: ``finish_replacement`` ends it.
+    """
+    put_object(replacement_marker(dest), str(new).encode())
+    _replace(new, dest)
+
+
+def finish_replacement(dest: ObjectPath) -> bool:
+    """End a replacement of the store at ``dest`` that a killed run left; False when there was none."""
+    raw = get_object(replacement_marker(dest))
+    if raw is None:
+        return False
+    _replace(ObjectPath(raw.decode()), dest)
+    return True
+
+
+def _replace(new: ObjectPath, dest: ObjectPath) -> None:
+    new_root = get_object(new / "zarr.json")
+    dest_root = get_object(dest / "zarr.json")
+    if new_root is None and dest_root is None:
+        raise StoreError(
+            f"{dest}: a replacement by {new} was interrupted and {new} is gone; run the job again with --overwrite"
+        )
+    if new_root is not None and dest_root != new_root:  # not copied yet, or not all of it
+        if dest_root is not None:
+            delete_object(dest / "zarr.json")
+        delete_prefix(dest)
+        copy_prefix(new, dest)
+    delete_prefix(new)
+    delete_object(replacement_marker(dest))
 
 
 def swap_in(new: Path, dest: Path, retired: Path) -> None:

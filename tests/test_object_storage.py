@@ -249,7 +249,7 @@ def test_a_job_writes_its_store_to_s3_as_it_would_to_disk(
 
     from pipeline.cli import main
     from pipeline.store import MaskStore
-    from pipeline.store.location import ObjectPath, get_object
+    from pipeline.store.location import ObjectPath, get_object, list_keys
     from tests.conftest import store_digest
 
     s3.client().create_bucket(Bucket="runs")
@@ -267,6 +267,7 @@ def test_a_job_writes_its_store_to_s3_as_it_would_to_disk(
     assert get_object(ObjectPath("s3://runs/wales/aber.preview.png")) is not None
     assert get_object(ObjectPath("s3://runs/wales/.aber.zarr.lease")) is None
     assert get_object(ObjectPath("s3://runs/wales/aber.zarr.creating")) is None
+    assert not list_keys(ObjectPath("s3://runs/wales/.aber.zarr.regions"))  # the labelling scratch, in the bucket
 
     again = raymask("run", str(config), "--set", f"source.path={S2}", "--set", f"output.path={url}")
     assert_one_line_error(again, url, "a complete store is already there")

@@ -11,26 +11,23 @@ Every task rewrites whole files, so a retried task (a dead worker) is harmless.
 
 from __future__ import annotations
 
-import os
-import uuid
+import io
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import zarr
 
 from pipeline.core.geometry import Box
 from pipeline.core.regions import face_slices, label_chunk, region_stats, relabel_table
 from pipeline.core.stats import NODATA, decode_probability
 from pipeline.sources.inputs import Source
-from pipeline.store.location import open_array
+from pipeline.store.location import StorePath, open_array, store_path, write_bytes
 
 
 @dataclass(frozen=True)
 class LabelTask:
     mask: str  # the store's mask array (path)
-    scratch: str
+    scratch: str  # a folder, or a prefix beside a store on object storage (every node reaches it)
     chunk: int  # C-order flat chunk index
     box: Box
     connectivity: int
@@ -56,7 +53,7 @@ def label_task(task: LabelTask) -> tuple[int, int]:
     """Step 1 for one chunk; returns (chunk, label count)."""
     mask = np.asarray(open_array(task.mask)[task.box.slices()])
     labelled = label_chunk(mask, connectivity=task.connectivity, classes=set(task.classes))
-    local = zarr.open_array(os.path.join(task.scratch, "local"), mode="r+")
+    local = open_array(store_path(task.scratch) / "local", mode="r+")
     local[task.box.slices()] = labelled.ids.astype(np.uint32)
     intensity = None
     if task.source is not None and labelled.count:
@@ -76,20 +73,20 @@ def label_task(task: LabelTask) -> tuple[int, int]:
         for side, (ids, cls) in enumerate(zip(face_slices(labelled.ids, axis), face_slices(mask, axis))):
             arrays[f"face{axis}{side}"] = ids.astype(np.uint32)
             arrays[f"class{axis}{side}"] = cls
-    _save_npz(Path(task.scratch) / "chunks" / f"{task.chunk}.npz", arrays)
+    _save_npz(store_path(task.scratch) / "chunks" / f"{task.chunk}.npz", arrays)
     return task.chunk, labelled.count
 
 
 def relabel_task(task: RelabelTask) -> int:
     """Step 3 for one chunk."""
-    local = np.asarray(zarr.open_array(os.path.join(task.scratch, "local"), mode="r")[task.box.slices()])
+    local = np.asarray(open_array(store_path(task.scratch) / "local")[task.box.slices()])
     table = relabel_table(task.labels, task.interior_before, task.crossing_local, task.crossing_final)
-    regions = zarr.open_array(task.regions, mode="r+")
+    regions = open_array(task.regions, mode="r+")
     regions[task.box.slices()] = table[local]
     return task.chunk
 
 
-def _save_npz(path: Path, arrays: dict[str, Any]) -> None:
-    tmp = path.with_name(f"{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp.npz")
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def _save_npz(path: StorePath, arrays: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    write_bytes(path, buffer.getvalue())

@@ -10,15 +10,15 @@ Steps (``pipeline.core.regions`` holds the pure parts, ``workers.region_tasks`` 
 3. **relabel** (one task per chunk): map local ids to final ids into the new ``regions`` array.
 4. **table** (driver, streaming): fold the chunk sums into the region table, chunk by chunk.
 
-Everything is built in a scratch folder beside the store (``.NAME.zarr.regions``) and moved in
-at the end; a store that already had regions keeps them until the new ones are complete. Every
-task rewrites whole files, so a retried task (a dead worker) is harmless.
+Everything is built in a scratch folder beside the store (``.NAME.zarr.regions``; on object storage
+a prefix beside it, which every node's tasks reach) and moved (copied) in at the end; a store that
+already had regions keeps them until the new ones are complete (on disk). Every task rewrites whole
+files, so a retried task (a dead worker) is harmless.
 """
 
 from __future__ import annotations
 
-import shutil
-import tempfile
+import io
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -44,9 +44,9 @@ from pipeline.core.regions import (
 from pipeline.errors import ConfigError
 from pipeline.jobs.executors import Executor
 from pipeline.sources.inputs import Source
-from pipeline.store import REGION_TABLE, VOLUME_REGIONS, MaskStore
+from pipeline.store import REGION_TABLE, VOLUME_REGIONS, MaskStore, location
 from pipeline.store.levels import write_region_levels
-from pipeline.store.location import ObjectPath
+from pipeline.store.location import StorePath
 from workers.region_tasks import LabelTask, RelabelTask, label_task, relabel_task
 
 TABLE_CHUNK = 65_536
@@ -96,14 +96,14 @@ def label_store(
     grid = TileGrid.chunked(shape, chunk)
     indices = list(np.ndindex(*grid.grid_shape))
     boxes = [grid.chunk_box(i) for i in indices]
-    if isinstance(store.path, ObjectPath):  # built on this machine's disk, then copied in
-        scratch = Path(tempfile.mkdtemp(prefix=f".{store.path.name}.regions-"))
-    else:
-        scratch = store.path.with_name(f".{store.path.name}.regions")
-    shutil.rmtree(scratch, ignore_errors=True)
-    (scratch / "chunks").mkdir(parents=True)
+    # Beside the store, where it is: on object storage every node's tasks reach the scratch prefix
+    # (the lease on the store makes it this run's alone).
+    scratch = store.path.with_name(f".{store.path.name}.regions")
+    location.remove(scratch)
+    if isinstance(scratch, Path):
+        (scratch / "chunks").mkdir(parents=True)
     volume = store.is_volume
-    zarr.create_array(str(scratch / "local"), shape=shape, chunks=chunk, dtype="uint32", fill_value=0)
+    location.create_array(scratch / "local", shape=shape, chunks=chunk, dtype="uint32", fill_value=0)
     pixel_measure = store.pixel_measure()
     bands = tuple(source.bands) if source is not None else ()
 
@@ -129,7 +129,7 @@ def label_store(
 
     def face(index: tuple[int, ...], axis: int, side: int) -> tuple[np.ndarray, np.ndarray]:
         c = flat[index]
-        with np.load(scratch / "chunks" / f"{c}.npz") as data:
+        with np.load(io.BytesIO(location.read_bytes(scratch / "chunks" / f"{c}.npz"))) as data:
             ids = data[f"face{axis}{side}"].astype(np.int64)
             return np.where(ids > 0, ids + offsets[c], 0), data[f"class{axis}{side}"]
 
@@ -176,33 +176,33 @@ def label_store(
     store.install_regions(scratch / ("regions-group" if volume else "regions"), scratch / "table", summary)
     if volume and store.info.levels:  # relabelled: the new regions get as many levels as the mask has
         write_region_levels(store)
-    shutil.rmtree(scratch, ignore_errors=True)
+    location.remove(scratch)
     return summary
 
 
 def _create_regions_array(
-    scratch: Path, store: MaskStore, shape: tuple[int, ...], chunk: tuple[int, ...], token: str
-) -> Path:
+    scratch: StorePath, store: MaskStore, shape: tuple[int, ...], chunk: tuple[int, ...], token: str
+) -> StorePath:
     attrs: dict[str, Any] = {"long_name": "region id (0: no region)", "raymask_regions_token": token}
     if store.is_volume:
-        group = zarr.open_group(str(scratch / "regions-group"), mode="w", zarr_format=3)
+        group = location.open_group(scratch / "regions-group", mode="w", zarr_format=3)
         group.attrs.update(ngff.regions_image_attrs(store.meta["volume"]))  # the raw dict NGFF copies
         group.create_array("0", shape=shape, chunks=chunk, dtype="uint32", fill_value=0,
                            dimension_names=list(ngff.AXES), attributes=attrs)  # fmt: skip
         return scratch / "regions-group" / "0"
     if "spatial_ref" in store.group:
         attrs["grid_mapping"] = "spatial_ref"
-    zarr.create_array(str(scratch / "regions"), shape=shape, chunks=chunk, dtype="uint32", fill_value=0,
-                      dimension_names=["y", "x"], attributes=attrs)  # fmt: skip
+    location.create_array(scratch / "regions", shape=shape, chunks=chunk, dtype="uint32", fill_value=0,
+                          dimension_names=["y", "x"], attributes=attrs)  # fmt: skip
     return scratch / "regions"
 
 
 def _write_table(
-    path: Path, plan: Merge, scratch: Path, context: TableContext, bands: int, token: str, spec: RegionSpec
+    path: StorePath, plan: Merge, scratch: StorePath, context: TableContext, bands: int, token: str, spec: RegionSpec
 ) -> np.ndarray:
     """Stream the region table into ``path``: interior regions chunk by chunk, then crossing ones."""
     n = plan.n_regions
-    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    group = location.open_group(path, mode="w", zarr_format=3)
     crossing = RegionStats.empty(plan.n_components, context.ndim, bands)
     per_class = np.zeros(256, dtype=np.int64)
     arrays: dict[str, zarr.Array] = {}
@@ -225,7 +225,7 @@ def _write_table(
         written += len(part)
 
     for c in range(len(plan.offsets) - 1):
-        with np.load(scratch / "chunks" / f"{c}.npz") as data:
+        with np.load(io.BytesIO(location.read_bytes(scratch / "chunks" / f"{c}.npz"))) as data:
             stats = RegionStats.from_arrays(data)
         local, final = plan.crossing_in(c)
         interior = np.ones(len(stats), dtype=bool)

@@ -13,6 +13,8 @@ store's ``path`` prints as the URL the user gave.
 from __future__ import annotations
 
 import os
+import shutil
+import uuid
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Union
@@ -135,6 +137,39 @@ def open_group(where: str | Path | ObjectPath, *, mode: str = "r", **kwargs: Any
 
 def open_array(where: str | Path | ObjectPath, *, mode: str = "r") -> zarr.Array:
     return zarr.open_array(zarr_store(where, read_only=mode == "r"), mode=mode)  # type: ignore[arg-type]
+
+
+def create_array(where: str | Path | ObjectPath, **kwargs: Any) -> zarr.Array:
+    """A new zarr array at ``where`` (a folder or a prefix), replacing what was there."""
+    return zarr.create_array(zarr_store(where, read_only=False), overwrite=True, **kwargs)
+
+
+def write_bytes(where: StorePath, data: bytes) -> None:
+    """A whole file (written beside and renamed into place) or one object: a reader sees all or none."""
+    if isinstance(where, ObjectPath):
+        put_object(where, data)
+        return
+    tmp = where.with_name(f".{where.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.partial")
+    tmp.write_bytes(data)
+    os.replace(tmp, where)
+
+
+def read_bytes(where: StorePath) -> bytes:
+    """A file's or an object's bytes; FileNotFoundError when neither is there."""
+    if isinstance(where, Path):
+        return where.read_bytes()
+    data = get_object(where)
+    if data is None:
+        raise FileNotFoundError(str(where))
+    return data
+
+
+def remove(where: StorePath) -> None:
+    """A folder and what it holds, or every object under a prefix; nothing when nothing is there."""
+    if isinstance(where, Path):
+        shutil.rmtree(where, ignore_errors=True)
+    else:
+        delete_prefix(where)
 
 
 def key_exists(where: str | Path | ObjectPath, key: str) -> bool:

@@ -520,7 +520,7 @@ class MaskStore:
         self._info = None
         _consolidate(self.path)
 
-    def install_regions(self, array: Path, table: Path, summary: dict[str, Any]) -> None:
+    def install_regions(self, array: StorePath, table: StorePath, summary: dict[str, Any]) -> None:
         """Move a finished ``regions`` array (volumes: its label group) and table into the store.
 
         The old ones stay readable until the new ones are in place; the metadata names the new
@@ -533,13 +533,17 @@ class MaskStore:
             # the new token, readers are told the regions are being replaced (see _checked_regions).
             for src, dst in ((array, where / name), (table, where / REGION_TABLE)):
                 delete_prefix(dst)
-                upload_tree(src, dst)
+                if isinstance(src, ObjectPath):
+                    copy_prefix(src, dst)  # server-side, from the scratch prefix beside the store
+                else:
+                    upload_tree(src, dst)
             retired = None
         else:
             retired = where.with_name(f".{where.name}.regions-old-{os.getpid()}")
             shutil.rmtree(retired, ignore_errors=True)
             retired.mkdir()
             for src, local in ((array, where / name), (table, where / REGION_TABLE)):
+                assert isinstance(src, Path), "a store on disk has its scratch on disk"
                 swap_in(src, local, retired / local.name)
         arrays = dict(self.meta.get("arrays", {}))
         arrays["regions"] = summary["array"]

@@ -382,11 +382,20 @@ class RuntimeConfig(_Frozen):
     small_job_units: int = Field(
         default=32, ge=0, description='Work units up to which engine "auto" runs the job in this process.'
     )
-    actors: int | None = Field(
+    actors: PositiveInt | tuple[PositiveInt, PositiveInt] | None = Field(
         default=None,
-        ge=1,
-        description="Predict actors; default one per GPU, else one per actor_cpus CPUs of each node.",
+        description="Predict actors: N, or [MIN, MAX] for a pool that grows onto nodes that join while work is "
+        "queued (up to MAX) and shrinks when nodes leave (replaced while fewer than MIN live); default: one per "
+        "GPU, else one per actor_cpus CPUs of each node, at the start.",
     )
+
+    @field_validator("actors")
+    @classmethod
+    def _actor_range(cls, value: int | tuple[int, int] | None) -> int | tuple[int, int] | None:
+        if isinstance(value, tuple) and value[0] > value[1]:
+            raise ValueError(f"[{value[0]}, {value[1]}]: MIN is above MAX")
+        return value
+
     batch_size: PositiveInt | Literal["auto"] = Field(
         default="auto", description='Windows per model call; "auto": 1 on CPUs, 8 on GPUs.'
     )

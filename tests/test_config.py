@@ -58,6 +58,8 @@ def test_set_overrides_any_key_with_yaml_values(tmp_path: Path) -> None:
         ("model.kind=deeplab", r"model.kind: 'deeplab' is not a model kind \(kinds: ndvi, rgb-vegetation"),
         ("model.water_below=0.5", r"water_below \(0\.5\) must not exceed vegetation_above \(0\.3\)"),
         ("source.bands=[0]", r"source\.bands\.0: Input should be greater than or equal to 1"),
+        ("runtime.actors=[4,2]", r"runtime\.actors: .*\[4, 2\]: MIN is above MAX"),
+        ("runtime.actors=0", r"runtime\.actors"),
     ],
 )
 def test_errors_name_the_file_the_field_and_the_problem(tmp_path: Path, override: str, expected: str) -> None:
@@ -83,6 +85,11 @@ def test_missing_file_and_bad_yaml_are_config_errors(tmp_path: Path) -> None:
         load_config(bad)
     with pytest.raises(ConfigError, match="expected KEY=VALUE"):
         load_config(write(tmp_path, BASE), ["tiling.chunk"])
+
+
+def test_actors_take_a_number_or_a_range(tmp_path: Path) -> None:
+    assert load_config(write(tmp_path, BASE), ["runtime.actors=[1, 4]"]).runtime.actors == (1, 4)
+    assert load_config(write(tmp_path, BASE), ["runtime.actors=3"]).runtime.actors == 3
 
 
 def test_identity_ignores_where_the_job_runs(tmp_path: Path) -> None:

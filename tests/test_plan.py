@@ -136,3 +136,22 @@ def test_one_resume_policy_for_run_and_batch(
 ) -> None:
     assert resume_action(status, same, overwrite=overwrite, batch=False) == run
     assert resume_action(status, same, overwrite=overwrite, batch=True) == batch
+
+
+@given(
+    cpus=st.lists(st.integers(0, 16), min_size=1, max_size=6),
+    lo=st.integers(1, 8),
+    extra=st.integers(0, 8),
+)
+def test_an_actor_range_starts_with_what_fits_clamped_to_it(cpus: list[int], lo: int, extra: int) -> None:
+    hi = lo + extra
+    p = place_actors(node_cpus=cpus, node_gpus=[0] * len(cpus), actors=(lo, hi), actor_cpus="auto",
+                     gpus_per_actor="auto", threads=None)  # fmt: skip
+    assert lo <= p.actors <= hi and (p.min_actors, p.max_actors, p.ceiling) == (lo, hi, hi)
+    assert p.actors == min(max(sum(cpus), lo), hi)  # one per CPU where the range allows
+    fixed = place_actors(node_cpus=cpus, node_gpus=[0] * len(cpus), actors=lo, actor_cpus="auto",
+                         gpus_per_actor="auto", threads=None)  # fmt: skip
+    assert (fixed.actors, fixed.min_actors, fixed.ceiling) == (lo, lo, lo)  # a number: exactly that, kept
+    auto = place_actors(node_cpus=cpus, node_gpus=[0] * len(cpus), actors=None, actor_cpus="auto",
+                        gpus_per_actor="auto", threads=None)  # fmt: skip
+    assert auto.actors == max(1, sum(cpus)) == auto.ceiling and auto.min_actors == 1

@@ -109,10 +109,16 @@ def batch_for(batch_size: int | str, device: str) -> int:
 class Placement:
     """How many actors, and what each one reserves and uses."""
 
-    actors: int
+    actors: int  # at the start
     cpus: float
     gpus: float
     threads: int
+    min_actors: int = 1  # the pool is topped up to this when actors die
+    max_actors: int = 0  # and grows to this while work is queued and the cluster has room (0: actors)
+
+    @property
+    def ceiling(self) -> int:
+        return max(self.actors, self.max_actors)
 
     @property
     def device(self) -> str:
@@ -123,7 +129,7 @@ def place_actors(
     *,
     node_cpus: Sequence[float],
     node_gpus: Sequence[float],
-    actors: int | None,
+    actors: int | tuple[int, int] | None,
     actor_cpus: float | str,
     gpus_per_actor: float | str,
     threads: int | None,
@@ -138,13 +144,16 @@ def place_actors(
     forward pass has no barrier to wait at when a read or a write takes its core for a moment, and
     each actor's reads and writes overlap the other's model. The price is one model's memory per
     CPU; ``actor_cpus`` trades it back.
+
+    ``actors``: a number (that many), or ``(MIN, MAX)``: as many as fit now, at least MIN and at
+    most MAX, the pool later growing to MAX as nodes join and topped up to MIN as actors die.
     """
+    lo, hi = actors if isinstance(actors, tuple) else (actors, actors) if actors else (None, None)
     total_gpus = float(sum(node_gpus))
     gpus = (1.0 if total_gpus >= 1 else 0.0) if gpus_per_actor == "auto" else float(gpus_per_actor)
     if gpus > 0:
         per_node = [math.floor(g / gpus + 1e-9) for g in node_gpus]
         fitting = sum(per_node)
-        count = actors or max(1, fitting)
         if actor_cpus == "auto":
             shares = [c / n for c, n in zip(node_cpus, per_node) if n > 0]
             cpus = max(1.0, math.floor(min(shares))) if shares else 1.0
@@ -153,8 +162,11 @@ def place_actors(
     else:
         cpus = 1.0 if actor_cpus == "auto" else float(actor_cpus)
         fitting = sum(math.floor(c / cpus + 1e-9) for c in node_cpus)
-        count = actors or max(1, fitting)
-    return Placement(actors=count, cpus=cpus, gpus=gpus, threads=threads or max(1, int(cpus)))
+    count = max(1, fitting) if lo is None or hi is None else min(max(fitting, lo), hi)
+    return Placement(
+        actors=count, cpus=cpus, gpus=gpus, threads=threads or max(1, int(cpus)),
+        min_actors=lo or 1, max_actors=hi or count,
+    )  # fmt: skip
 
 
 def pick_engine(runtime: RuntimeConfig, n_units: int, *, ray_running: bool, ray_address: str | None) -> str:

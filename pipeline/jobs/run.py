@@ -536,7 +536,7 @@ def _run_leased(job: Job, started: float, *, overwrite: bool, progress: bool) ->
     if clock.placement is not None:
         p = clock.placement
         summary.workers = {"actors": p.actors, "cpus": p.cpus, "gpus": p.gpus, "threads": p.threads,
-                           "replaced": clock.replaced}  # fmt: skip
+                           "replaced": clock.replaced, "grown": clock.grown, "lost": clock.lost}  # fmt: skip
     summary.notes.extend(job.info.notes)
     if unit is None and job.info.modality is None:
         summary.notes.append("the source has no CRS: statistics are in pixels only")
@@ -554,8 +554,13 @@ def _run_leased(job: Job, started: float, *, overwrite: bool, progress: bool) ->
             if job.model.receptive_radius is not None
             else "tiling exactness unknown: the model declares no receptive_radius"
         )
-    if clock.replaced:
-        summary.notes.append(f"{clock.replaced} worker(s) died and were replaced; their units were recomputed")
+    if clock.lost:
+        summary.notes.append(
+            f"{clock.lost} worker(s) died ({clock.replaced} replaced; the others left with their nodes); "
+            "their unfinished units were recomputed"
+        )
+    if clock.grown:
+        summary.notes.append(f"{clock.grown} worker(s) added while running, on room that appeared in the cluster")
     if config.output.preview:
         from pipeline.jobs.preview import write_preview
 

@@ -32,6 +32,8 @@ from pipeline.errors import ConfigError, WorkerError, describe, one_line, rebuil
 from pipeline.jobs.cluster import local_cpus, storage_options
 from pipeline.sources.geotiff import WORKER_QUIET
 
+GROW_EVERY_S = 2.0  # how often a running pool looks for room to grow into
+
 Row = dict[str, Any]
 
 
@@ -43,6 +45,8 @@ class StreamClock:
     compute_s: float = 0.0
     placement: Placement | None = None
     replaced: int = 0  # actors started in place of ones that died
+    grown: int = 0  # actors added while the run went on (nodes that joined, runtime.actors: [MIN, MAX])
+    lost: int = 0  # actors that died (with their node, or killed)
 
 
 def stream(
@@ -212,11 +216,33 @@ def _on_ray(
             actor.leases[generator] = set(lease)
             owner[generator] = actor
 
+    def room() -> bool:
+        """Whether the cluster has the resources of one more actor free now (summed over nodes)."""
+        free = ray.available_resources()
+        return free.get("CPU", 0.0) >= placement.cpus - 1e-9 and free.get("GPU", 0.0) >= placement.gpus - 1e-9
+
+    checked = [time.monotonic()]
+
+    def grow() -> None:
+        """Add an actor when work is queued beyond what the live ones hold, the pool is under its
+        ceiling, none is still loading (its resources are not yet counted as taken) and the
+        cluster has room: nodes that joined after the start get work."""
+        now = time.monotonic()
+        if now - checked[0] < GROW_EVERY_S or loading or len(actors) >= placement.ceiling:
+            return
+        checked[0] = now
+        if len(queue) > sum(len(lease) for a in actors for lease in a.leases.values()) and room():
+            clock.grown += 1
+            actor = start()
+            actors.append(actor)
+            loading[actor.handle.ready.remote()] = actor
+
     def lost(actor: _Actor, cause: BaseException) -> Iterator[Row]:
         """The actor died: requeue what it had not reported, or fail units that used up their retries."""
         ray.kill(actor.handle, no_restart=True)
         actors.remove(actor)
         working.discard(actor)
+        clock.lost += 1
         for generator, pending in actor.leases.items():
             owner.pop(generator, None)
             for item in sorted(pending):
@@ -230,7 +256,9 @@ def _on_ray(
                 else:
                     queue.appendleft(item)
         actor.leases.clear()
-        if queue:
+        # Replaced while the pool is under its minimum, or where the cluster still has room (a
+        # crashed worker); an actor lost with its node is not, and the pool shrinks with the cluster.
+        if queue and (len(actors) < placement.min_actors or room()):
             clock.replaced += 1
             replacement = start()
             actors.append(replacement)
@@ -243,7 +271,10 @@ def _on_ray(
     started, load_deaths, peak = False, 0, 0
     try:
         while owner or (queue and loading):
-            ready, _ = ray.wait([*loading, *owner], num_returns=1)
+            grow()
+            ready, _ = ray.wait([*loading, *owner], num_returns=1, timeout=GROW_EVERY_S)
+            if not ready:
+                continue
             if ready[0] in loading:
                 actor = loading.pop(ready[0])
                 try:

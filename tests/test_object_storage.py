@@ -450,3 +450,92 @@ def test_a_batch_root_on_s3_versions_stores_without_rename(
 
 def assert_one_line_error_text(text: str, *needles: str) -> None:
     assert "\n" not in text and all(n in text for n in needles), text
+
+
+@pytest.fixture
+def s3_with_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A second moto server that checks signatures (IAM enforced after its first four requests):
+    one user with an access key allowed s3:*, a bucket ``guarded`` holding the Sentinel-2 scene.
+    Yields (server, key id, secret); the environment holds the right key."""
+    import json
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import urllib.request
+
+    import boto3
+
+    from tests.conftest import S3Server
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    proc = subprocess.Popen(
+        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
+        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}, stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )  # fmt: skip
+    try:
+        server = S3Server(port)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{server.endpoint}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                assert time.monotonic() < deadline and proc.poll() is None, "moto_server did not start"
+                time.sleep(0.2)
+        anyone = {"endpoint_url": server.endpoint, "region_name": "us-east-1"}
+        iam = boto3.client("iam", aws_access_key_id="x", aws_secret_access_key="x", **anyone)  # type: ignore[call-overload]
+        iam.create_user(UserName="raymask")
+        key = iam.create_access_key(UserName="raymask")["AccessKey"]
+        policy = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        iam.put_user_policy(UserName="raymask", PolicyName="s3", PolicyDocument=json.dumps(policy))
+        ident, secret = key["AccessKeyId"], key["SecretAccessKey"]
+        client = boto3.client("s3", aws_access_key_id=ident, aws_secret_access_key=secret, **anyone)  # type: ignore[call-overload]
+        client.create_bucket(Bucket="guarded")
+        client.upload_file(str(S2), "guarded", "scenes/aber.tif")
+        for name, value in {**server.env, "AWS_ACCESS_KEY_ID": ident, "AWS_SECRET_ACCESS_KEY": secret}.items():
+            monkeypatch.setenv(name, value)
+        yield server, ident, secret
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+
+
+def test_wrong_credentials_and_a_missing_bucket_are_one_line_and_write_nothing(  # type: ignore[no-untyped-def]
+    s3_with_auth, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Against a server that checks signatures: the right key runs the job to S3; a wrong secret or
+    an unknown key fails reading the input, writing a store and reading one, each in one line naming
+    the URL and saying access was denied, in seconds, and writes nothing to the bucket."""
+    from pipeline.cli import main
+    from pipeline.store.location import ObjectPath, list_keys
+
+    _, ident, secret = s3_with_auth
+    config = ROOT / "configs" / "aerial-vegetation.yaml"
+    source, store = "s3://guarded/scenes/aber.tif", "s3://guarded/masks/aber.zarr"
+    job = ["run", str(config), "--set", f"source.path={source}", "--set", "runtime.engine=process"]
+    assert main([*job, "--set", f"output.path={store}", "--json", "--no-progress"]) == 0  # the right key
+    capsys.readouterr()
+    denied = "access denied"
+    for wrong in ({"AWS_SECRET_ACCESS_KEY": "not-the-secret"}, {"AWS_ACCESS_KEY_ID": "AKIAUNKNOWNKEY000000"}):
+        with pytest.MonkeyPatch.context() as env:
+            for name, value in wrong.items():
+                env.setenv(name, value)
+            started = time.monotonic()
+            assert_one_line_error(raymask("info", store), store, denied)
+            result = raymask(*job, "--set", f"output.path={tmp_path}/local.zarr")
+            assert_one_line_error(result, source, denied)
+            assert not (tmp_path / "local.zarr").exists()
+            new = "s3://guarded/new.zarr"
+            assert_one_line_error(
+                raymask("run", str(config), "--set", f"source.path={S2}", "--set", f"output.path={new}"), new, denied
+            )
+            assert time.monotonic() - started < 60
+    assert not [k for k in list_keys(ObjectPath("s3://guarded")) if "new.zarr" in k]  # nothing written
+    missing = "s3://no-such-bucket/a.zarr"
+    result = raymask("run", str(config), "--set", f"source.path={S2}", "--set", f"output.path={missing}")
+    assert_one_line_error(result, missing, "no such bucket")
+    assert (ident, secret) == (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])

@@ -82,6 +82,28 @@ def one_line(exc: BaseException, limit: int | None = None) -> str:
     return text if limit is None or len(text) <= limit else text[: limit - 1] + "…"
 
 
+_DENIED = (
+    "signature we calculated", "access key id", "accessdenied", "access denied", "invalidaccesskeyid",
+    "lacked the necessary privileges", "permissiondenied", "unauthenticated", "forbidden", "expiredtoken",
+    "invalidtoken", "security token",
+)  # fmt: skip
+_NO_BUCKET = ("nosuchbucket", "specified bucket does not exist", "bucket does not exist")
+
+
+def object_store_problem(exc: BaseException | str) -> str | None:
+    """What an object-store failure (from obstore or GDAL's /vsis3/) means for a person, or None:
+    the credentials refused, or a bucket that is not there."""
+    text = exc if isinstance(exc, str) else f"{type(exc).__name__} {exc}"
+    low = text.lower()
+    if any(p in low for p in _NO_BUCKET):
+        return "no such bucket"
+    if "169.254.169.254" in low or "no credentials" in low:  # fell through to the instance role, and none answered
+        return "no credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or run where a role is given)"
+    if any(p in low for p in _DENIED):
+        return "access denied (check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or the role and bucket policy)"
+    return None
+
+
 def describe(exc: BaseException) -> str:
     """One line for a report, then the traceback."""
     import traceback

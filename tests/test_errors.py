@@ -86,3 +86,22 @@ def test_a_reader_that_leaves_early_is_no_traceback(shipped_store) -> None:
         os.close(write)
     assert done.returncode == 141
     assert done.stderr == ""
+
+
+@pytest.mark.parametrize(
+    ("message", "meaning"),
+    [
+        ("SignatureDoesNotMatch: The request signature we calculated does not match", "access denied"),
+        ("The AWS Access Key Id you provided does not exist in our records.", "access denied"),
+        ("PermissionDeniedError: The operation lacked the necessary privileges", "access denied"),
+        ("NoSuchBucket: The specified bucket does not exist", "no such bucket"),
+        ("Error performing PUT http://169.254.169.254/latest/api/token: 403 Forbidden", "no credentials"),
+        ("error sending request: connection refused", None),
+        ("TIFFReadDirectory: not a TIFF file", None),
+    ],
+)
+def test_object_store_failures_are_named_for_a_person(message: str, meaning: str | None) -> None:
+    from pipeline.errors import object_store_problem
+
+    problem = object_store_problem(message)
+    assert (problem is None) if meaning is None else (problem or "").startswith(meaning)

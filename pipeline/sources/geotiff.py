@@ -25,7 +25,7 @@ from rasterio.windows import Window
 from pipeline.config import SourceConfig
 from pipeline.core.geometry import Box
 from pipeline.core.georef import Georef
-from pipeline.errors import SourceError, SourceNotFound, one_line
+from pipeline.errors import SourceError, SourceNotFound, object_store_problem, one_line
 
 # GDAL's block cache defaults to 5 % of RAM per process; a long tiled read then grows to
 # gigabytes. 64 MB holds the blocks that neighbouring windows share (work units are visited in
@@ -264,6 +264,9 @@ def _describe(path: str) -> RasterInfo:
                 nodata=tuple(src.nodatavals),
             )
     except RasterioError as exc:
+        problem = object_store_problem(exc) if str(path).startswith(("s3://", "/vsis3/")) else None
+        if problem is not None:  # the object store refused, not the file
+            raise SourceError(f"{path}: {problem} ({_short(exc)})") from exc
         raise SourceError(f"{path}: not a raster GDAL can read ({_short(exc)})") from exc
 
 

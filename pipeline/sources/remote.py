@@ -7,7 +7,7 @@ from __future__ import annotations
 import hashlib
 import re
 
-from pipeline.errors import SourceError, SourceNotFound
+from pipeline.errors import SourceError, SourceNotFound, object_store_problem
 from pipeline.store.location import s3_store, split_s3
 
 
@@ -25,7 +25,9 @@ def object_identity(url: str) -> str:
     except FileNotFoundError as exc:
         raise SourceNotFound(f"{url}: no such object") from exc
     except Exception as exc:  # obstore's errors name the request; one line is what a person needs
-        raise SourceError(f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+        problem = object_store_problem(exc)
+        detail = f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+        raise SourceError(f"{url}: {problem}: {detail}" if problem else f"{url}: {detail}") from exc
     digest = hashlib.sha256(f"{meta.get('e_tag')}|{meta['size']}".encode()).hexdigest()
     return digest[:16]
 

@@ -204,8 +204,11 @@ def _bucket_key(path: ObjectPath) -> tuple[Any, str]:
 
 def unreachable(path: object, exc: BaseException) -> Exception:
     """One line for an object-store failure (credentials, bucket, endpoint), naming the URL."""
-    from pipeline.errors import StoreError, one_line
+    from pipeline.errors import StoreError, object_store_problem, one_line
 
+    problem = object_store_problem(exc)
+    if problem is not None:
+        return StoreError(f"{path}: {problem}: {one_line(exc, 160)}")
     return StoreError(f"{path}: cannot reach the object store: {one_line(exc, 200)}")
 
 

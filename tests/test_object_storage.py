@@ -137,7 +137,7 @@ def test_object_storage_failures_are_one_line(s3, tmp_path: Path) -> None:  # ty
     finally:
         os.environ["AWS_S3_ENDPOINT"] = s3.env["AWS_S3_ENDPOINT"]
     assert time.monotonic() - started < 60
-    assert_one_line_error(raymask("catalog", "s3://masks/"), "s3://masks/", "a URL")
+    assert_one_line_error(raymask("catalog", "gs://masks/"), "gs://masks/", "a URL")
 
 
 @pytest.mark.usefixtures("ray_session")
@@ -451,6 +451,19 @@ def test_a_batch_root_on_s3_versions_stores_without_rename(
     assert batch(local)["counts"]["done"] == 2
     assert s3_digest(url) == store_digest(tmp_path / "masks" / "small.tif.zarr")["files"]
     assert not any(".next" in k for k in list_keys(ObjectPath("s3://nightly/masks")))
+
+    # the catalog over the bucket: one listing, the same rows as over the local root
+    def catalog(root: str) -> list[dict]:  # type: ignore[type-arg]
+        capsys.readouterr()
+        assert main(["catalog", root, "--json"]) == 0
+        return [{k: v for k, v in row.items() if k != "completed"} for row in json.loads(capsys.readouterr().out)]
+
+    remote_rows = catalog("s3://nightly/masks")
+    assert [r["store"] for r in remote_rows] == ["aber.tif.zarr", "small.tif.zarr"]
+    assert remote_rows == catalog(f"{tmp_path}/masks")
+    out = tmp_path / "all.parquet"
+    assert main(["catalog", "s3://nightly/masks", "--polygons", "--out", str(out), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["stores"] == ["aber.tif.zarr", "small.tif.zarr"]
 
 
 def assert_one_line_error_text(text: str, *needles: str) -> None:

@@ -461,11 +461,12 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
         from pipeline.errors import QueryError
         from pipeline.query.polygons import merge_polygons
         from pipeline.store.catalog import find_stores
+        from pipeline.store.location import store_path
 
         if out is None or out.suffix.lower() != ".parquet":
             raise QueryError("--polygons: give --out FILE.parquet (the merged polygons are GeoParquet)")
         stores = find_stores(args.root)
-        root = Path(args.root)
+        root = store_path(args.root)
         result = merge_polygons(root, stores, out, progress=sys.stderr.isatty())
         for name, reason in result["skipped"].items():
             print(f"raymask: note: {name}: no polygons ({reason})", file=sys.stderr)

@@ -30,6 +30,7 @@ from pipeline.core.georef import crs_name
 from pipeline.core.transform import to_map
 from pipeline.errors import QueryError, StoreError
 from pipeline.store import COMPLETE, MaskStore
+from pipeline.store.location import StorePath, relative
 
 FORMATS = {".parquet": "GeoParquet", ".fgb": "FlatGeobuf", ".gpkg": "GPKG", ".geojson": "GeoJSON"}
 BATCH = 20_000  # features per written batch
@@ -281,7 +282,7 @@ def _reproject(wkb: Any, crs_wkt: str) -> Any:
 
 
 def merge_polygons(
-    root: Path, stores: list[Path], out: Path, *, address: str | None = None, progress: bool = True
+    root: StorePath, stores: list[StorePath], out: Path, *, address: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Every store's region polygons in one GeoParquet file, a ``store`` column naming the source (its
     path under ``root``). Volumes, incomplete stores and stores without regions are left out and named
@@ -299,7 +300,7 @@ def merge_polygons(
     skipped: dict[str, str] = {}
     try:
         for path in stores:
-            name = str(path.relative_to(root))
+            name = relative(path, root)
             store = MaskStore.open(path)
             info = store.info
             reason = (

@@ -12,13 +12,25 @@ from pipeline.config import URL
 from pipeline.core.georef import corner_bounds, crs_name
 from pipeline.errors import StoreError
 from pipeline.store import MaskStore
+from pipeline.store.location import ObjectPath, StorePath, list_keys, relative, store_path
 
 
-def find_stores(root: Path | str) -> list[Path]:
-    """Stores under ``root`` (new versions still being built, ``*.zarr.next``, are not listed)."""
+def find_stores(root: StorePath | str) -> list[StorePath]:
+    """Stores under ``root``, a folder or an ``s3://`` prefix (new versions still being built,
+    ``*.zarr.next``, are not listed; on object storage, one listing of the prefix)."""
+    where = store_path(root)
+    if isinstance(where, ObjectPath):
+        if not where.url.startswith("s3://"):
+            raise StoreError(f"{root}: a URL; the catalog lists folders and s3:// prefixes")
+        found: list[StorePath] = []
+        for key in sorted(list_keys(where)):
+            name = key.removesuffix("/zarr.json")
+            if key.endswith(".zarr/zarr.json") and not any(p.endswith(".zarr") for p in name.split("/")[:-1]):
+                found.append(where / name)
+        return found
     if URL.match(str(root)):
-        raise StoreError(f"{root}: a URL; the catalog lists folders (stores on object storage are read one by one)")
-    root = Path(root)
+        raise StoreError(f"{root}: a URL; the catalog lists folders and s3:// prefixes")
+    root = where
     if not root.is_dir():
         raise StoreError(f"{root}: not a folder")
     found = []
@@ -28,10 +40,10 @@ def find_stores(root: Path | str) -> list[Path]:
     return found
 
 
-def catalog_rows(root: Path | str) -> list[dict[str, Any]]:
+def catalog_rows(root: StorePath | str) -> list[dict[str, Any]]:
     rows = []
     stores = find_stores(root)
-    root = Path(root)
+    base = store_path(root)
     for path in stores:
         try:
             store = MaskStore.open(path)
@@ -39,7 +51,7 @@ def catalog_rows(root: Path | str) -> list[dict[str, Any]]:
             continue  # a zarr store that raymask did not write
         info = store.info
         row: dict[str, Any] = {
-            "store": str(path.relative_to(root)),
+            "store": relative(path, base),
             "source": ";".join(info.source.paths if info.source else []),
             "status": info.status,
             "shape": "x".join(str(v) for v in info.shape),

@@ -112,6 +112,13 @@ def store_path(where: str | Path | ObjectPath) -> StorePath:
     return ObjectPath(where) if URL.match(where) else Path(where)
 
 
+def relative(path: StorePath, root: StorePath) -> str:
+    """``path`` below ``root``, as a ``/``-separated name (a store's name in a catalog)."""
+    if isinstance(path, ObjectPath) and isinstance(root, ObjectPath):
+        return path.url.removeprefix(root.url).strip("/")
+    return Path(path).relative_to(Path(root)).as_posix()  # type: ignore[arg-type]
+
+
 def is_object(where: str | Path | ObjectPath) -> bool:
     return isinstance(store_path(where), ObjectPath)
 

@@ -113,8 +113,14 @@ def test_jobs_read_and_write_object_storage_with_credentials_from_a_secret_or_a_
     rayjob = next(doc for _, doc in DOCS if doc.get("kind") == "RayJob")
     entry = rayjob["spec"]["entrypoint"]
     assert "source.path=s3://" in entry and "output.path=s3://" in entry
-    spec = rayjob["spec"]["rayClusterSpec"]
-    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    cron = next(doc for _, doc in DOCS if doc.get("kind") == "CronJob")
+    command = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    assert "output.root=s3://raymask-masks/nightly" in command  # run as written by test_object_storage
+    assert any(arg.startswith("inputs=") and "s3://" in arg for arg in command)
+    raycluster = next(doc for _, doc in DOCS if doc.get("kind") == "RayCluster")
+    pods = []
+    for spec in (rayjob["spec"]["rayClusterSpec"], raycluster["spec"]):
+        pods += [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
     for pod in pods:
         assert "volumes" not in pod and pod.get("serviceAccountName") == "raymask"
         for container in containers(pod):

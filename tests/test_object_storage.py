@@ -557,3 +557,51 @@ def test_wrong_credentials_and_a_missing_bucket_are_one_line_and_write_nothing( 
     result = raymask("run", str(config), "--set", f"source.path={S2}", "--set", f"output.path={missing}")
     assert_one_line_error(result, missing, "no such bucket")
     assert (ident, secret) == (os.environ["AWS_ACCESS_KEY_ID"], os.environ["AWS_SECRET_ACCESS_KEY"])
+
+
+@pytest.mark.slow  # two batches of the shipped nightly config
+@pytest.mark.usefixtures("ray_session")
+def test_the_shipped_nightly_config_runs_from_and_to_s3_as_the_cronjob_does(
+    s3, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:  # type: ignore[no-untyped-def]
+    """deploy/kuberay/cronjob-nightly.yaml's command, as written there: configs/archive-nightly.yaml with its inputs (a
+    study prefix, a glob of single DICOM objects, told apart from rasters by their DICM preamble) and
+    its root on S3; the exports land beside the stores in the bucket, and the catalog over the bucket
+    equals the catalog of the same batch run on local files, store for store."""
+    import json
+
+    import yaml
+
+    from pipeline.cli import main
+    from pipeline.store.location import ObjectPath, list_keys
+    from tests.conftest import CT_SERIES, EDGE_CASES
+
+    cron = yaml.safe_load((ROOT / "deploy" / "kuberay" / "cronjob-nightly.yaml").read_text())
+    command = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]["containers"][0]["command"]
+    argv = command[command.index("--") + 2 :]  # batch /app/configs/archive-nightly.yaml --set ... as submitted
+    argv[1] = argv[1].replace("/app/", f"{ROOT}/")  # the image's copy of the checkout
+    root = next(a.split("=", 1)[1] for a in argv if a.startswith("output.root="))
+    s3.put_tree(CT_SERIES, "s3://raymask-archive/dicom/ct_series")
+    for path in sorted(EDGE_CASES.glob("693_*.dcm")):
+        s3.put(path, f"s3://raymask-archive/dicom/edge_cases/{path.name}")
+    s3.client().create_bucket(Bucket="raymask-masks")
+    config = argv[1]
+    capsys.readouterr()
+    assert main([*argv, "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["counts"]["done"] == 3, report
+    exports = sorted(w for r in report["results"] for w in r["exports"].values() if "not written" not in w)
+    assert sorted(Path(w).suffix for w in exports) == [".dcm", ".parquet", ".parquet"]
+    keys = set(list_keys(ObjectPath(root)))
+    assert set(exports) <= keys and "batch-report.json" in keys
+    os.chdir(ROOT)
+    local = ["batch", config, "--set", f"output.root={tmp_path}/archive", "--json"]
+    assert main(local) == 0
+    capsys.readouterr()
+
+    def rows(root: str) -> list[dict]:  # type: ignore[type-arg]
+        assert main(["catalog", root, "--json"]) == 0
+        skip = {"completed", "source"}
+        return [{k: v for k, v in r.items() if k not in skip} for r in json.loads(capsys.readouterr().out)]
+
+    assert rows(root) == rows(f"{tmp_path}/archive")

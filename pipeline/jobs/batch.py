@@ -138,9 +138,9 @@ def _add_study(found: dict[str, BatchInput], match: str, rel: str) -> None:
 
 
 def _add_objects(found: dict[str, BatchInput], pattern: str, config: BatchConfig) -> None:
-    """Inputs from an ``s3://`` glob: each matching object is one raster input, its store named after
-    its key relative to the pattern's fixed prefix (as local globs name theirs); a URL ending in ``/``
-    is a DICOM study prefix, one input per series."""
+    """Inputs from an ``s3://`` glob: each matching object is one input (a raster, or a DICOM file),
+    its store named after its key relative to the pattern's fixed prefix (as local globs name
+    theirs); a URL ending in ``/`` is a DICOM study prefix, one input per series."""
     from pipeline.sources.remote import glob_s3
 
     url = pattern.replace("/vsis3/", "s3://", 1)
@@ -155,7 +155,7 @@ def _add_objects(found: dict[str, BatchInput], pattern: str, config: BatchConfig
         rel = match[len(base) :].strip("/") or match.rsplit("/", 1)[-1]
         if any(part in ("..", ".", "") for part in rel.split("/")):
             raise SourceError(f"{match}: cannot derive a store name inside the output root")
-        source = SourceConfig(path=match, kind="raster", bands=config.source.bands)
+        source = SourceConfig(path=match, kind=config.source.kind, bands=config.source.bands)
         _add(found, BatchInput(rel, source, match))
 
 

@@ -123,7 +123,11 @@ def _is_dicom(config: SourceConfig) -> bool:
         return config.kind == "dicom"
     first = config.paths[0]
     if is_remote(first):  # an s3:// prefix ending in "/" is a DICOM study or series folder
-        return first.startswith("s3://") and first.endswith("/")
+        if first.startswith("s3://") and first.endswith("/"):
+            return True
+        from pipeline.sources.remote import is_dicom_object
+
+        return first.startswith("s3://") and is_dicom_object(first)
     path = Path(first)
     if path.is_dir():
         return True

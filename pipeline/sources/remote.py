@@ -115,3 +115,18 @@ def read_object(url: str) -> bytes:
         raise SourceNotFound(f"{url}: no such object") from exc
     except Exception as exc:
         raise SourceError(f"{url}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}") from exc
+
+
+def is_dicom_object(url: str) -> bool:
+    """Whether the S3 object at ``url`` is a DICOM Part 10 file: ``DICM`` at byte 128, read with
+    one ranged request. False for anything else, a missing object included (its reader says so)."""
+    import obstore
+
+    where = split_s3(url)
+    if where is None:
+        return False
+    bucket, key = where
+    try:
+        return bytes(obstore.get_range(s3_store(bucket), key, start=128, end=132)) == b"DICM"
+    except Exception:  # missing, shorter than 132 bytes, unreachable: the raster reader reports it
+        return False

@@ -605,3 +605,44 @@ def test_the_shipped_nightly_config_runs_from_and_to_s3_as_the_cronjob_does(
         return [{k: v for k, v in r.items() if k not in skip} for r in json.loads(capsys.readouterr().out)]
 
     assert rows(root) == rows(f"{tmp_path}/archive")
+
+
+def test_a_stale_lease_on_s3_goes_to_exactly_one_of_several_contenders(s3) -> None:  # type: ignore[no-untyped-def]
+    """No rename on object storage: a stale lease is overwritten only if unchanged since it was read
+    (If-Match), so of four writers that all found it stale, one holds the store and three are busy."""
+    import json
+    import threading
+
+    from pipeline.errors import StoreBusy
+    from pipeline.store.lease import lease_path, store_lease
+    from pipeline.store.location import ObjectPath, get_object, put_object
+
+    s3.client().create_bucket(Bucket="leases")
+    store = ObjectPath("s3://leases/scene.zarr")
+
+    def contend(i: int, start: threading.Barrier, release: threading.Event, holders: list, busy: list) -> None:  # type: ignore[type-arg]
+        start.wait()
+        try:
+            with store_lease(store, command=f"contender {i}"):
+                holders.append(i)
+                release.wait(30)
+        except StoreBusy:
+            busy.append(i)
+
+    for _ in range(5):
+        dead = {"id": "gone", "command": "raymask run", "host": "lost-node", "pid": 1, "heartbeat": time.time() - 3600}
+        put_object(lease_path(store), json.dumps(dead).encode())
+        start, release = threading.Barrier(4), threading.Event()
+        holders: list[int] = []
+        busy: list[int] = []
+        threads = [threading.Thread(target=contend, args=(i, start, release, holders, busy)) for i in range(4)]
+        for thread in threads:
+            thread.start()
+        deadline = time.monotonic() + 30
+        while len(holders) + len(busy) < 4 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        release.set()
+        for thread in threads:
+            thread.join(timeout=30)
+        assert len(holders) == 1 and len(busy) == 3, (holders, busy)
+        assert get_object(lease_path(store)) is None  # released by its one holder

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import StoreBusy, StoreError
-from pipeline.store.location import ObjectPath, delete_object, get_object, put_object
+from pipeline.store.location import ObjectPath, delete_object, get_object, get_tagged, put_if_unchanged, put_object
 
 HEARTBEAT_S = 5.0
 STALE_S = 60.0
@@ -88,8 +88,11 @@ def _try_take(path: Any, me: dict[str, Any]) -> dict[str, Any] | None:
                 holder = {"heartbeat": path.stat().st_mtime} if isinstance(path, Path) else {"heartbeat": time.time()}
         if not _stale(holder):
             return holder
-        if isinstance(path, ObjectPath):  # no rename on object storage: the stale lease is deleted, then
-            _unlink(path)  # created again conditionally above (one contender's create wins)
+        if isinstance(path, ObjectPath):  # no rename on object storage: the stale lease is overwritten
+            found = get_tagged(path)  # only if it is still the version judged stale (If-Match): one
+            unchanged = found is not None and _parse(found[0]) == holder  # contender's write wins
+            if unchanged and found is not None and put_if_unchanged(path, _payload(me), found[1]):
+                return None
             continue
         tomb = path.with_name(f"{path.name}.stale-{me['id']}")
         try:
@@ -101,9 +104,21 @@ def _try_take(path: Any, me: dict[str, Any]) -> dict[str, Any] | None:
     return _read(path) or {"command": "another raymask", "heartbeat": time.time()}
 
 
+def _payload(me: dict[str, Any]) -> bytes:
+    return json.dumps({**me, "heartbeat": time.time()}).encode()
+
+
+def _parse(data: bytes) -> dict[str, Any]:
+    try:
+        parsed = json.loads(data)
+    except ValueError:
+        return {}
+    return parsed if isinstance(parsed, dict) else {}
+
+
 def _create(path: Any, me: dict[str, Any]) -> bool:
     if isinstance(path, ObjectPath):  # a conditional put (If-None-Match): one creator wins
-        return put_object(path, json.dumps({**me, "heartbeat": time.time()}).encode(), create=True)
+        return put_object(path, _payload(me), create=True)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -150,9 +165,12 @@ def _heartbeat(path: Any, me: dict[str, Any], stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_S):
         if _read(path).get("id") != me["id"]:
             return  # taken over (we were silent too long): the new holder's file is not ours to touch
-        if isinstance(path, ObjectPath):
+        if isinstance(path, ObjectPath):  # rewritten only if still ours since it was read (If-Match)
             with contextlib.suppress(Exception):  # a failed beat is retried at the next one
-                put_object(path, json.dumps({**me, "heartbeat": time.time()}).encode())
+                found = get_tagged(path)
+                if found is None or _parse(found[0]).get("id") != me["id"]:
+                    return
+                put_if_unchanged(path, _payload(me), found[1])
             continue
         tmp = path.with_name(f"{path.name}.{me['id']}.tmp")
         try:

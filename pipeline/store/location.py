@@ -316,6 +316,36 @@ def put_object(path: ObjectPath, data: bytes, *, create: bool = False) -> bool:
     return True
 
 
+def get_tagged(path: ObjectPath) -> tuple[bytes, str] | None:
+    """An object's bytes and its ETag (for a conditional overwrite), or None when it is not there."""
+    import obstore
+
+    client, key = _bucket_key(path)
+    try:
+        result = obstore.get(client, key)
+        return bytes(result.bytes()), str(result.meta["e_tag"])
+    except FileNotFoundError:
+        return None
+    except Exception as exc:
+        raise unreachable(path, exc) from exc
+
+
+def put_if_unchanged(path: ObjectPath, data: bytes, etag: str) -> bool:
+    """Overwrite the object at ``path`` only if its ETag is still ``etag`` (If-Match): of two
+    writers that read the same version, one wins. False when it changed or went."""
+    import obstore
+    from obstore.exceptions import PreconditionError
+
+    client, key = _bucket_key(path)
+    try:
+        obstore.put(client, key, data, mode={"e_tag": etag})
+    except (PreconditionError, FileNotFoundError):
+        return False
+    except Exception as exc:
+        raise unreachable(path, exc) from exc
+    return True
+
+
 def delete_object(path: ObjectPath) -> None:
     import obstore
 

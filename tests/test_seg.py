@@ -17,7 +17,7 @@ import pydicom
 import pytest
 
 from pipeline.cli import main
-from pipeline.query.seg import segment_labels
+from pipeline.query.seg import Segment, segment_labels
 from pipeline.store import MaskStore
 from tests.conftest import CT_SERIES, ROOT
 from tests.test_bad_input import assert_one_line_error, raymask
@@ -138,12 +138,14 @@ def test_only_the_named_classes_become_segments_and_labelmap_encoding(
     assert result["sop_class"] == "1.2.840.10008.5.1.4.1.1.66.7"
     seg = hd.seg.segread(labelmap)
     assert seg.SegmentationType == "LABELMAP"
-    codes = segment_labels(mask, [])  # nothing selected: all zero
-    assert not codes.any()
     labels = seg.get_pixels_by_source_instance(uids, combine_segments=True)
     lut = np.zeros(256, dtype=np.uint8)
     lut[:5] = np.arange(1, 6)
     assert np.array_equal(labels, lut[mask])
+    # the same through the exporter's own mapping: classes 0..4 as segments 1..5, nodata (255) as 0
+    segments = [Segment(c + 1, c, f"class {c}", "#000000", {}, "local") for c in range(5)]
+    assert np.array_equal(segment_labels(mask, segments), labels)
+    assert (segment_labels(np.array([[255, 3]], dtype=np.uint8), segments) == [[0, 4]]).all()
 
 
 def test_a_multi_frame_source_is_referenced_frame_by_frame(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -14,12 +14,20 @@ class Executor(Protocol):
         """Run ``fn`` on every item; yield the results as they finish (any order)."""
         ...
 
+    def in_process(self, items: int) -> bool:
+        """Whether ``map`` over that many items runs them all in this process (scratch files on this
+        machine's disk are then reachable by every step)."""
+        ...
+
 
 class SerialExecutor:
     """Everything in this process (benchmarks, tests of the pure steps, tiny stores)."""
 
     def map(self, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
         return (fn(item) for item in items)
+
+    def in_process(self, items: int) -> bool:
+        return True
 
 
 class RayExecutor:
@@ -32,6 +40,9 @@ class RayExecutor:
     def __init__(self, num_cpus: float = 1.0, *, serial_up_to: int = 0) -> None:
         self.num_cpus = num_cpus
         self.serial_up_to = serial_up_to
+
+    def in_process(self, items: int) -> bool:
+        return items <= self.serial_up_to
 
     def map(self, fn: Callable[[T], R], items: list[T]) -> Iterator[R]:
         if len(items) <= self.serial_up_to:

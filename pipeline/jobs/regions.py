@@ -19,6 +19,7 @@ files, so a retried task (a dead worker) is harmless.
 from __future__ import annotations
 
 import io
+import tempfile
 import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ from pipeline.jobs.executors import Executor
 from pipeline.sources.inputs import Source
 from pipeline.store import REGION_TABLE, VOLUME_REGIONS, MaskStore, location
 from pipeline.store.levels import write_region_levels
-from pipeline.store.location import StorePath
+from pipeline.store.location import ObjectPath, StorePath
 from workers.region_tasks import LabelTask, RelabelTask, label_task, relabel_task
 
 TABLE_CHUNK = 65_536
@@ -97,8 +98,11 @@ def label_store(
     indices = list(np.ndindex(*grid.grid_shape))
     boxes = [grid.chunk_box(i) for i in indices]
     # Beside the store, where it is: on object storage every node's tasks reach the scratch prefix
-    # (the lease on the store makes it this run's alone).
-    scratch = store.path.with_name(f".{store.path.name}.regions")
+    # (the lease on the store makes it this run's alone). When every step runs in this process, a
+    # local folder does the same for far fewer requests, and is copied in at the end.
+    scratch: StorePath = store.path.with_name(f".{store.path.name}.regions")
+    if isinstance(scratch, ObjectPath) and executor.in_process(len(boxes)):
+        scratch = Path(tempfile.mkdtemp(prefix=f".{store.path.name}.regions-"))
     location.remove(scratch)
     if isinstance(scratch, Path):
         (scratch / "chunks").mkdir(parents=True)

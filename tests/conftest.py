@@ -91,9 +91,10 @@ class S3Server:
         return url
 
 
-@pytest.fixture(scope="session")
-def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
-    """One S3-compatible server (moto) for the test session, started here and stopped by its PID."""
+@contextlib.contextmanager
+def moto_server(log: Path, **env: str) -> Iterator[S3Server]:
+    """moto's standalone S3 server on a free port of 127.0.0.1 (``env``: moto's own settings, e.g.
+    ``INITIAL_NO_AUTH_ACTION_COUNT``), started here and stopped by its PID."""
     import socket
     import subprocess
     import sys
@@ -102,29 +103,45 @@ def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    log = tmp_path_factory.mktemp("moto") / "moto.log"
     moto = Path(sys.executable).parent / "moto_server"
     with log.open("w") as out:
         proc = subprocess.Popen(
             [str(moto), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL, start_new_session=True,
+            stdin=subprocess.DEVNULL, start_new_session=True, env={**os.environ, **env},
         )  # fmt: skip
     server = S3Server(port)
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            urllib.request.urlopen(f"{server.endpoint}/moto-api/", timeout=1).close()
-            break
-        except OSError:
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                raise RuntimeError(f"moto_server did not start: {log.read_text()[-500:]}") from None
-            time.sleep(0.2)
     try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{server.endpoint}/moto-api/", timeout=1).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start: {log.read_text()[-500:]}") from None
+                time.sleep(0.2)
         yield server
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """One S3-compatible server (moto) for the test session."""
+    with moto_server(tmp_path_factory.mktemp("moto") / "moto.log") as server:
+        yield server
+
+
+def s3_units_done(url: str) -> int:
+    """Work units done in the store at ``url`` (0 while it is not created yet)."""
+    from pipeline.store import MaskStore
+
+    try:
+        return int(np.asarray(MaskStore.open(url).units_done()).sum())
+    except Exception:  # not created yet
+        return 0
 
 
 @pytest.fixture

@@ -21,12 +21,11 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
-from tests.conftest import descendants, kill_all, processes_mentioning, store_digest, unet_job
+from tests.conftest import descendants, kill_all, processes_mentioning, s3_units_done, store_digest, unet_job
 from tests.test_cluster import BIN, free_ports, token_env
 from tests.test_object_storage import s3_digest
 
@@ -153,10 +152,7 @@ def test_a_node_joins_and_another_dies_mid_run_and_the_store_equals_an_undisturb
     total = (512 // 64) * (448 // 64)
 
     def done() -> int:
-        try:
-            return int(np.asarray(MaskStore.open(url).units_done()).sum())
-        except Exception:  # not created yet
-            return 0
+        return s3_units_done(url)
 
     cluster.add_node("w1")
     out = tmp_path / "driver.out"

@@ -291,12 +291,11 @@ def test_a_driver_killed_while_writing_to_s3_resumes_byte_identical(
     them (skips exactly those) and the mask equals an undisturbed local run's, object for file."""
     import json
 
-    import numpy as np
     import yaml
 
     from pipeline.cli import main
     from pipeline.store import MaskStore
-    from tests.conftest import store_digest, unet_job
+    from tests.conftest import s3_units_done, store_digest, unet_job
     from tests.test_resume import kill_driver_when
 
     s3.client().create_bucket(Bucket="killed")
@@ -309,10 +308,7 @@ def test_a_driver_killed_while_writing_to_s3_resumes_byte_identical(
     total = (512 // 64) * (448 // 64)
 
     def done() -> int:
-        try:
-            return int(np.asarray(MaskStore.open(url).units_done()).sum())
-        except Exception:  # not created yet
-            return 0
+        return s3_units_done(url)
 
     kill_driver_when(remote, lambda: done() >= 8, timeout=180)
     at_kill = done()
@@ -476,34 +472,12 @@ def s3_with_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: igno
     one user with an access key allowed s3:*, a bucket ``guarded`` holding the Sentinel-2 scene.
     Yields (server, key id, secret); the environment holds the right key."""
     import json
-    import signal
-    import socket
-    import subprocess
-    import sys
-    import urllib.request
 
     import boto3
 
-    from tests.conftest import S3Server
+    from tests.conftest import moto_server
 
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    proc = subprocess.Popen(
-        [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)],
-        env={**os.environ, "INITIAL_NO_AUTH_ACTION_COUNT": "4"}, stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
-    )  # fmt: skip
-    try:
-        server = S3Server(port)
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                urllib.request.urlopen(f"{server.endpoint}/moto-api/", timeout=1).close()
-                break
-            except OSError:
-                assert time.monotonic() < deadline and proc.poll() is None, "moto_server did not start"
-                time.sleep(0.2)
+    with moto_server(tmp_path / "moto.log", INITIAL_NO_AUTH_ACTION_COUNT="4") as server:
         anyone = {"endpoint_url": server.endpoint, "region_name": "us-east-1"}
         iam = boto3.client("iam", aws_access_key_id="x", aws_secret_access_key="x", **anyone)  # type: ignore[call-overload]
         iam.create_user(UserName="raymask")
@@ -517,9 +491,6 @@ def s3_with_auth(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):  # type: igno
         for name, value in {**server.env, "AWS_ACCESS_KEY_ID": ident, "AWS_SECRET_ACCESS_KEY": secret}.items():
             monkeypatch.setenv(name, value)
         yield server, ident, secret
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=10)
 
 
 def test_wrong_credentials_and_a_missing_bucket_are_one_line_and_write_nothing(  # type: ignore[no-untyped-def]

@@ -16,7 +16,16 @@ debs:
 	@{ command -v dciodvfy && command -v gdalinfo; } >/dev/null || $(SUDO) apt-get install -y -q $(DEBS) >/dev/null \
 		|| { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $(DEBS) >/dev/null; }
 
-$(STAMP): pyproject.toml constraints.txt
+# The viewer's front-end libraries (Leaflet), from npm at build time, shipped inside the package.
+VENDOR := pipeline/viewer/static/vendor/leaflet/leaflet.js
+$(VENDOR): pipeline/viewer/web/package.json pipeline/viewer/web/package-lock.json
+	cd pipeline/viewer/web && npm ci --no-audit --no-fund --loglevel=error
+	mkdir -p pipeline/viewer/static/vendor/leaflet
+	cp -r pipeline/viewer/web/node_modules/leaflet/dist/leaflet.js pipeline/viewer/web/node_modules/leaflet/dist/leaflet.css \
+		pipeline/viewer/web/node_modules/leaflet/dist/images pipeline/viewer/web/node_modules/leaflet/LICENSE \
+		pipeline/viewer/static/vendor/leaflet/
+
+$(STAMP): pyproject.toml constraints.txt $(VENDOR)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24"
 	$(PIP) install -q -c constraints.txt torch==2.13.0
@@ -30,14 +39,18 @@ demo: $(STAMP)
 	$(VENV)/bin/raymask query out/aber-vegetation.zarr --bbox -4.09,52.40,-4.06,52.42 --crs EPSG:4326
 	$(VENV)/bin/raymask run configs/ct-tissue.yaml --overwrite
 	$(VENV)/bin/raymask regions out/ct-tissue.zarr --class bone --limit 5
+	@echo "Look at the results in a browser: $(VENV)/bin/raymask serve out/   then open http://127.0.0.1:8765/"
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check pipeline workers tests bench tools
 	$(VENV)/bin/ruff format --check pipeline workers tests bench tools
 	$(VENV)/bin/mypy
 
+# The whole suite: the quick tests on two processes, then those marked slow (they start Rays and
+# clusters of their own, kill processes and time things) alone, one at a time.
 test: $(STAMP) debs lint
-	$(VENV)/bin/pytest -q
+	$(VENV)/bin/pytest -q -m "not slow" -n 2 --dist loadfile
+	$(VENV)/bin/pytest -q -m slow
 
 # The fast lane while working: lint, then every test but those that start a Ray or a driver of their own,
 # kill processes or run a job end to end for seconds (marked slow), on two pytest processes. `make test` runs everything, in one.

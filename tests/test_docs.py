@@ -20,6 +20,8 @@ from tests.conftest import ROOT
 BIN = Path(sys.executable).parent
 # Commands that need a Ray cluster's head: tests/test_cluster.py runs `raymask submit` against one.
 NEEDS_A_CLUSTER = ("raymask submit", "ray job submit")
+# Commands that serve until stopped: run, asked for the catalog, and stopped.
+SERVES = ("raymask serve",)
 
 
 def readme_commands() -> list[str]:
@@ -79,6 +81,8 @@ def test_every_command_in_the_readme_and_the_help_runs_as_shown(workdir: Path) -
 
     commands = [shell_line(c) for c in dict.fromkeys(readme_commands() + help_commands())]
     commands = [c for c in commands if not c.startswith(NEEDS_A_CLUSTER)]
+    serves = [c for c in commands if c.startswith(SERVES)]
+    commands = [c for c in commands if c not in serves]
     # First the runs, as a new user would start (without --overwrite first): they write the stores
     # the other examples read. Then the readers, two at a time. Last, relabelling, which replaces
     # the regions the readers read.
@@ -98,8 +102,32 @@ def test_every_command_in_the_readme_and_the_help_runs_as_shown(workdir: Path) -
         list(pool.map(check, reads))
     for command in last:
         check(command)
-    assert writes and reads and last
+    for command in serves:
+        failed.extend(serve_and_stop(command, workdir))
+    assert writes and reads and last and serves
     assert failed == [], "\n".join(failed)
+
+
+def serve_and_stop(command: str, cwd: Path) -> list[str]:
+    """Start a `raymask serve` line (on a free port), wait for the URL it prints, fetch the store list
+    from it, stop it; what went wrong, if anything."""
+    import json
+    import urllib.request
+
+    env = {**os.environ, "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "RAY_ADDRESS": ""}
+    proc = subprocess.Popen(["bash", "-c", f"exec {command} --port 0"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)  # fmt: skip
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        match = re.search(r"http://[0-9.]+:[0-9]+/", line)
+        if match is None:
+            return [f"{command}\n    -> printed {line!r}, no URL: {proc.stderr.read()[-400:] if proc.stderr else ''}"]
+        with urllib.request.urlopen(match.group(0) + "api/stores", timeout=60) as response:
+            stores = json.loads(response.read())
+        return [] if stores else [f"{command}\n    -> serves no store"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def written_together(writes: list[str]) -> list[list[str]]:

@@ -21,6 +21,7 @@ LAYERS = [
     ("pipeline.sources",),  # readers of the inputs
     ("workers",),  # what runs on Ray workers: read -> predict -> write, ingest and label tasks, models
     ("pipeline.jobs", "pipeline.query"),  # the driver: plan, run, resume, batch, submit; reading stores
+    ("pipeline.viewer",),  # raymask serve: the web app over stores
     ("pipeline.cli",),
 ]
 # The pure core must not import I/O or cluster libraries, even lazily.

@@ -248,6 +248,22 @@ def _parser() -> argparse.ArgumentParser:
     )
     catalog.set_defaults(func=_cmd_catalog)
 
+    serve = sub.add_parser(
+        "serve",
+        help="look at stores in the browser: a catalog, maps with the mask over the image, CT slices",
+        description="Serve a store, or a folder of stores, read-only on http://HOST:PORT: a catalog page, a map "
+        "page per 2-D store (the source image with the mask on top, the legend with each class's area, click for "
+        "the class and region, the region table), a volume page per CT store (axial, coronal and sagittal slices "
+        "with window presets and the labels over them), and the JSON API they use (/api/stores/...; see the "
+        "README). Stores being written show their progress. Ctrl-C stops it.",
+    )
+    serve.add_argument("path", help="a store (NAME.zarr) or a folder of stores, e.g. out/")
+    serve.add_argument(
+        "--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)"
+    )
+    serve.add_argument("--port", type=int, default=8765, help="the port (default 8765; 0 picks a free one)")
+    serve.set_defaults(func=_cmd_serve)
+
     info = sub.add_parser(
         "info",
         help="show a store's status, georeference, classes and statistics",
@@ -450,6 +466,26 @@ def _cmd_batch(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     return 0 if report.ok else 1
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from pipeline.viewer.server import make_server
+
+    try:
+        server = make_server(args.path, args.host, args.port)
+    except OSError as exc:
+        from pipeline.errors import ConfigError
+
+        raise ConfigError(f"{args.host}:{args.port}: cannot listen there ({exc.strerror or exc})") from exc
+    host, port = str(server.server_address[0]), int(server.server_address[1])
+    print(f"raymask: serving {args.path} on http://{host}:{port}/ (read-only; Ctrl-C stops)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0
 
 
 def _cmd_catalog(args: argparse.Namespace) -> int:

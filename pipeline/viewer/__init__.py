@@ -1,0 +1,1 @@
+"""The viewer: ``raymask serve`` (``server``) and what it draws (``render``)."""

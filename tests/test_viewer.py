@@ -1,0 +1,222 @@
+"""`raymask serve` (issue 15): the JSON API and the tiles against the stores they are read from, the
+pages and their shipped scripts, and the server's safety (read-only, nothing outside the folder,
+4xx never a traceback). The server runs in a thread of the test, on a free port of 127.0.0.1."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import threading
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from pipeline.store import MaskStore
+from pipeline.viewer import render
+from pipeline.viewer.server import make_server
+
+
+class Client:
+    def __init__(self, base: str) -> None:
+        self.base = base
+
+    def get(self, path: str, method: str = "GET") -> tuple[int, str, bytes]:
+        request = urllib.request.Request(self.base + path, method=method)
+        try:
+            with urllib.request.urlopen(request, timeout=60) as response:
+                return response.status, response.headers["Content-Type"], response.read()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.headers["Content-Type"], exc.read()
+
+    def json(self, path: str) -> object:
+        status, kind, body = self.get(path)
+        assert status == 200 and kind == "application/json", (status, body[:300])
+        return json.loads(body)
+
+    def png(self, path: str) -> np.ndarray:
+        status, kind, body = self.get(path)
+        assert status == 200 and kind == "image/png", (status, body[:300])
+        return np.asarray(Image.open(io.BytesIO(body)))
+
+
+@pytest.fixture(scope="module")
+def served(shipped_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, Path]]:  # type: ignore[no-untyped-def]
+    """The two demo stores in one folder (copies: the shipped ones are never touched), served."""
+    root = tmp_path_factory.mktemp("served")
+    for config, name in (("aerial-vegetation.yaml", "wales/aber.zarr"), ("ct-tissue.yaml", "ct.zarr")):
+        store, _ = shipped_store(config)
+        shutil.copytree(store, root / name)
+    server = make_server(root, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield Client(f"http://127.0.0.1:{server.server_address[1]}"), root
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_catalog_lists_every_store_with_its_status_and_measures(served) -> None:  # type: ignore[no-untyped-def]
+    client, root = served
+    rows = {r["name"]: r for r in client.json("/api/stores")}  # type: ignore[union-attr]
+    assert sorted(rows) == ["ct.zarr", "wales/aber.zarr"]
+    aber = MaskStore.open(root / "wales/aber.zarr")
+    assert rows["wales/aber.zarr"]["kind"] == "map" and rows["ct.zarr"]["kind"] == "volume"
+    assert rows["wales/aber.zarr"]["status"] == "complete"
+    assert rows["wales/aber.zarr"]["stats"]["classes"] == json.loads(json.dumps(aber.info.stats["classes"]))
+    assert rows["wales/aber.zarr"]["region_count"] == aber.regions_info["count"]
+    assert rows["wales/aber.zarr"]["units_done"] == rows["wales/aber.zarr"]["units_total"] > 0
+    for name in rows:
+        thumb = client.png(f"/api/stores/{name}/thumbnail.png")
+        assert thumb.ndim == 3 and thumb.shape[2] == 4 and max(thumb.shape[:2]) <= 160
+
+
+def test_mask_tiles_are_the_stored_classes_in_their_colours(served) -> None:  # type: ignore[no-untyped-def]
+    """At the deepest zoom a tile is 256 store pixels 1:1; at zoom 0 the whole image, from the levels."""
+    client, root = served
+    store = MaskStore.open(root / "wales/aber.zarr")
+    mask = np.asarray(store.mask[:])
+    record = client.json("/api/stores/wales/aber.zarr")
+    top = record["tiles"]["max_zoom"]  # type: ignore[index]
+    lut = render.class_lut(store)
+    tile = client.png(f"/api/stores/wales/aber.zarr/tiles/mask/{top}/1/0.png")
+    expected = lut[mask[0:256, 256:512]]
+    assert np.array_equal(tile[: expected.shape[0], : expected.shape[1]], expected)
+    assert (tile[expected.shape[0] :, :, 3] == 0).all() and (tile[:, expected.shape[1] :, 3] == 0).all()
+    hidden = client.png(f"/api/stores/wales/aber.zarr/tiles/mask/{top}/0/0.png?hide=1")
+    assert (hidden[..., 3][mask[:256, :256] == 1] == 0).all()  # vegetation toggled off from the legend
+    whole = client.png("/api/stores/wales/aber.zarr/tiles/mask/0/0/0.png")
+    level = np.asarray(render.level_array(store, store.info.levels[0])[:])  # zoom 0 = every 2nd: level 1
+    assert np.array_equal(whole[: level.shape[0], : level.shape[1]], lut[level])
+    image = client.png(f"/api/stores/wales/aber.zarr/tiles/image/{top}/0/0.png")
+    assert image.shape == (256, 256, 4) and image[..., 3].max() == 255 and image[..., :3].std() > 0
+
+
+def test_points_and_regions_are_what_the_store_holds(served) -> None:  # type: ignore[no-untyped-def]
+    from pipeline.query.view import open_store
+
+    client, root = served
+    view = open_store(root / "wales/aber.zarr")
+    here = client.json("/api/stores/wales/aber.zarr/point?row=120&col=70")
+    expected = view.at((70.5, 120.5), crs="pixel")
+    assert here["class_name"] == expected["class_name"] and here["region"]["id"] == expected["region"]["id"]  # type: ignore[index]
+    table = client.json("/api/stores/wales/aber.zarr/regions?sort=area_m2&desc=1&limit=5&class=vegetation")
+    frame = view.regions("vegetation").sort_values("area_m2", ascending=False, kind="stable")
+    assert table["count"] == len(frame)  # type: ignore[index]
+    assert [r["id"] for r in table["rows"]] == frame["id"].head(5).tolist()  # type: ignore[index]
+    ct = client.json("/api/stores/ct.zarr/point?row=256&col=256&slice=10")
+    assert (
+        ct["index"] == [10, 256, 256]
+        and ct["class_name"]
+        == open_store(root / "ct.zarr").at(  # type: ignore[index]
+            (256.5, 256.5, 10.5), crs="pixel"
+        )["class_name"]
+    )
+
+
+def test_volume_slices_are_the_hu_image_through_the_window_and_the_labels(served) -> None:  # type: ignore[no-untyped-def]
+    client, root = served
+    store = MaskStore.open(root / "ct.zarr")
+    record = client.json("/api/stores/ct.zarr")
+    assert record["shape"] == [20, 512, 512] and len(record["spacing_mm"]) == 3  # type: ignore[index]
+    hu = np.asarray(store.image[10]).astype("float64")  # type: ignore[index]
+    centre, width = render.WINDOWS["bone"]
+    expected = (np.clip((hu - (centre - width / 2)) / width, 0, 1) * 255).astype(np.uint8)
+    assert np.array_equal(client.png("/api/stores/ct.zarr/slices/axial/10.png?window=bone"), expected)
+    coronal = client.png("/api/stores/ct.zarr/slices/labels/coronal/256.png")
+    assert coronal.shape == (20, 512, 4)
+    lut = render.class_lut(store)
+    assert np.array_equal(coronal, lut[np.asarray(store.mask[:, 256, :])[::-1]])  # the first slice at the bottom
+    sagittal = client.png("/api/stores/ct.zarr/slices/sagittal/100.png?window=lung&centre=0&width=1000")
+    assert sagittal.shape == (20, 512)
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/api/stores/../../etc/passwd",
+        "/api/stores/%2e%2e/%2e%2e/etc/passwd.zarr",
+        "/api/stores/..%2F..%2Fetc%2Fpasswd.zarr",
+        "/static/../../pyproject.toml",
+        "/static/%2e%2e/server.py",
+        "/static/..%2fserver.py",
+        "/api/stores/outside.zarr",  # a symbolic link in the folder to a store outside it
+        "/api/stores/outside.zarr/thumbnail.png",
+        "/nowhere",
+    ],
+)
+def test_nothing_outside_the_folder_is_reachable(served, path: str, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    client, root = served
+    if not (root / "outside.zarr").exists():
+        outside = tmp_path / "elsewhere.zarr"
+        shutil.copytree(root / "wales" / "aber.zarr", outside)
+        (root / "outside.zarr").symlink_to(outside)
+    status, kind, body = client.get(path)
+    assert status == 404 and kind == "application/json", (status, body[:200])
+    assert b"Traceback" not in body and b"root:" not in body
+
+
+@pytest.mark.parametrize(
+    ("path", "status"),
+    [
+        ("/api/stores/wales/aber.zarr/tiles/mask/a/0/0.png", 400),
+        ("/api/stores/wales/aber.zarr/tiles/mask/30/0/0.png", 404),
+        ("/api/stores/wales/aber.zarr/tiles/mask/0/-1/0.png", 404),
+        ("/api/stores/wales/aber.zarr/tiles/image/1/0/0.png?bands=1,x", 400),
+        ("/api/stores/wales/aber.zarr/tiles/image/1/0/0.png?bands=99,1,2", 400),
+        ("/api/stores/wales/aber.zarr/point?row=abc&col=1", 400),
+        ("/api/stores/wales/aber.zarr/point?col=1", 400),
+        ("/api/stores/wales/aber.zarr/regions?sort=nope", 400),
+        ("/api/stores/wales/aber.zarr/regions?limit=0", 400),
+        ("/api/stores/wales/aber.zarr/regions?class=nope", 400),
+        ("/api/stores/wales/aber.zarr/tiles/mask/0/0/0.png?hide=a", 400),
+        ("/api/stores/ct.zarr/slices/axial/99.png", 400),
+        ("/api/stores/ct.zarr/slices/axial/1.png?window=brain", 400),
+        ("/api/stores/ct.zarr/slices/axial/1.png?centre=nan", 400),
+        ("/api/stores/ct.zarr/tiles/mask/0/0/0.png", 400),
+        ("/api/stores/wales/aber.zarr/slices/axial/1.png", 400),
+        ("/api/stores/wales/aber.zarr/whatever", 404),
+    ],
+)
+def test_malformed_requests_get_a_4xx_with_one_line(served, path: str, status: int) -> None:  # type: ignore[no-untyped-def]
+    client, _ = served
+    got, kind, body = client.get(path)
+    assert got == status and kind == "application/json", (got, body[:300])
+    error = json.loads(body)["error"]
+    assert "\n" not in error and "Traceback" not in error
+
+
+def test_the_server_is_read_only(served) -> None:  # type: ignore[no-untyped-def]
+    client, root = served
+    before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    for method in ("POST", "PUT", "DELETE", "PATCH"):
+        assert client.get("/api/stores/ct.zarr", method=method)[0] == 405
+    for path in (
+        "/api/stores",
+        "/api/stores/wales/aber.zarr/tiles/mask/0/0/0.png",
+        "/api/stores/ct.zarr/thumbnail.png",
+    ):
+        client.get(path)
+    after = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    assert before == after
+
+
+def test_the_pages_and_their_scripts_are_served_from_the_package(served) -> None:  # type: ignore[no-untyped-def]
+    """Leaflet comes from npm at build time (make) and ships in the package: no page names another host."""
+    import re
+
+    client, _ = served
+    for page in ("/", "/map/wales/aber.zarr", "/volume/ct.zarr", "/frames/x.zarr"):
+        status, kind, body = client.get(page)
+        assert status == 200 and kind.startswith("text/html"), page
+        for ref in re.findall(rb'(?:src|href)="([^"]+)"', body):
+            assert ref.startswith(b"/"), f"{page} loads {ref!r} from elsewhere"
+            assert client.get(ref.decode())[0] == 200, ref
+    status, kind, body = client.get("/static/vendor/leaflet/leaflet.js")
+    assert status == 200 and kind == "text/javascript" and b"Leaflet" in body[:2000]

@@ -9,11 +9,13 @@ STAMP  := $(VENV)/.installed-stamp
 .PHONY: demo test check lint bench fuzz clean debs
 
 # Debian tools the tests call: dciodvfy (dicom3tools) validates the DICOM SEG exports; gdalinfo
-# (gdal-bin) reads the COG's class names and attribute table as GDAL and QGIS see them.
+# (gdal-bin) reads the COG's class names and attribute table as GDAL and QGIS see them; chromium and
+# its chromedriver run the viewer's pages headless (tests/test_browser.py, the demo's screenshots).
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
-DEBS := dicom3tools gdal-bin
+DEBS := dicom3tools gdal-bin chromium chromium-driver
 debs:
-	@{ command -v dciodvfy && command -v gdalinfo; } >/dev/null || $(SUDO) apt-get install -y -q $(DEBS) >/dev/null \
+	@{ command -v dciodvfy && command -v gdalinfo && command -v chromium && command -v chromedriver; } >/dev/null \
+		|| $(SUDO) apt-get install -y -q $(DEBS) >/dev/null \
 		|| { $(SUDO) apt-get update -q >/dev/null && $(SUDO) apt-get install -y -q $(DEBS) >/dev/null; }
 
 # The viewer's front-end libraries (Leaflet), from npm at build time, shipped inside the package.
@@ -39,6 +41,7 @@ demo: $(STAMP)
 	$(VENV)/bin/raymask query out/aber-vegetation.zarr --bbox -4.09,52.40,-4.06,52.42 --crs EPSG:4326
 	$(VENV)/bin/raymask run configs/ct-tissue.yaml --overwrite
 	$(VENV)/bin/raymask regions out/ct-tissue.zarr --class bone --limit 5
+	$(PY) tools/screenshots.py out
 	@echo "Look at the results in a browser: $(VENV)/bin/raymask serve out/   then open http://127.0.0.1:8765/"
 
 lint: $(STAMP)
@@ -49,8 +52,8 @@ lint: $(STAMP)
 # The whole suite: the quick tests on two processes, then those marked slow (they start Rays and
 # clusters of their own, kill processes and time things) alone, one at a time.
 test: $(STAMP) debs lint
-	$(VENV)/bin/pytest -q -m "not slow" -n 2 --dist loadfile
-	$(VENV)/bin/pytest -q -m slow
+	$(VENV)/bin/pytest -q -rs -m "not slow" -n 2 --dist loadfile
+	$(VENV)/bin/pytest -q -rs -m slow
 
 # The fast lane while working: lint, then every test but those that start a Ray or a driver of their own,
 # kill processes or run a job end to end for seconds (marked slow), on two pytest processes. `make test` runs everything, in one.

@@ -42,7 +42,8 @@ class Client:
     def png(self, path: str) -> np.ndarray:
         status, kind, body = self.get(path)
         assert status == 200 and kind == "image/png", (status, body[:300])
-        return np.asarray(Image.open(io.BytesIO(body)))
+        image = Image.open(io.BytesIO(body))
+        return np.asarray(image.convert("RGBA") if image.mode == "P" else image)
 
 
 @pytest.fixture(scope="module")
@@ -216,7 +217,56 @@ def test_the_pages_and_their_scripts_are_served_from_the_package(served) -> None
         status, kind, body = client.get(page)
         assert status == 200 and kind.startswith("text/html"), page
         for ref in re.findall(rb'(?:src|href)="([^"]+)"', body):
+            if ref == b"data:,":  # the empty favicon: no request at all
+                continue
             assert ref.startswith(b"/"), f"{page} loads {ref!r} from elsewhere"
             assert client.get(ref.decode())[0] == 200, ref
     status, kind, body = client.get("/static/vendor/leaflet/leaflet.js")
     assert status == 200 and kind == "text/javascript" and b"Leaflet" in body[:2000]
+
+
+@pytest.mark.slow  # runs a job beside the server
+def test_a_store_being_written_is_served_with_its_progress(  # type: ignore[no-untyped-def]
+    tmp_path: Path, make_geotiff, scripted_unet
+) -> None:
+    """The server answers while a job writes a store in its folder: the catalog shows it incomplete with
+    its units done, its tiles and record are served, and it is complete once the job ends."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.conftest import unet_job
+
+    served = tmp_path / "served"
+    served.mkdir()
+    config = unet_job(tmp_path, make_geotiff, scripted_unet, store="served/scene.zarr", seed=9)
+    raw = yaml.safe_load(config.read_text())
+    raw["runtime"]["engine"] = "process"
+    config.write_text(yaml.safe_dump(raw))
+    server = make_server(served, "127.0.0.1", 0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    client = Client(f"http://127.0.0.1:{server.server_address[1]}")
+    job = subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", str(config), "--no-progress"],
+                           stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    seen_incomplete = False
+    try:
+        deadline = time.monotonic() + 240
+        while job.poll() is None and time.monotonic() < deadline:
+            rows = client.json("/api/stores")
+            assert isinstance(rows, list)
+            if rows and rows[0].get("status") == "incomplete" and 0 < rows[0]["units_done"] < rows[0]["units_total"]:
+                seen_incomplete = True
+                assert client.get("/api/stores/scene.zarr/tiles/mask/0/0/0.png")[0] == 200
+                assert client.get("/api/stores/scene.zarr/thumbnail.png")[0] == 200
+            time.sleep(0.1)
+        assert job.wait(timeout=240) == 0, job.stderr.read() if job.stderr else ""
+        assert seen_incomplete, "the store was never seen part-written"
+        (row,) = client.json("/api/stores")  # type: ignore[misc]
+        assert row["status"] == "complete" and row["units_done"] == row["units_total"] == 56
+    finally:
+        if job.poll() is None:
+            job.kill()
+        server.shutdown()
+        server.server_close()

@@ -262,6 +262,12 @@ def _parser() -> argparse.ArgumentParser:
         "--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1: this machine only)"
     )
     serve.add_argument("--port", type=int, default=8765, help="the port (default 8765; 0 picks a free one)")
+    serve.add_argument(
+        "--workers",
+        type=int,
+        default=min(4, os.cpu_count() or 1),
+        help="server processes sharing the port (default: the CPUs, at most 4); tiles are CPU work",
+    )
     serve.set_defaults(func=_cmd_serve)
 
     info = sub.add_parser(
@@ -469,7 +475,7 @@ def _cmd_batch(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from pipeline.viewer.server import make_server
+    from pipeline.viewer.server import make_server, serve
 
     try:
         server = make_server(args.path, args.host, args.port)
@@ -480,7 +486,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     host, port = str(server.server_address[0]), int(server.server_address[1])
     print(f"raymask: serving {args.path} on http://{host}:{port}/ (read-only; Ctrl-C stops)", flush=True)
     try:
-        server.serve_forever()
+        serve(server, max(1, args.workers))
     except KeyboardInterrupt:
         pass
     finally:

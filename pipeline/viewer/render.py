@@ -34,6 +34,18 @@ def png(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+def palette_png(labels: np.ndarray, lut: np.ndarray) -> bytes:
+    """Class ids as a palette PNG (one byte a pixel: far smaller and faster to encode than RGBA), the
+    palette and its transparency from ``lut`` (256 RGBA entries)."""
+    from PIL import Image
+
+    image = Image.fromarray(np.ascontiguousarray(labels, dtype=np.uint8), mode="P")
+    image.putpalette(lut[:, :3].tobytes())
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG", compress_level=1, transparency=lut[:, 3].tobytes())
+    return buffer.getvalue()
+
+
 def class_lut(store: MaskStore, hidden: set[int] = frozenset()) -> np.ndarray:  # type: ignore[assignment]
     """(256, 4) RGBA per class id: the class colour, opaque; nodata and hidden classes transparent."""
     lut = np.zeros((256, 4), dtype=np.uint8)
@@ -68,7 +80,9 @@ def mask_tile(store: MaskStore, window: TileWindow, hidden: set[int] = frozenset
     rows = slice(window.row0 // f, -(-window.row1 // f))
     cols = slice(window.col0 // f, -(-window.col1 // f))
     data = np.asarray(array[rows, cols])[::k, ::k]
-    return png(_place(window, class_lut(store, hidden)[data]))
+    tile = np.full((TILE, TILE), NODATA, dtype=np.uint8)  # past the image's edge: nodata, transparent
+    tile[: data.shape[0], : data.shape[1]] = data[:TILE, :TILE]
+    return palette_png(tile, class_lut(store, hidden))
 
 
 class _Stretch:
@@ -167,7 +181,7 @@ def slice_labels(store: MaskStore, axis: str, index: int, hidden: set[int] = fro
     if store.info.volume is None:
         raise QueryError(f"{store.path}: not a volume")
     plane = _volume_slice(store.mask, AXES[axis], index)
-    return png(class_lut(store, hidden)[plane])
+    return palette_png(plane, class_lut(store, hidden))
 
 
 def thumbnail(store: MaskStore, size: int = 160) -> bytes:

@@ -364,6 +364,40 @@ def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8765) -> 
     else:
         raise StoreError(f"{path}: not a store or a folder of stores")
     library.scan()
-    server = ThreadingHTTPServer((host, port), make_handler(Api(library)))
+    server = _Server((host, port), make_handler(Api(library)))
     server.daemon_threads = True
     return server
+
+
+def serve(server: ThreadingHTTPServer, workers: int = 1) -> None:
+    """Serve until interrupted, in ``workers`` processes sharing the listening socket: tiles are
+    numpy and PNG work that holds the GIL, so one process serves about one core's worth."""
+    import os
+    import signal
+
+    children = []
+    for _ in range(max(0, workers - 1)):
+        pid = os.fork()
+        if pid == 0:  # a worker: serve, and end with its parent
+            signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
+            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops everyone
+            try:
+                server.serve_forever()
+            finally:
+                os._exit(0)
+        children.append(pid)
+    try:
+        server.serve_forever()
+    finally:
+        for pid in children:
+            try:
+                os.kill(pid, signal.SIGTERM)
+                os.waitpid(pid, 0)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+
+
+class _Server(ThreadingHTTPServer):
+    # A page asks for dozens of tiles at once: the default backlog of 5 drops connections, which
+    # clients then retry after a second (TCP's SYN timeout), a second that lands in every tail latency.
+    request_queue_size = 256

@@ -10,7 +10,6 @@ are skipped with the reason."""
 from __future__ import annotations
 
 import shutil
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,7 +17,6 @@ import numpy as np
 import pytest
 
 from pipeline.store import MaskStore
-from pipeline.viewer.server import make_server
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 pytestmark = [
@@ -29,17 +27,11 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def site(shipped_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]:  # type: ignore[no-untyped-def]
+    from tests.test_viewer import serving
+
     root = tmp_path_factory.mktemp("site")
-    for config, name in (("aerial-vegetation.yaml", "aber.zarr"), ("ct-tissue.yaml", "ct.zarr")):
-        store, _ = shipped_store(config)
-        shutil.copytree(store, root / name)
-    server = make_server(root, "127.0.0.1", 0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}", root
-    finally:
-        server.shutdown()
-        server.server_close()
+    with serving(shipped_store, root, {"aerial-vegetation.yaml": "aber.zarr", "ct-tissue.yaml": "ct.zarr"}) as base:
+        yield base, root
 
 
 @pytest.fixture(scope="module")

@@ -4,6 +4,7 @@ pages and their shipped scripts, and the server's safety (read-only, nothing out
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -46,21 +47,29 @@ class Client:
         return np.asarray(image.convert("RGBA") if image.mode == "P" else image)
 
 
-@pytest.fixture(scope="module")
-def served(shipped_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, Path]]:  # type: ignore[no-untyped-def]
-    """The two demo stores in one folder (copies: the shipped ones are never touched), served."""
-    root = tmp_path_factory.mktemp("served")
-    for config, name in (("aerial-vegetation.yaml", "wales/aber.zarr"), ("ct-tissue.yaml", "ct.zarr")):
+@contextlib.contextmanager
+def serving(shipped_store, root: Path, names: dict[str, str]) -> Iterator[str]:  # type: ignore[no-untyped-def]
+    """Copies of shipped stores (config -> name under ``root``; the shipped ones are never touched),
+    served from a thread of the test; yields the base URL."""
+    for config, name in names.items():
         store, _ = shipped_store(config)
         shutil.copytree(store, root / name)
     server = make_server(root, "127.0.0.1", 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
+    threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        yield Client(f"http://127.0.0.1:{server.server_address[1]}"), root
+        yield f"http://127.0.0.1:{server.server_address[1]}"
     finally:
         server.shutdown()
         server.server_close()
+
+
+@pytest.fixture(scope="module")
+def served(shipped_store, tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Client, Path]]:  # type: ignore[no-untyped-def]
+    """The two demo stores in one folder, served."""
+    root = tmp_path_factory.mktemp("served")
+    names = {"aerial-vegetation.yaml": "wales/aber.zarr", "ct-tissue.yaml": "ct.zarr"}
+    with serving(shipped_store, root, names) as base:
+        yield Client(base), root
 
 
 def test_the_catalog_lists_every_store_with_its_status_and_measures(served) -> None:  # type: ignore[no-untyped-def]

@@ -38,7 +38,8 @@ from pipeline.errors import QueryError, RaymaskError, StoreError, one_line
 from pipeline.store import MaskStore
 
 STATIC = Path(__file__).with_name("static")
-PAGES = {"": "catalog.html", "map": "map.html", "volume": "volume.html", "frames": "frames.html"}
+PAGES = {"": "catalog.html", "map": "map.html", "volume": "volume.html", "frames": "map.html"}  # frames: a map
+# page in pixels (no CRS), its legend counting pixels
 
 
 class NotFound(Exception):

@@ -86,7 +86,10 @@ def test_the_map_page_shows_the_store_s_areas_and_what_is_under_a_click(browser,
     for label in browser.find_elements("css selector", "#legend label"):
         name = label.get_attribute("data-class-name")
         shown = label.find_element("css selector", ".measure").text
-        assert shown == f"{stats[name]['area_ha']:g} ha" or shown.startswith(f"{stats[name]['area_ha']}"), (name, shown)
+        number, unit = shown.rsplit(" ", 1)
+        assert unit == "ha" and float(number.replace(",", "")) == pytest.approx(stats[name]["area_ha"], rel=1e-5), (
+            name, shown,
+        )  # fmt: skip
     # click the pixel at row 120, column 70: the page turns map coordinates back into that pixel
     browser.execute_script("const m = window.raymaskMap; m.map.fire('click', {latlng: m.toLatLng(120.5, 70.5)});")
     WebDriverWait(browser, 30).until(lambda d: d.find_element("id", "info").get_attribute("data-region"))

@@ -163,15 +163,18 @@ def _stale(holder: dict[str, Any]) -> bool:
 
 def _heartbeat(path: Any, me: dict[str, Any], stop: threading.Event) -> None:
     while not stop.wait(HEARTBEAT_S):
-        if _read(path).get("id") != me["id"]:
-            return  # taken over (we were silent too long): the new holder's file is not ours to touch
-        if isinstance(path, ObjectPath):  # rewritten only if still ours since it was read (If-Match)
-            with contextlib.suppress(Exception):  # a failed beat is retried at the next one
+        if isinstance(path, ObjectPath):  # one read; rewritten only if still ours since (If-Match)
+            try:
                 found = get_tagged(path)
-                if found is None or _parse(found[0]).get("id") != me["id"]:
-                    return
+            except Exception:  # a failed beat is retried at the next one
+                continue
+            if found is None or _parse(found[0]).get("id") != me["id"]:
+                return  # taken over (we were silent too long): the new holder's lease is not ours to touch
+            with contextlib.suppress(Exception):
                 put_if_unchanged(path, _payload(me), found[1])
             continue
+        if _read(path).get("id") != me["id"]:
+            return  # taken over (we were silent too long): the new holder's file is not ours to touch
         tmp = path.with_name(f"{path.name}.{me['id']}.tmp")
         try:
             tmp.write_text(json.dumps({**me, "heartbeat": time.time()}))

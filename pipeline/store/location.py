@@ -249,13 +249,20 @@ def replacement_marker(path: ObjectPath) -> ObjectPath:
     return path.with_name(f"{path.name}.replacing")
 
 
+def refuse_replacing(path: ObjectPath) -> None:
+    """Refuse a store that a new version is being copied over (a batch swap under way, or cut short)."""
+    from pipeline.errors import StoreError
+
+    if get_object(replacement_marker(path)) is not None:
+        raise StoreError(f"{path}: a new version is being copied over this store; run the batch again to finish it")
+
+
 def refuse_foreign(path: ObjectPath) -> None:
     """Refuse a prefix holding objects that raymask did not leave: only an interrupted creation
     (its marker is there) may be cleared and built again."""
     from pipeline.errors import StoreError
 
-    if get_object(replacement_marker(path)) is not None:
-        raise StoreError(f"{path}: a new version is being copied over this store; run the batch again to finish it")
+    refuse_replacing(path)
     if exists(path) and get_object(creation_marker(path)) is None:
         raise StoreError(f"{path}: something is there that raymask did not make; not touched")
 

@@ -55,6 +55,7 @@ from pipeline.store.location import (
     open_group,
     put_object,
     refuse_foreign,
+    refuse_replacing,
     replacement_marker,
     store_path,
     unreachable,
@@ -115,10 +116,7 @@ class MaskStore:
             except Exception as exc:  # obstore: credentials, bucket, endpoint; one line naming the URL
                 raise unreachable(where, exc) from exc
             if not found:
-                if get_object(replacement_marker(where)) is not None:
-                    raise StoreError(
-                        f"{where}: a new version is being copied over this store; run the batch again to finish it"
-                    )
+                refuse_replacing(where)
                 raise StoreError(f"{where}: no such store")
             return cls._opened(where, open_group(where, mode="r" if mode == "r" else "r+"))
         path = where

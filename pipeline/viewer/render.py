@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import threading
+import weakref
 from typing import Any
 
 import numpy as np
@@ -57,11 +58,23 @@ def class_lut(store: MaskStore, hidden: set[int] = frozenset()) -> np.ndarray:  
     return lut
 
 
+_LEVELS: weakref.WeakKeyDictionary[MaskStore, dict[str, zarr.Array]] = weakref.WeakKeyDictionary()
+_LEVELS_LOCK = threading.Lock()
+
+
 def level_array(store: MaskStore, record: dict[str, Any]) -> zarr.Array:
-    """A level's mask array (map levels and a volume's label levels live in nested groups)."""
+    """A level's mask array (map levels and a volume's label levels live in nested groups), opened
+    once per opened store: every zoomed-out tile reads one."""
     from pipeline.store.location import open_array
 
-    return open_array(store.path / record["mask"])
+    with _LEVELS_LOCK:
+        opened = _LEVELS.setdefault(store, {})
+        array = opened.get(record["mask"])
+    if array is None:
+        array = open_array(store.path / record["mask"])
+        with _LEVELS_LOCK:
+            opened[record["mask"]] = array
+    return array
 
 
 def _place(window: TileWindow, rgba: np.ndarray, tile: int = TILE) -> np.ndarray:

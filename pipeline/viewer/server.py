@@ -21,6 +21,7 @@ one-line JSON error; the server never writes.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import mimetypes
@@ -336,10 +337,15 @@ def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
     return Handler
 
 
+@functools.cache
+def _static_files() -> dict[str, Path]:
+    """The package's static files by name, listed once (they do not change while serving)."""
+    return {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*") if p.is_file()}
+
+
 def static_file(name: str) -> tuple[str, bytes]:
     """A file shipped in the package's static folder: looked up among the files there, never joined."""
-    files = {p.relative_to(STATIC).as_posix(): p for p in STATIC.rglob("*") if p.is_file()}
-    path = files.get(urllib.parse.unquote(name))
+    path = _static_files().get(urllib.parse.unquote(name))
     if path is None:
         raise NotFound(f"/static/{name}: no such file")
     kind = mimetypes.guess_type(path.name)[0] or "application/octet-stream"

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from pipeline.core.webtiles import level_for
 from pipeline.store import MaskStore
 from pipeline.viewer import render
 from pipeline.viewer.server import make_server
@@ -105,7 +106,7 @@ def test_mask_tiles_are_the_stored_classes_in_their_colours(served) -> None:  # 
     level = np.asarray(render.level_array(store, store.info.levels[0])[:])  # zoom 0 = every 2nd: level 1
     assert np.array_equal(whole[: level.shape[0], : level.shape[1]], lut[level])
     image = client.png(f"/api/stores/wales/aber.zarr/tiles/image/{top}/0/0.png")
-    assert image.shape == (256, 256, 4) and image[..., 3].max() == 255 and image[..., :3].std() > 0
+    assert image.shape[:2] == (256, 256) and image[..., :3].std() > 0
 
 
 def test_points_and_regions_are_what_the_store_holds(served) -> None:  # type: ignore[no-untyped-def]
@@ -274,8 +275,168 @@ def test_a_store_being_written_is_served_with_its_progress(  # type: ignore[no-u
         assert seen_incomplete, "the store was never seen part-written"
         (row,) = client.json("/api/stores")  # type: ignore[misc]
         assert row["status"] == "complete" and row["units_done"] == row["units_total"] == 56
+        store = MaskStore.open(served / "scene.zarr")  # the tiles now: every unit, none left out as read midway
+        top = client.json("/api/stores/scene.zarr")["tiles"]["max_zoom"]  # type: ignore[index]
+        for z in (0, top):
+            tile = client.png(f"/api/stores/scene.zarr/tiles/mask/{z}/0/0.png")
+            step = 2 ** (top - z)
+            level = level_for(step, len(store.info.levels or []))
+            array = store.mask if level == 0 else render.level_array(store, store.info.levels[level - 1])  # type: ignore[index]
+            k = step // 2**level
+            mask = np.asarray(array[: 256 * k : k, : 256 * k : k])
+            assert np.array_equal(tile[: mask.shape[0], : mask.shape[1]], render.class_lut(store)[mask])
     finally:
         if job.poll() is None:
             job.kill()
         server.shutdown()
         server.server_close()
+
+
+def _stretched(values: np.ndarray, limits: list[np.ndarray]) -> np.ndarray:
+    out = [np.clip((b.astype("float64") - lo) * 255 / (hi - lo), 0, 255).astype(np.uint8) for b, (lo, hi) in
+           zip(values, limits, strict=True)]  # fmt: skip
+    return np.dstack(out * 3 if len(out) == 1 else out)
+
+
+def test_image_tiles_are_the_source_stretched_at_every_zoom(shipped_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """RGB.byte.tif (791 x 718, nodata 0, no overviews): at full resolution a tile is the source's
+    pixels, at zoom 0 every 4th of them from the display pyramid; each band stretched between its 2nd and
+    98th percentile (of every 2nd pixel with data); transparent where the source has no data."""
+    import rasterio
+
+    from tests.conftest import RGB_BYTE
+
+    with rasterio.open(RGB_BYTE) as src:
+        data = src.read(masked=True)
+    values, valid = np.ma.getdata(data), ~np.ma.getmaskarray(data).any(axis=0)
+    limits = [np.percentile(b[::2, ::2][valid[::2, ::2]], [2, 98]) for b in values]
+    with serving(shipped_store, tmp_path, {"rgb-vegetation.yaml": "rgb.zarr"}) as base:
+        client = Client(base)
+        top = client.json("/api/stores/rgb.zarr")["tiles"]["max_zoom"]  # type: ignore[index]
+        assert top == 2
+        for z, x, y in [(top, 1, 1), (top, 0, 0), (top, 3, 2), (0, 0, 0), (1, 1, 0)]:
+            step = 2 ** (top - z)
+            rows = slice(y * 256 * step, (y + 1) * 256 * step, step)
+            cols = slice(x * 256 * step, (x + 1) * 256 * step, step)
+            expected, ok = _stretched(values[:, rows, cols], limits), valid[rows, cols]
+            tile = client.png(f"/api/stores/rgb.zarr/tiles/image/{z}/{x}/{y}.png")
+            h, w = ok.shape
+            assert tile.shape[:2] == (256, 256)
+            if tile.shape[2] == 4:  # RGBA unless every pixel of the tile has data
+                assert (tile[:h, :w, 3] == np.where(ok, 255, 0)).all()
+                assert (tile[h:, :, 3] == 0).all() and (tile[:, w:, 3] == 0).all()
+            else:
+                assert ok.all() and (h, w) == (256, 256)
+            diff = np.abs(tile[:h, :w, :3].astype(int) - expected)[ok]
+            assert diff.max(initial=0) <= 1, (z, x, y)  # float32 in the server, float64 here
+        grey = client.png(f"/api/stores/rgb.zarr/tiles/image/{top}/1/1.png?bands=2")
+        expected = _stretched(values[1:2, 256:512, 256:512], limits[1:2])
+        ok = valid[256:512, 256:512]
+        assert np.abs(grey[..., :3].astype(int) - expected)[ok].max() <= 1
+
+
+def test_a_store_replaced_by_a_new_version_is_served_anew(shipped_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The server keeps a complete store's decoded chunks; a batch swapping a new version in (two
+    renames) must not leave it drawing the old one."""
+    import zarr
+
+    root = tmp_path / "served"
+    root.mkdir()
+    with serving(shipped_store, root, {"aerial-vegetation.yaml": "aber.zarr"}) as base:
+        client = Client(base)
+        store = MaskStore.open(root / "aber.zarr")
+        lut = render.class_lut(store)
+        top = client.json("/api/stores/aber.zarr")["tiles"]["max_zoom"]  # type: ignore[index]
+        before = client.png(f"/api/stores/aber.zarr/tiles/mask/{top}/0/0.png")
+        mask = np.asarray(store.mask[:256, :256])
+        assert np.array_equal(before[: mask.shape[0], : mask.shape[1]], lut[mask])
+        fresh = tmp_path / "aber.zarr.next"
+        shutil.copytree(root / "aber.zarr", fresh)
+        array = zarr.open_array(fresh / store.info.arrays.mask, mode="r+")
+        flipped = np.where(np.asarray(array[:]) == 1, 2, 1).astype(array.dtype)
+        array[:] = flipped
+        (root / "aber.zarr").rename(tmp_path / "aber.zarr.old")
+        fresh.rename(root / "aber.zarr")
+        after = client.png(f"/api/stores/aber.zarr/tiles/mask/{top}/0/0.png")
+        assert np.array_equal(after[: mask.shape[0], : mask.shape[1]], lut[flipped[:256, :256]])
+
+
+def test_cached_chunks_read_as_the_array_does(shipped_store) -> None:  # type: ignore[no-untyped-def]
+    """render.Blocks against zarr itself, for random boxes and planes of the CT's HU image and labels,
+    with a budget so small that chunks are dropped all the time."""
+    store = MaskStore.open(shipped_store("ct-tissue.yaml")[0])
+    blocks = render.Blocks(budget=3 << 20)
+    rng = np.random.default_rng(0)
+    for name in (store.info.arrays.image, store.info.arrays.mask):
+        array = render.store_array(store, name)
+        for _ in range(25):
+            selection = []
+            for n in array.shape:
+                if rng.random() < 0.3:
+                    selection.append(int(rng.integers(n)))
+                else:
+                    a, b = sorted(rng.integers(0, n + 1, 2))
+                    selection.append(slice(int(a), int(b)))
+            got = blocks.read(store, name, tuple(selection))
+            assert np.array_equal(got, np.asarray(array[tuple(selection)]))
+            assert blocks.size <= blocks.budget + max(v.nbytes for v in blocks.held.values())
+
+
+def _children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(p) for p in path.read_text().split()] if path.exists() else []
+
+
+@pytest.mark.parametrize("stop", ["SIGTERM", "SIGKILL"])
+def test_stopping_raymask_serve_stops_its_workers_and_removes_its_cache(  # type: ignore[no-untyped-def]
+    shipped_store, tmp_path: Path, stop: str
+) -> None:
+    """``raymask serve --workers 3`` is three processes; SIGTERM to the first (as a service manager
+    sends) ends all three and removes the display cache it made; SIGKILL ends the workers too."""
+    import os
+    import re
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    served, scratch = tmp_path / "served", tmp_path / "tmp"
+    served.mkdir()
+    scratch.mkdir()
+    shutil.copytree(shipped_store("rgb-vegetation.yaml")[0], served / "rgb.zarr")
+    env = {**os.environ, "TMPDIR": str(scratch)}
+    argv = [sys.executable, "-m", "pipeline.cli", "serve", str(served), "--port", "0", "--workers", "3"]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stdout.readline() if proc.stdout else ""
+        base = re.search(r"http://[0-9.]+:[0-9]+", line)
+        assert base, line
+        client = Client(base.group(0))
+        deadline = time.monotonic() + 30
+        while len(_children(proc.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        workers = _children(proc.pid)
+        assert len(workers) == 2
+        for _ in range(6):  # some land on each process; the first builds the image's display pyramid
+            assert client.png("/api/stores/rgb.zarr/tiles/image/0/0/0.png").shape[:2] == (256, 256)
+        (cache,) = scratch.glob("raymask-serve-*")
+        assert any(cache.glob("*.npy"))
+        proc.send_signal(getattr(signal, stop))
+        assert proc.wait(timeout=30) != 0 or stop == "SIGTERM"
+        deadline = time.monotonic() + 30
+        while any(Path(f"/proc/{w}").exists() and "Z" not in _state(w) for w in workers):
+            assert time.monotonic() < deadline, "a worker outlived its parent"
+            time.sleep(0.05)
+        if stop == "SIGTERM":
+            assert not cache.exists()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"

@@ -52,15 +52,16 @@ class BadRequest(Exception):
 
 
 class Library:
-    """The stores under the served folder, found by the catalog and opened once each (a store that is
-    still being written is opened again on each look, so its progress shows)."""
+    """The stores under the served folder, found by the catalog and opened once each; a store that is
+    still being written is opened again on each look, so its progress shows, and so is a complete one
+    whose root metadata changed (a batch swapped a new version in)."""
 
     def __init__(self, root: Path, only: Path | None = None) -> None:
         self.root = root
         self.only = only  # serving one store: only it
         self.lock = threading.Lock()
         self.names: dict[str, Path] = {}
-        self.opened: dict[str, MaskStore] = {}
+        self.opened: dict[str, tuple[MaskStore, tuple[int, ...]]] = {}
 
     def scan(self) -> dict[str, Path]:
         from pipeline.store.catalog import find_stores
@@ -82,14 +83,23 @@ class Library:
         path = self.names.get(name) or self.scan().get(name)
         if path is None:
             raise NotFound(f"{name}: no such store here")
+        stamp = _stamp(path / "zarr.json")
         with self.lock:
-            cached = self.opened.get(name)
-        if cached is not None and cached.info.complete:
+            cached, seen = self.opened.get(name, (None, None))
+        if cached is not None and cached.info.complete and seen == stamp:
             return cached
-        store = MaskStore.open(path)
+        store = MaskStore.open(path)  # new, still being written, or replaced by a new version since
         with self.lock:
-            self.opened[name] = store
+            self.opened[name] = (store, stamp)
         return store
+
+
+def _stamp(path: Path) -> tuple[int, ...]:
+    try:
+        st = path.stat()
+    except OSError:
+        return ()
+    return (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 def kind_of(store: MaskStore) -> str:
@@ -281,7 +291,9 @@ def _plain(value: Any) -> Any:
 def make_handler(api: Api) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "raymask-viewer"
-        protocol_version = "HTTP/1.1"
+        protocol_version = "HTTP/1.1"  # connections kept alive, as browsers and tile clients expect
+        disable_nagle_algorithm = True  # else a body written after its headers waits out a delayed ACK (40 ms)
+        timeout = 60  # an idle kept-alive connection is closed after a minute
 
         def log_message(self, format: str, *args: Any) -> None:
             return  # quiet: a tile per request would flood the terminal
@@ -373,7 +385,30 @@ def make_server(path: str | Path, host: str = "127.0.0.1", port: int = 8765) -> 
     library.scan()
     server = _Server((host, port), make_handler(Api(library)))
     server.daemon_threads = True
+    _share_display_cache()
     return server
+
+
+def _share_display_cache() -> None:
+    """A folder for the display pyramids of source images (pipeline.viewer.render.DISPLAYS), shared by
+    the worker processes and removed when the process that made it ends."""
+    import atexit
+    import os
+    import shutil
+    import tempfile
+
+    from pipeline.viewer import render
+
+    if render.DISPLAYS.folder is None:
+        folder = Path(tempfile.mkdtemp(prefix="raymask-serve-"))
+        render.DISPLAYS.folder = folder
+        maker = os.getpid()
+
+        def remove() -> None:
+            if os.getpid() == maker:  # not a forked worker ending
+                shutil.rmtree(folder, ignore_errors=True)
+
+        atexit.register(remove)
 
 
 def serve(server: ThreadingHTTPServer, workers: int = 1) -> None:
@@ -382,12 +417,17 @@ def serve(server: ThreadingHTTPServer, workers: int = 1) -> None:
     import os
     import signal
 
+    def stop(*_: object) -> None:
+        raise KeyboardInterrupt  # SIGTERM ends the parent as Ctrl-C does: its workers are stopped too
+
+    signal.signal(signal.SIGTERM, stop)
     children = []
     for _ in range(max(0, workers - 1)):
         pid = os.fork()
         if pid == 0:  # a worker: serve, and end with its parent
             signal.signal(signal.SIGTERM, lambda *_: os._exit(0))
             signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C: the parent stops everyone
+            _end_with_parent()
             try:
                 server.serve_forever()
             finally:
@@ -402,6 +442,21 @@ def serve(server: ThreadingHTTPServer, workers: int = 1) -> None:
                 os.waitpid(pid, 0)
             except (ProcessLookupError, ChildProcessError):
                 pass
+
+
+def _end_with_parent() -> None:
+    """Have the kernel end this worker if the parent dies without stopping it (SIGKILL); Linux only."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent is already gone
+        os._exit(0)
 
 
 class _Server(ThreadingHTTPServer):

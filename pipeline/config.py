@@ -763,3 +763,111 @@ def _allowed_keys(root: type[BaseModel], loc: list[str]) -> list[str]:
 def json_schema(*, batch: bool = False) -> dict[str, Any]:
     """The JSON schema of job configs (``raymask run``), or of batch configs (``raymask batch``)."""
     return (BatchConfig if batch else JobConfig).model_json_schema()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Training (raymask train CONFIG): labelled pairs -> a model folder that `raymask run` takes.
+
+
+class TrainPair(_Frozen):
+    """One labelled image: the image and its labels, on the same pixel grid."""
+
+    image: str = Field(description="A raster (GeoTIFF, or a PNG/JPEG frame).")
+    labels: str = Field(description="A one-band raster of class ids (or of label_values) on the image's grid.")
+
+
+class TrainNetwork(_Frozen):
+    """The network, built from MONAI without downloading anything."""
+
+    name: Literal["unet", "basicunet", "segresnet", "dynunet"] = Field(
+        default="unet", description="MONAI's UNet, BasicUNet, SegResNet or DynUNet, 2-D."
+    )
+    channels: list[Annotated[int, Field(ge=1)]] = Field(
+        default_factory=lambda: [16, 32, 64], min_length=2, description="Features per level (the depth is its length)."
+    )
+    norm: Literal["batch", "instance", "group"] = Field(
+        default="batch",
+        description="batch: tiles stitch exactly at inference (a per-image norm, instance or group, does not).",
+    )
+
+
+class TrainAugment(_Frozen):
+    flips: bool = Field(default=True, description="Random flips along each axis.")
+    rot90: bool = Field(default=True, description="Random quarter turns.")
+    intensity: float = Field(default=0.1, ge=0, le=1, description="Per-band gain and offset jitter, +- this.")
+
+
+class TrainLoss(_Frozen):
+    dice: bool = Field(default=False, description="Add a soft Dice loss to the pixel-wise cross-entropy.")
+    class_weights: Literal["none", "balanced"] | list[Annotated[float, Field(ge=0)]] = Field(
+        default="none", description="Cross-entropy weights: none, balanced (inverse pixel frequency), or one per class."
+    )
+
+
+class TrainValidation(_Frozen):
+    """Held-out files (whole files, never patches of a training file)."""
+
+    files: list[str] = Field(default_factory=list, description="These images validate (else a fraction, drawn).")
+    fraction: float = Field(default=0.25, gt=0, lt=1, description="The share of files drawn for validation.")
+
+
+class TrainConfig(_Frozen):
+    """``raymask train CONFIG``: what to learn from, the network, how, and where the model goes."""
+
+    name: str = Field(default="model", description="The model's name, in its card.")
+    pairs: list[TrainPair] = Field(default_factory=list, description="Image and label files, listed.")
+    images: str | None = Field(default=None, description="Or a glob of images, e.g. data/polyp/images/*.jpg ...")
+    labels: str | None = Field(
+        default=None,
+        description="... with their labels' path, {stem} standing for the image's name, e.g. masks/{stem}.png",
+    )
+    bands: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, description="1-based image bands, in order.")
+    classes: list[str | ClassSpec] = Field(
+        min_length=2, description="One per class id 0..N-1: a name or {name, color}."
+    )
+    label_values: list[float] | None = Field(
+        default=None,
+        description="The label file's value for each class (e.g. [0, 255] for a mask): each pixel takes the nearest.",
+    )
+    scale: float = Field(default=1.0, gt=0, description="Multiply raw values by this before normalize.")
+    normalize: Normalize | None = Field(
+        default=None, description="Per band; computed from the training files if not given."
+    )
+    network: TrainNetwork = Field(default_factory=TrainNetwork)
+    patch: int = Field(default=128, ge=16, description="Training patch size in pixels (a multiple of the stride).")
+    batch: int = Field(default=8, ge=1, description="Patches per step on each worker.")
+    epochs: int = Field(default=10, ge=1)
+    steps: int = Field(default=50, ge=1, description="Steps per epoch.")
+    time_budget_s: float | None = Field(default=None, gt=0, description="Stop after the epoch that passes this.")
+    learning_rate: float = Field(default=3e-3, gt=0)
+    augment: TrainAugment = Field(default_factory=TrainAugment)
+    balance: bool = Field(default=False, description="Draw patches around pixels of each class in turn (rare classes).")
+    loss: TrainLoss = Field(default_factory=TrainLoss)
+    validation: TrainValidation = Field(default_factory=TrainValidation)
+    seed: int = 0
+    workers: int = Field(default=1, ge=1, description="Ray Train workers (data-parallel).")
+    gpu: bool = Field(default=False, description="One GPU per worker.")
+    output: str = Field(description="The model folder: model.pt, MODEL.yaml, metrics, the loss curve, checkpoints/.")
+
+    @model_validator(mode="after")
+    def _inputs(self) -> TrainConfig:
+        if not self.pairs and not (self.images and self.labels):
+            raise ValueError("give pairs: [{image, labels}, ...] or images: GLOB with labels: TEMPLATE")
+        if self.label_values is not None and len(self.label_values) != len(self.classes):
+            raise ValueError(f"label_values has {len(self.label_values)} values for {len(self.classes)} classes")
+        if isinstance(self.loss.class_weights, list) and len(self.loss.class_weights) != len(self.classes):
+            raise ValueError(
+                f"loss.class_weights has {len(self.loss.class_weights)} values for {len(self.classes)} classes"
+            )
+        stride = 2 ** (len(self.network.channels) - 1)
+        if self.patch % stride:
+            raise ValueError(f"patch {self.patch} is not a multiple of the network's stride {stride}")
+        return self
+
+
+def load_train_config(path: str | Path, overrides: list[str] | None = None) -> TrainConfig:
+    raw = apply_overrides(_read_yaml(Path(path)), overrides or [])
+    try:
+        return TrainConfig.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(f"{path}: {describe_validation_error(exc, TrainConfig)}") from exc

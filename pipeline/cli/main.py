@@ -13,6 +13,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline import __version__
 from pipeline.errors import ConfigError, RaymaskError, TransientError
@@ -411,6 +412,40 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--json", action="store_true", help="the measurements as JSON on stdout")
     check.set_defaults(func=_cmd_model_check)
 
+    train = sub.add_parser(
+        "train",
+        help="train a segmentation network on labelled images with Ray Train: a model folder `raymask run` takes",
+        description="Train a MONAI network (UNet, BasicUNet, SegResNet, DynUNet; 2-D) on image + label pairs read "
+        "by raymask's own readers, on Ray Train workers (config: workers, gpu). The validation split is by file. "
+        "Every epoch writes OUTPUT/checkpoints/last.pt; run the same command again after a crash and it resumes. "
+        "OUTPUT ends with model.pt (TorchScript), MODEL.yaml (classes, bands, normalisation, stride, the measured "
+        "receptive radius), metrics.json (per class IoU, Dice, precision, recall on the validation files) and "
+        "loss.png. Then: raymask run JOB with model: {card: OUTPUT/MODEL.yaml}.",
+    )
+    train.add_argument(
+        "config", help="training YAML (pairs or images + labels, classes, network, patch, epochs, output)"
+    )
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key by its dotted path, e.g. epochs=3 (repeatable)")  # fmt: skip
+    train.add_argument("--address", default=None, help="a Ray cluster (default: an embedded Ray / RAY_ADDRESS)")
+    train.add_argument("--json", action="store_true", help="print the result (metrics, history) as JSON on stdout")
+    train.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    train.set_defaults(func=_cmd_train)
+
+    evaluate = sub.add_parser(
+        "evaluate",
+        help="score a mask store against reference labels: per class IoU, Dice, precision, recall, confusion",
+        description="Compare a complete 2-D store with a one-band label raster on its grid, chunk by chunk "
+        "(memory: one chunk). Pixels the store left without a prediction count as misses.",
+    )
+    evaluate.add_argument("store", help="a mask store (NAME.zarr)")
+    evaluate.add_argument("labels", help="the reference labels: class ids, or values mapped with --label-values")
+    evaluate.add_argument("--label-values", default=None, metavar="V0,V1,...",
+                          help="the label file's value of each class, e.g. 0,255 for a mask")  # fmt: skip
+    evaluate.add_argument("--json", action="store_true", help="the scores as JSON on stdout")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    evaluate.set_defaults(func=_cmd_evaluate)
+
     schema = sub.add_parser(
         "config-schema",
         help="print the JSON schema of job configs (--batch: of batch configs): every key, type, default, meaning",
@@ -522,6 +557,55 @@ def _cmd_catalog(args: argparse.Namespace) -> int:
     if out is not None:
         write_table_file(rows, out)
     print(json.dumps(rows, indent=2) if args.json else render(rows))
+    return 0
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from pipeline.config import load_train_config
+    from pipeline.jobs.train import run_training
+
+    config = load_train_config(args.config, args.overrides)
+    report = run_training(config, address=args.address, progress=_progress(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    print(f"model     {report['model']} ({report['epochs']} epochs"
+          + (f", resumed after epoch {report['resumed_from']})" if report["resumed_from"] else ")"))  # fmt: skip
+    print(f"card      {report['card']} (stride {report['stride']}, receptive radius {report['receptive_radius']} px)")
+    print(f"validated on {', '.join(report['validation'])}")
+    _print_scores(report["classes"]["per_class"])
+    return 0
+
+
+def _print_scores(per_class: dict[str, dict[str, Any]]) -> None:
+    def shown(v: Any) -> str:
+        return "-" if v is None else f"{v:.3f}"
+
+    print(f"{'class':<16} {'IoU':>6} {'Dice':>6} {'prec.':>6} {'recall':>6} {'pixels':>10}")
+    for name, m in per_class.items():
+        print(f"{name:<16} {shown(m['iou']):>6} {shown(m['dice']):>6} {shown(m['precision']):>6} "
+              f"{shown(m['recall']):>6} {m['pixels']:>10,}")  # fmt: skip
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from pipeline.jobs.evaluate import evaluate_store
+
+    values = None
+    if args.label_values:
+        try:
+            values = [float(v) for v in args.label_values.split(",")]
+        except ValueError:
+            raise ConfigError(f"--label-values {args.label_values!r}: numbers separated by commas") from None
+    report = evaluate_store(args.store, args.labels, values, progress=_progress(args))
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    _print_scores(report["per_class"])
+    accuracy = report["accuracy"]
+    print(f"pixel accuracy {accuracy:.4f} over {report['pixels']:,} labelled pixels" if accuracy is not None else
+          "no labelled pixels")  # fmt: skip
+    if report["unpredicted"]:
+        print(f"{report['unpredicted']:,} labelled pixels have no prediction in the store (counted as misses)")
     return 0
 
 

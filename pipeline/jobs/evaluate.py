@@ -1,0 +1,104 @@
+"""``raymask evaluate STORE LABELS``: a mask store against reference labels, chunk by chunk.
+
+The labels are a one-band raster on the store's grid (a GeoTIFF, or a PNG mask for a frame); each of
+the store's mask chunks is read with the same box of the labels, so memory stays one chunk whatever
+the image's size. Reported per class: IoU, Dice, precision, recall and the pixels of it in the labels,
+the confusion matrix (rows: the labels, columns: the store) and the overall pixel accuracy. Pixels the
+store has no prediction for (nodata) count as misses of their labelled class; labels outside the
+store's classes (with ``label_values``, nothing is) are refused in one line naming the file.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import SourceConfig
+from pipeline.core.geometry import Box
+from pipeline.core.stats import NODATA
+from pipeline.core.training import IGNORE, class_metrics, confusion, label_classes, unknown_ids
+from pipeline.errors import SourceError
+
+
+def evaluate_store(store_path: str, labels_path: str, label_values: list[float] | None = None,
+                   progress: bool = False) -> dict[str, Any]:  # fmt: skip
+    from pipeline.sources.geotiff import open_source
+    from pipeline.store import MaskStore
+
+    store = MaskStore.open(store_path)
+    info = store.info
+    if info.volume is not None:
+        raise SourceError(
+            f"{store_path}: a volume; evaluate takes 2-D stores (compare a volume's SEG with raymask export)"
+        )
+    if not info.complete:
+        raise SourceError(f"{store_path}: the store is not complete (status {info.status}); finish the run first")
+    source, label_info = open_source(SourceConfig(path=labels_path, bands=[1]))
+    shape = tuple(int(v) for v in info.shape)
+    if tuple(label_info.shape) != shape:
+        raise SourceError(f"{labels_path}: not on the store's grid ({label_info.shape[0]} x {label_info.shape[1]} vs "
+                          f"{shape[0]} x {shape[1]})")  # fmt: skip
+    transform = tuple(info.transform) if info.transform else None
+    if label_info.georef.transform and transform and tuple(label_info.georef.transform) != transform:
+        raise SourceError(
+            f"{labels_path}: not on the store's grid (transform {label_info.georef.transform} vs {transform})"
+        )
+    names = [c.name for c in info.classes]
+    classes = len(names)
+    matrix = np.zeros((classes + 1, classes + 1), dtype=np.int64)  # the last column: no prediction (nodata)
+    chunks = tuple(int(c) for c in store.mask.chunks)
+    grid = [range(0, n, c) for n, c in zip(shape, chunks, strict=True)]
+    boxes = [
+        Box((r, c), (min(r + chunks[0], shape[0]), min(c + chunks[1], shape[1]))) for r, c in itertools.product(*grid)
+    ]
+    bar = None
+    if progress:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(boxes), desc="evaluate", unit="chunk", file=sys.stderr)
+    for box in boxes:
+        predicted = store.read_mask(box)
+        raw, labelled = source.read(box)
+        truth = label_classes(raw[0], label_values, classes)
+        unknown = unknown_ids(truth[labelled], classes)
+        if unknown:
+            shown = ", ".join(map(str, unknown[:5]))
+            raise SourceError(
+                f"{labels_path}: label values {shown} are not class ids 0..{classes - 1} of the store "
+                f"({', '.join(names)}); map them with --label-values"
+            )
+        truth[~labelled] = IGNORE
+        missed = np.where(predicted == NODATA, classes, predicted)
+        matrix += confusion(missed, truth, classes + 1)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    square = matrix[:classes, :classes].copy()
+    square_with_misses = matrix[:classes].copy()
+    rows = class_metrics(square)
+    for k, row in enumerate(rows):  # a labelled pixel with no prediction is a miss of its class
+        fn_extra = int(square_with_misses[k, classes])
+        tp = int(square[k, k])
+        fp = int(square[:, k].sum()) - tp
+        fn = int(square_with_misses[k].sum()) - tp
+        row.update({
+            "iou": tp / (tp + fp + fn) if tp + fp + fn else None,
+            "dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
+            "recall": tp / (tp + fn) if tp + fn else None,
+            "pixels": tp + fn,
+            "unpredicted": fn_extra,
+        })  # fmt: skip
+    total = int(square_with_misses.sum())
+    return {
+        "store": str(store_path), "labels": str(labels_path), "classes": names,
+        "per_class": dict(zip(names, rows, strict=True)),
+        "confusion": square.tolist(),
+        "unpredicted": int(square_with_misses[:, classes].sum()),
+        "accuracy": float(np.trace(square) / total) if total else None,
+        "pixels": total,
+    }  # fmt: skip

@@ -1,0 +1,541 @@
+"""``raymask train CONFIG``: labelled pairs to a model folder that ``raymask run`` takes directly.
+
+The driver reads and checks every pair through raymask's own raster reader (the same windows,
+nodata masks and band selection inference uses), splits them by file, works out the normalisation,
+and runs a Ray Train ``TorchTrainer`` (N data-parallel workers; a GPU each where asked). Each worker
+reads the training files itself and draws patches on the stride grid (balanced toward rare classes
+on request), augmented; rank 0 validates on the held-out files after every epoch and writes the
+checkpoint (``checkpoints/last.pt``, atomically). A killed worker is restarted by Ray Train from that
+checkpoint; a killed driver resumes from it on the next ``raymask train`` of the same config.
+
+The model folder: ``model.pt`` (TorchScript), ``MODEL.yaml`` (classes, colours, bands, normalisation,
+stride, the receptive radius ``raymask model check`` measured), ``train.yaml`` (the config), ``metrics.json``
+(per epoch; per class IoU, Dice, precision, recall on the validation files), ``loss.png``.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import ClassSpec, SourceConfig, TrainConfig
+from pipeline.core.colors import rgb
+from pipeline.core.geometry import Box
+from pipeline.core.training import (
+    IGNORE,
+    augment,
+    class_metrics,
+    class_weights,
+    confusion,
+    label_classes,
+    normalisation,
+    patch_origins,
+    split_by_file,
+    unknown_ids,
+)
+from pipeline.errors import ConfigError, PermanentError, SourceError
+
+
+class TrainingError(PermanentError):
+    """Training cannot go on (a NaN loss, an empty split); the message names the epoch or the file."""
+
+
+@dataclass
+class Pair:
+    image: str
+    labels: str
+    name: str
+
+
+def resolve_pairs(config: TrainConfig) -> list[Pair]:
+    pairs = [Pair(p.image, p.labels, Path(p.image).name) for p in config.pairs]
+    if config.images and config.labels:
+        found = sorted(glob.glob(config.images))
+        if not found:
+            raise SourceError(f"{config.images}: no image matches")
+        for image in found:
+            stem = Path(image).stem
+            pairs.append(Pair(image, config.labels.format(stem=stem, name=Path(image).name), Path(image).name))
+    for pair in pairs:
+        for path in (pair.image, pair.labels):
+            if not Path(path).is_file():
+                raise SourceError(f"{path}: no such file")
+    return pairs
+
+
+def read_pair(pair: Pair, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(bands, h, w) float32 raw values (times ``scale``) and (h, w) class ids, IGNORE where the image
+    has no data or the label says nothing; one line naming the file for labels on another grid or ids
+    outside the classes."""
+    from pipeline.sources.geotiff import open_source
+
+    source, info = open_source(SourceConfig(path=pair.image, bands=config.bands))
+    labels, label_info = open_source(SourceConfig(path=pair.labels, bands=[1]))
+    if label_info.shape != info.shape:
+        raise SourceError(
+            f"{pair.labels}: not on the grid of {pair.image} (shape {label_info.shape[0]} x {label_info.shape[1]} vs "
+            f"{info.shape[0]} x {info.shape[1]})"
+        )
+    if label_info.georef.transform and info.georef.transform and label_info.georef != info.georef:
+        raise SourceError(
+            f"{pair.labels}: not on the grid of {pair.image} (transform {label_info.georef.transform} vs "
+            f"{info.georef.transform}, same CRS: {label_info.georef.crs_wkt == info.georef.crs_wkt})"
+        )
+    whole = Box((0, 0), tuple(info.shape))
+    values, valid = source.read(whole)
+    raw_labels, labelled = labels.read(whole)
+    ids = label_classes(raw_labels[0], config.label_values, len(config.classes))
+    unknown = unknown_ids(ids[labelled], len(config.classes))
+    if unknown:
+        shown = ", ".join(map(str, unknown[:5]))
+        raise SourceError(
+            f"{pair.labels}: label values {shown} are not class ids 0..{len(config.classes) - 1} "
+            "(declare the classes, or map values with label_values)"
+        )
+    ids[~(valid & labelled)] = IGNORE
+    image = values.astype(np.float32) * np.float32(config.scale)
+    image[:, ~valid] = 0
+    return image, ids
+
+
+def config_fingerprint(config: TrainConfig) -> str:
+    """What a checkpoint must agree with to be resumed: everything but the run's length."""
+    kept = config.model_dump(mode="json", exclude={"epochs", "time_budget_s", "workers", "gpu"})
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_network(config: TrainConfig, bands: int) -> Any:
+    """The MONAI network named in the config, 2-D, ``bands`` in, one output per class."""
+    from monai.networks import nets
+
+    spec, classes = config.network, len(config.classes)
+    norm: Any = {"batch": "batch", "instance": "instance", "group": ("group", {"num_groups": 1})}[spec.norm]
+    levels = len(spec.channels)
+    if spec.name == "unet":
+        return nets.UNet(2, bands, classes, channels=tuple(spec.channels), strides=(2,) * (levels - 1),
+                         num_res_units=1, norm=norm)  # fmt: skip
+    if spec.name == "basicunet":
+        if levels != 6:
+            raise ConfigError("network.channels: BasicUNet takes 6 feature counts, e.g. [16, 16, 32, 64, 128, 16]")
+        return nets.BasicUNet(2, bands, classes, features=tuple(spec.channels), norm=norm)
+    if spec.name == "segresnet":
+        return nets.SegResNet(2, init_filters=spec.channels[0], in_channels=bands, out_channels=classes,
+                              blocks_down=(1,) * levels, blocks_up=(1,) * (levels - 1), norm=norm)  # fmt: skip
+    kernels = [[3, 3]] * levels
+    strides = [[1, 1]] + [[2, 2]] * (levels - 1)
+    return nets.DynUNet(2, bands, classes, kernel_size=kernels, strides=strides, upsample_kernel_size=strides[1:],
+                        filters=list(spec.channels), norm_name=norm)  # fmt: skip
+
+
+def stride_of(config: TrainConfig) -> int:
+    if config.network.name == "basicunet":
+        return 16
+    return int(2 ** (len(config.network.channels) - 1))
+
+
+def predict(network: Any, image: np.ndarray, stride: int, device: Any = "cpu") -> tuple[np.ndarray, Any]:
+    """Class ids (numpy) and logits (a tensor on ``device``) of a whole normalised (bands, h, w)
+    image, padded to the stride."""
+    import torch
+
+    h, w = image.shape[1:]
+    padded = np.pad(image, ((0, 0), (0, -h % stride), (0, -w % stride)), mode="reflect")
+    with torch.inference_mode():
+        logits = network(torch.from_numpy(np.ascontiguousarray(padded[None])).to(device))[0][:, :h, :w]
+    return logits.argmax(0).cpu().numpy().astype(np.uint8), logits
+
+
+# ---------------------------------------------------------------------------------------------------
+# The loop each Ray Train worker runs
+
+
+def _loop(settings: dict[str, Any]) -> None:
+    import ray.train
+    import torch
+
+    config = TrainConfig.model_validate(settings["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    out = Path(settings["output"])
+    (out / "checkpoints").mkdir(parents=True, exist_ok=True)
+    (out / "checkpoints" / f"worker-{rank}.pid").write_text(str(os.getpid()))
+    torch.manual_seed(config.seed + rank)
+    if not config.gpu:
+        torch.set_num_threads(max(1, int(settings["threads"])))
+    mean = np.asarray(settings["mean"], np.float32)[:, None, None]
+    std = np.asarray(settings["std"], np.float32)[:, None, None]
+    pairs = {name: Pair(image, labels, name) for name, (image, labels) in settings["pairs"].items()}
+    data = [read_pair(pairs[n], config) for n in settings["training"]]
+    data = [((image - mean) / std, ids) for image, ids in data]
+    validation = [read_pair(pairs[n], config) for n in settings["validation"]] if rank == 0 else []
+    validation = [((image - mean) / std, ids) for image, ids in validation]
+    classes, stride = len(config.classes), int(settings["stride"])
+    device = ray.train.torch.get_device() if config.gpu else torch.device("cpu")
+    network = build_network(config, len(settings["mean"])).to(device)
+    optimiser = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
+    weights = (
+        torch.tensor(settings["class_weights"], dtype=torch.float32, device=device)
+        if settings["class_weights"]
+        else None
+    )
+    ce = torch.nn.CrossEntropyLoss(weight=weights, ignore_index=IGNORE)
+    history: list[dict[str, Any]] = []
+    start = 0
+    checkpoint = out / "checkpoints" / "last.pt"
+    if checkpoint.is_file():  # a restarted worker group, or a new run of the same config
+        state = torch.load(checkpoint, map_location=device, weights_only=False)
+        if state["fingerprint"] == settings["fingerprint"]:
+            network.load_state_dict(state["network"])
+            optimiser.load_state_dict(state["optimiser"])
+            history, start = state["history"], state["epoch"]
+    model = ray.train.torch.prepare_model(network) if world > 1 else network
+    began = time.monotonic() - sum(h["seconds"] for h in history)
+    for epoch in range(start, config.epochs):
+        clock = time.monotonic()
+        rng = np.random.default_rng([config.seed, rank, epoch])  # the same patches after a resume
+        model.train()
+        losses = []
+        for _ in range(config.steps):
+            xs, ys = [], []
+            for _ in range(config.batch):
+                image, ids = data[int(rng.integers(len(data)))]
+                ((r, c),) = patch_origins(
+                    ids.shape, config.patch, stride, 1, rng, ids if config.balance else None, classes
+                )
+                x, y = (
+                    image[:, r : r + config.patch, c : c + config.patch],
+                    ids[r : r + config.patch, c : c + config.patch],
+                )
+                x, y = augment(x, y, rng, flips=config.augment.flips, rot90=config.augment.rot90,
+                               jitter=config.augment.intensity)  # fmt: skip
+                xs.append(x)
+                ys.append(y)
+            x_t = torch.from_numpy(np.stack(xs)).to(device)
+            y_t = torch.from_numpy(np.stack(ys).astype(np.int64)).to(device)
+            logits = model(x_t)
+            loss = ce(logits, y_t)
+            if config.loss.dice:
+                loss = loss + _soft_dice(logits, y_t, classes)
+            if not torch.isfinite(loss):
+                (out / "checkpoints" / "failed.txt").write_text(
+                    f"epoch {epoch + 1}: the loss is {loss.item()} (NaN or infinite): check the images for NaN or "
+                    "huge values without nodata, or lower learning_rate"
+                )
+                raise FloatingPointError(f"epoch {epoch + 1}: the loss is not finite")
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            losses.append(float(loss.item()))
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
+        if rank == 0:
+            network.eval()
+            matrix = np.zeros((classes, classes), dtype=np.int64)
+            val_losses = []
+            for image, ids in validation:
+                predicted, logits = predict(network, image, stride, device)
+                matrix += confusion(predicted, ids, classes)
+                truth = torch.from_numpy(ids[None].astype(np.int64)).to(device)
+                with torch.inference_mode():
+                    val_losses.append(float(ce(logits[None], truth)))
+            per_class = class_metrics(matrix)
+            record["val_loss"] = float(np.mean(val_losses)) if val_losses else None
+            record["val_dice"] = {c: m["dice"] for c, m in zip(settings["class_names"], per_class, strict=True)}
+            record["val_iou"] = {c: m["iou"] for c, m in zip(settings["class_names"], per_class, strict=True)}
+        record["seconds"] = time.monotonic() - clock
+        history.append(record)
+        stop = config.time_budget_s is not None and time.monotonic() - began > config.time_budget_s
+        if rank == 0:
+            state = {"network": network.state_dict(), "optimiser": optimiser.state_dict(), "history": history,
+                     "epoch": epoch + 1, "fingerprint": settings["fingerprint"], "stopped": stop}  # fmt: skip
+            partial = checkpoint.with_suffix(".partial")
+            torch.save(state, partial)
+            os.replace(partial, checkpoint)
+        ray.train.report({k: v for k, v in record.items() if not isinstance(v, dict)})
+        if world > 1:
+            flag = torch.tensor([1.0 if stop else 0.0], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every worker stops together
+            stop = bool(flag.item())
+        if stop:
+            break
+
+
+def _soft_dice(logits: Any, target: Any, classes: int) -> Any:
+    import torch
+
+    probs = torch.softmax(logits, 1)
+    valid = (target != IGNORE).unsqueeze(1)
+    onehot = torch.nn.functional.one_hot(target.clamp(max=classes - 1), classes).permute(0, 3, 1, 2) * valid
+    probs = probs * valid
+    inter = (probs * onehot).sum((0, 2, 3))
+    total = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    return 1 - ((2 * inter + 1) / (total + 1)).mean()
+
+
+# ---------------------------------------------------------------------------------------------------
+# The driver
+
+
+def run_training(config: TrainConfig, *, address: str | None = None, progress: bool = True) -> dict[str, Any]:
+    pairs = [Pair(str(Path(p.image).absolute()), str(Path(p.labels).absolute()), p.name) for p in resolve_pairs(config)]
+    names = [p.name for p in pairs]
+    if len(set(names)) != len(names):
+        raise ConfigError("two images share a file name; give them distinct names")
+    unknown = [f for f in config.validation.files if f not in names]
+    if unknown:
+        raise ConfigError(f"validation.files: {unknown[0]} is not among the images")
+    training, validation = split_by_file(names, config.validation.fraction, config.seed, config.validation.files)
+    if not training or not validation:
+        side = "training" if not training else "validation"
+        raise TrainingError(
+            f"the {side} split is empty ({len(names)} labelled image{'s' if len(names) != 1 else ''}): "
+            "training and validation need at least one file each"
+        )
+    classes = len(config.classes)
+    stride = stride_of(config)
+    sums = squares = counts = None
+    pixel_counts = np.zeros(classes, dtype=np.int64)
+    by_name = {p.name: p for p in pairs}
+    for name in [*training, *validation]:
+        image, ids = read_pair(by_name[name], config)  # every file checked before any training
+        if name in validation:
+            continue
+        if min(ids.shape) < config.patch:
+            raise SourceError(
+                f"{by_name[name].image}: {ids.shape[0]} x {ids.shape[1]} is smaller than patch {config.patch}"
+            )
+        valid = ids != IGNORE
+        flat = image[:, valid].astype(np.float64)
+        sums = flat.sum(1) + (0 if sums is None else sums)
+        squares = (flat**2).sum(1) + (0 if squares is None else squares)
+        counts = valid.sum() + (0 if counts is None else counts)
+        pixel_counts += np.bincount(ids[valid].ravel(), minlength=classes)[:classes]
+    if config.normalize is not None:
+        mean, std = list(config.normalize.mean), list(config.normalize.std)
+    else:
+        mean, std = normalisation(sums, squares, np.full(len(sums), counts))  # type: ignore[arg-type]
+    if isinstance(config.loss.class_weights, list):
+        weights: list[float] | None = list(config.loss.class_weights)
+    elif config.loss.class_weights == "balanced":
+        weights = [float(w) for w in class_weights(pixel_counts)]
+    else:
+        weights = None
+    out = Path(config.output).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    fingerprint = config_fingerprint(config)
+    resumed = _resume_point(out, fingerprint)
+    class_names = [c if isinstance(c, str) else c.name for c in config.classes]
+    settings = {
+        "config": config.model_dump(mode="json"), "output": str(out), "training": training, "validation": validation,
+        "mean": mean, "std": std, "stride": stride, "class_weights": weights, "fingerprint": fingerprint,
+        "class_names": class_names, "threads": max(1, (os.cpu_count() or 1) // config.workers),
+        "pairs": {p.name: (p.image, p.labels) for p in pairs},  # absolute: workers start elsewhere
+    }  # fmt: skip
+    from pipeline.jobs.cluster import connect
+
+    connect(address, progress=progress)
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    (out / "checkpoints" / "failed.txt").unlink(missing_ok=True)
+    trainer = TorchTrainer(
+        _loop,
+        train_loop_config=settings,
+        scaling_config=ScalingConfig(num_workers=config.workers, use_gpu=config.gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name=f"raymask-train-{fingerprint}",
+            storage_path=str(out / "ray"),
+            failure_config=FailureConfig(max_failures=3),
+        ),
+    )
+    monitor = _Progress(out, config.epochs, resumed, enabled=progress)
+    monitor.start()
+    try:
+        trainer.fit()
+    except Exception as exc:
+        failed = out / "checkpoints" / "failed.txt"
+        if failed.is_file():
+            raise TrainingError(failed.read_text().strip()) from None
+        raise TrainingError(f"training failed: {_worker_error(exc)}") from exc
+    finally:
+        monitor.stop()
+    return finish(config, out, settings, resumed)
+
+
+def _worker_error(exc: BaseException) -> str:
+    """The worker's own one-line error out of Ray Train's report (its last ``Error: message`` line)."""
+    import re
+
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for line in reversed(lines):
+        found = re.match(r"^(?:[\w.]+\.)?(\w*(?:Error|Exception)): (.+)$", line)
+        if found:
+            return found.group(2)
+    return lines[0] if lines else type(exc).__name__
+
+
+def _resume_point(out: Path, fingerprint: str) -> int:
+    import torch
+
+    checkpoint = out / "checkpoints" / "last.pt"
+    if not checkpoint.is_file():
+        return 0
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"{out}: holds the checkpoint of a training run with another config; give another output, "
+            "or delete its checkpoints/ to start over"
+        )
+    return int(state["epoch"])
+
+
+class _Progress:
+    """A bar over epochs, with the loss and validation Dice, read from the checkpoint rank 0 writes."""
+
+    def __init__(self, out: Path, epochs: int, done: int, *, enabled: bool) -> None:
+        import threading
+
+        self.out, self.epochs, self.done, self.enabled = out, epochs, done, enabled
+        self.stopped = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def start(self) -> None:
+        if self.enabled:
+            self.thread.start()
+
+    def stop(self) -> None:
+        self.stopped.set()
+        if self.thread.is_alive():
+            self.thread.join(timeout=5)
+
+    def _run(self) -> None:
+        import sys
+
+        from tqdm import tqdm
+
+        bar = tqdm(total=self.epochs, initial=self.done, desc="train", unit="epoch", file=sys.stderr)
+        path, seen = self.out / "checkpoints" / "last.pt", None
+        while not self.stopped.wait(1.0):
+            try:
+                stamp = path.stat().st_mtime_ns
+            except OSError:
+                continue
+            if stamp == seen:
+                continue
+            seen = stamp
+            try:
+                import torch
+
+                state = torch.load(path, map_location="cpu", weights_only=False)
+            except Exception:  # being replaced
+                continue
+            last = state["history"][-1]
+            dice = last.get("val_dice") or {}
+            shown = " ".join(f"{k} {v:.3f}" for k, v in dice.items() if v is not None)
+            bar.set_postfix_str(f"loss {last['loss']:.3f}" + (f" val Dice {shown}" if shown else ""))
+            bar.update(state["epoch"] - bar.n)
+        bar.close()
+
+
+def finish(config: TrainConfig, out: Path, settings: dict[str, Any], resumed: int) -> dict[str, Any]:
+    """From the last checkpoint: the TorchScript model, its card (with the measured radius), the
+    validation metrics per class, the loss curve, the config."""
+    import torch
+    import yaml
+
+    from pipeline.card import CARD_NAME
+    from pipeline.jobs.model_check import run_check
+
+    state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    network = build_network(config, len(settings["mean"]))
+    network.load_state_dict(state["network"])
+    network.eval()
+    scripted = torch.jit.script(network)
+    partial = out / "model.pt.partial"
+    torch.jit.save(scripted, str(partial))
+    os.replace(partial, out / "model.pt")
+    classes = []
+    palette = ["#303030", "#ff3b30", "#34c759", "#007aff", "#ffcc00", "#af52de", "#5ac8fa", "#ff9500"]
+    for i, c in enumerate(config.classes):
+        spec = c if isinstance(c, ClassSpec) else ClassSpec(name=c)
+        colour = spec.color or palette[i % len(palette)]
+        rgb(colour)  # a colour raymask reads
+        classes.append({"name": spec.name, "color": colour})
+    stride = int(settings["stride"])
+    bands = [f"band {b}" for b in (config.bands or range(1, len(settings["mean"]) + 1))]
+    card = {
+        "name": config.name,
+        "description": f"trained by raymask train ({config.network.name}, {state['epoch']} epochs)",
+        "kind": "torchscript", "weights": "model.pt", "classes": classes, "bands": bands,
+        "scale": config.scale, "normalize": {"mean": settings["mean"], "std": settings["std"]},
+        "stride": stride, "dims": 2, "stitch": "exact" if config.network.norm == "batch" else "blend",
+    }  # fmt: skip
+    (out / CARD_NAME).write_text(yaml.safe_dump(card, sort_keys=False))
+    run_check(str(out / CARD_NAME), write=True)
+    written = yaml.safe_load((out / CARD_NAME).read_text())
+    written["receptive_radius"] = (written.get("measured") or {}).get("receptive_radius")
+    (out / CARD_NAME).write_text(yaml.safe_dump(written, sort_keys=False))
+    (out / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    metrics = _validation_metrics(config, settings, network)
+    report = {
+        "model": str(out / "model.pt"), "card": str(out / CARD_NAME), "epochs": state["epoch"], "resumed_from": resumed,
+        "training": settings["training"], "validation": settings["validation"], "normalize": card["normalize"],
+        "receptive_radius": written["receptive_radius"], "stride": stride, "history": state["history"],
+        "classes": metrics,
+    }  # fmt: skip
+    (out / "metrics.json").write_text(json.dumps(report, indent=2))
+    loss_curve(state["history"], out / "loss.png")
+    return report
+
+
+def _validation_metrics(config: TrainConfig, settings: dict[str, Any], network: Any) -> dict[str, Any]:
+    pairs = {name: Pair(image, labels, name) for name, (image, labels) in settings["pairs"].items()}
+    mean = np.asarray(settings["mean"], np.float32)[:, None, None]
+    std = np.asarray(settings["std"], np.float32)[:, None, None]
+    classes = len(config.classes)
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    for name in settings["validation"]:
+        image, ids = read_pair(pairs[name], config)
+        predicted, _ = predict(network, (image - mean) / std, int(settings["stride"]))
+        matrix += confusion(predicted, ids, classes)
+    rows = class_metrics(matrix)
+    return {
+        "per_class": dict(zip(settings["class_names"], rows, strict=True)),
+        "confusion": matrix.tolist(),
+    }
+
+
+def loss_curve(history: list[dict[str, Any]], path: Path, size: tuple[int, int] = (640, 360)) -> None:
+    """Training and validation loss per epoch as a PNG (drawn with Pillow; no plotting library)."""
+    from PIL import Image, ImageDraw
+
+    width, height = size
+    image = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(image)
+    left, right, top, bottom = 60, width - 20, 30, height - 40
+    series = {"training loss": [h["loss"] for h in history], "validation loss": [h.get("val_loss") for h in history]}
+    values = [v for s in series.values() for v in s if v is not None and np.isfinite(v)]
+    high = max(values) if values else 1.0
+    draw.rectangle([left, top, right, bottom], outline="black")
+    for i in range(5):
+        y = bottom - (bottom - top) * i / 4
+        draw.text((5, y - 6), f"{high * i / 4:.3f}", fill="black")
+    n = max(1, len(history) - 1)
+    colours = {"training loss": (0, 90, 200), "validation loss": (220, 60, 40)}
+    for k, (label, points) in enumerate(series.items()):
+        xy = [(left + (right - left) * i / n, bottom - (bottom - top) * v / max(high, 1e-12))
+              for i, v in enumerate(points) if v is not None]  # fmt: skip
+        if len(xy) > 1:
+            draw.line(xy, fill=colours[label], width=2)
+        for x, y in xy:
+            draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[label])
+        draw.text((left + 10 + 160 * k, 8), label, fill=colours[label])
+    draw.text((left, bottom + 10), f"epochs 1..{len(history)}", fill="black")
+    image.save(path)

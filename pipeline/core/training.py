@@ -61,8 +61,9 @@ def unknown_ids(labels: np.ndarray, classes: int) -> list[int]:
 
 
 def class_weights(counts: np.ndarray) -> np.ndarray:
-    """'balanced' weights: inversely proportional to each class's pixel count, averaging 1 over the
-    classes present; a class absent from the training data gets weight 0 (it cannot be learned)."""
+    """'balanced' weights (scikit-learn's): inversely proportional to each class's pixel count, so every
+    class present weighs as much in total and a pixel weighs 1 on average; a class absent from the
+    training data gets weight 0 (it cannot be learned)."""
     counts = np.asarray(counts, dtype=np.float64)
     present = counts > 0
     weights = np.zeros_like(counts)

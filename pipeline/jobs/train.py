@@ -224,12 +224,12 @@ def _loop(settings: dict[str, Any]) -> None:
             loss = ce(logits, y_t)
             if config.loss.dice:
                 loss = loss + _soft_dice(logits, y_t, classes)
-            if not torch.isfinite(loss):
+            if _agree(not bool(torch.isfinite(loss)), world, device):  # every worker stops, or none
                 (out / "checkpoints" / "failed.txt").write_text(
                     f"epoch {epoch + 1}: the loss is {loss.item()} (NaN or infinite): check the images for NaN or "
                     "huge values without nodata, or lower learning_rate"
                 )
-                raise FloatingPointError(f"epoch {epoch + 1}: the loss is not finite")
+                return  # not an exception: Ray Train would retry what cannot go better
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
@@ -259,12 +259,19 @@ def _loop(settings: dict[str, Any]) -> None:
             torch.save(state, partial)
             os.replace(partial, checkpoint)
         ray.train.report({k: v for k, v in record.items() if not isinstance(v, dict)})
-        if world > 1:
-            flag = torch.tensor([1.0 if stop else 0.0], device=device)
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)  # every worker stops together
-            stop = bool(flag.item())
-        if stop:
+        if _agree(stop, world, device):  # every worker stops together
             break
+
+
+def _agree(flag: bool, world: int, device: Any) -> bool:
+    """True on every worker if it is true on any (data-parallel workers must leave a loop together)."""
+    if world == 1:
+        return flag
+    import torch
+
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def _soft_dice(logits: Any, target: Any, classes: int) -> Any:
@@ -366,6 +373,9 @@ def run_training(config: TrainConfig, *, address: str | None = None, progress: b
         raise TrainingError(f"training failed: {_worker_error(exc)}") from exc
     finally:
         monitor.stop()
+    failed = out / "checkpoints" / "failed.txt"
+    if failed.is_file():
+        raise TrainingError(failed.read_text().strip())
     return finish(config, out, settings, resumed)
 
 

@@ -210,6 +210,14 @@ def _train_process(config: Path) -> subprocess.Popen:
                             stdin=subprocess.DEVNULL)  # fmt: skip
 
 
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
 def _epochs_done(folder: Path) -> int:
     import torch
 
@@ -229,8 +237,13 @@ def test_training_resumes_after_the_driver_is_killed(tmp_path: Path) -> None:
         assert first.poll() is None, first.stderr.read() if first.stderr else ""
         assert time.monotonic() < deadline
         time.sleep(0.2)
+    workers = [int(p.read_text()) for p in (folder / "checkpoints").glob("worker-*.pid")]
     os.killpg(first.pid, signal.SIGKILL)  # the driver and the Ray it started
     first.wait()
+    deadline = time.monotonic() + 60
+    while any(_alive(w) for w in workers):  # Ray's worker processes end once they find their raylet gone
+        assert time.monotonic() < deadline, "training workers outlived their driver by a minute"
+        time.sleep(0.1)
     done = _epochs_done(folder)
     assert 1 <= done < 4
     second = _train_process(config)
@@ -256,6 +269,7 @@ def test_training_goes_on_after_a_worker_is_killed(tmp_path: Path) -> None:
         os.kill(victim, signal.SIGKILL)  # a Ray Train worker process, mid-epoch
         out, err = run.communicate(timeout=600)
         assert run.returncode == 0, err
+        assert out.startswith("{"), (out[:2000], err[-2000:])
         report = json.loads(out)
         assert [h["epoch"] for h in report["history"]] == [1, 2, 3, 4]
         assert int((folder / "checkpoints" / "worker-1.pid").read_text()) != victim  # a new worker took over

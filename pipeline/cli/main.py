@@ -565,7 +565,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from pipeline.jobs.train import run_training
 
     config = load_train_config(args.config, args.overrides)
-    report = run_training(config, address=args.address, progress=_progress(args))
+    with contextlib.redirect_stdout(sys.stderr):  # Ray prints a raylet's "a worker died" on stdout: not in the JSON
+        report = run_training(config, address=args.address, progress=_progress(args))
     if args.json:
         print(json.dumps(report, indent=2))
         return 0

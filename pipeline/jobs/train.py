@@ -252,6 +252,9 @@ def _loop(settings: dict[str, Any]) -> None:
         record["seconds"] = time.monotonic() - clock
         history.append(record)
         stop = config.time_budget_s is not None and time.monotonic() - began > config.time_budget_s
+        owner = out / "checkpoints" / "owner"
+        if owner.is_file() and owner.read_text() != settings["token"]:
+            return  # a newer run of this config owns the folder: this is a leftover of a killed one
         if rank == 0:
             state = {"network": network.state_dict(), "optimiser": optimiser.state_dict(), "history": history,
                      "epoch": epoch + 1, "fingerprint": settings["fingerprint"], "stopped": stop}  # fmt: skip
@@ -344,6 +347,7 @@ def run_training(config: TrainConfig, *, address: str | None = None, progress: b
         "mean": mean, "std": std, "stride": stride, "class_weights": weights, "fingerprint": fingerprint,
         "class_names": class_names, "threads": max(1, (os.cpu_count() or 1) // config.workers),
         "pairs": {p.name: (p.image, p.labels) for p in pairs},  # absolute: workers start elsewhere
+        "token": os.urandom(8).hex(),
     }  # fmt: skip
     from pipeline.jobs.cluster import connect
 
@@ -351,7 +355,9 @@ def run_training(config: TrainConfig, *, address: str | None = None, progress: b
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    (out / "checkpoints").mkdir(exist_ok=True)
     (out / "checkpoints" / "failed.txt").unlink(missing_ok=True)
+    (out / "checkpoints" / "owner").write_text(settings["token"])  # workers of a killed run stop writing
     trainer = TorchTrainer(
         _loop,
         train_loop_config=settings,

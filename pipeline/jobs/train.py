@@ -357,7 +357,7 @@ def run_training(config: TrainConfig, *, address: str | None = None, progress: b
 
     (out / "checkpoints").mkdir(exist_ok=True)
     (out / "checkpoints" / "failed.txt").unlink(missing_ok=True)
-    (out / "checkpoints" / "owner").write_text(settings["token"])  # workers of a killed run stop writing
+    (out / "checkpoints" / "owner").write_text(str(settings["token"]))  # workers of a killed run stop writing
     trainer = TorchTrainer(
         _loop,
         train_loop_config=settings,

@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: demo test check lint bench fuzz clean debs
+.PHONY: demo test check lint bench fuzz clean debs train-demo
 
 # Debian tools the tests call: dciodvfy (dicom3tools) validates the DICOM SEG exports; gdalinfo
 # (gdal-bin) reads the COG's class names and attribute table as GDAL and QGIS see them; chromium and
@@ -31,7 +31,7 @@ $(STAMP): pyproject.toml constraints.txt $(VENDOR)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24"
 	$(PIP) install -q -c constraints.txt torch==2.13.0
-	$(PIP) install -q -c constraints.txt -e ".[dev,bench,onnx,export,s3]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,bench,onnx,export,s3,train]"
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -67,6 +67,11 @@ fuzz: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/peers.py
 	$(PY) bench/regions_memory.py
+
+# The two demo models of `raymask train` (models/buildings, models/polyp) from their shipped configs, scored
+# on their held-out files beside the same network trained by plain MONAI code (bench/train_demo.py).
+train-demo: $(STAMP)
+	$(PY) bench/train_demo.py
 
 clean:
 	rm -rf out .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -822,6 +822,7 @@ class TrainConfig(_Frozen):
         description="... with their labels' path, {stem} standing for the image's name, e.g. masks/{stem}.png",
     )
     bands: list[Annotated[int, Field(ge=1)]] | None = Field(default=None, description="1-based image bands, in order.")
+    band_names: list[str] | None = Field(default=None, description="What the bands are (red, nir, ...), for the card.")
     classes: list[str | ClassSpec] = Field(
         min_length=2, description="One per class id 0..N-1: a name or {name, color}."
     )

@@ -349,7 +349,9 @@ def store_digest(path: Path) -> dict[str, object]:
 
 # -- configs and stores shared by several test modules ------------------------------------------
 
-JOB_CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml")) if "inputs" not in yaml.safe_load(p.read_text())]
+JOB_CONFIGS = [p for p in sorted((ROOT / "configs").glob("*.yaml"))
+               if "inputs" not in yaml.safe_load(p.read_text()) and not p.name.startswith("train-")]  # fmt: skip
+TRAIN_CONFIGS = sorted((ROOT / "configs").glob("train-*.yaml"))  # raymask train's (tests/test_train.py)
 
 
 @pytest.fixture(scope="session")

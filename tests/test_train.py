@@ -5,6 +5,7 @@ of a store against labels equal to a direct computation."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
@@ -276,3 +277,18 @@ def test_training_goes_on_after_a_worker_is_killed(tmp_path: Path) -> None:
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
+
+
+def test_the_shipped_training_configs_run_a_step(ray_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """configs/train-*.yaml load and train (one epoch of one step here; `make train-demo` runs them whole)."""
+    from tests.conftest import TRAIN_CONFIGS
+
+    assert [p.name for p in TRAIN_CONFIGS] == ["train-buildings.yaml", "train-polyp.yaml"]
+    for config in TRAIN_CONFIGS:
+        out = tmp_path / config.stem
+        with contextlib.chdir(ROOT):
+            code, text = cli("train", str(config), "--set", "epochs=1", "--set", "steps=1", "--set", f"output={out}",
+                             "--json", "--no-progress")  # fmt: skip
+        assert code == 0, text
+        card = yaml.safe_load((out / "MODEL.yaml").read_text())
+        assert card["measured"]["equivariant"] is True and card["stitch"] == "exact"

@@ -107,13 +107,13 @@ to a zone when its centre lies inside. GeoJSON is WGS84 lon/lat unless the file 
 
 EPILOG_MODEL = """\
 examples:
-  raymask model show models/MODEL.yaml
-  raymask model show models/polyp-demo.pt --json          # the card beside the weights
+  raymask model show models/polyp/MODEL.yaml
+  raymask model show models/polyp/model.pt --json         # the card beside the weights
 
-  raymask model check models/polyp-demo.pt --stride 4    # equivariant? receptive radius? the halo
+  raymask model check models/polyp/model.pt --stride 4    # equivariant? receptive radius? the halo
 
 A job config can name just the card, and override what it states:
-  model: {card: models/MODEL.yaml, receptive_radius: 32}
+  model: {card: models/polyp/MODEL.yaml, receptive_radius: 32}
 The number of classes, the kind and the dimensions are fixed by the weights: a config that says
 otherwise is an error, not an override.
 """
@@ -570,8 +570,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
         return 0
-    print(f"model     {report['model']} ({report['epochs']} epochs"
-          + (f", resumed after epoch {report['resumed_from']})" if report["resumed_from"] else ")"))  # fmt: skip
+    resumed = f", resumed after epoch {report['resumed_from']}" if report["resumed_from"] else ""
+    print(
+        f"model     {report['model']} (epoch {report['best_epoch']} of {report['epochs']}{resumed}: "
+        "the best on the validation files)"
+    )
     print(f"card      {report['card']} (stride {report['stride']}, receptive radius {report['receptive_radius']} px)")
     print(f"validated on {', '.join(report['validation'])}")
     _print_scores(report["classes"]["per_class"])

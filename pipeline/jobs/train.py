@@ -8,9 +8,11 @@ on request), augmented; rank 0 validates on the held-out files after every epoch
 checkpoint (``checkpoints/last.pt``, atomically). A killed worker is restarted by Ray Train from that
 checkpoint; a killed driver resumes from it on the next ``raymask train`` of the same config.
 
-The model folder: ``model.pt`` (TorchScript), ``MODEL.yaml`` (classes, colours, bands, normalisation,
-stride, the receptive radius ``raymask model check`` measured), ``train.yaml`` (the config), ``metrics.json``
-(per epoch; per class IoU, Dice, precision, recall on the validation files), ``loss.png``.
+The model kept is the epoch with the best validation score (mean Dice of the classes but the first),
+as nnU-Net's and MONAI's recipes keep theirs. The model folder: ``model.pt`` (TorchScript),
+``MODEL.yaml`` (classes, colours, bands, normalisation, stride, the receptive radius ``raymask model
+check`` measured), ``train.yaml`` (the config), ``metrics.json`` (per epoch; per class IoU, Dice,
+precision, recall on the validation files), ``loss.png``.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def read_pair(pair: Pair, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
 
 def config_fingerprint(config: TrainConfig) -> str:
     """What a checkpoint must agree with to be resumed: everything but the run's length."""
-    kept = config.model_dump(mode="json", exclude={"epochs", "time_budget_s", "workers", "gpu"})
+    kept = config.model_dump(mode="json", exclude={"epochs", "time_budget_s", "workers", "gpu", "band_names", "name"})
     return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -249,6 +251,7 @@ def _loop(settings: dict[str, Any]) -> None:
             record["val_loss"] = float(np.mean(val_losses)) if val_losses else None
             record["val_dice"] = {c: m["dice"] for c, m in zip(settings["class_names"], per_class, strict=True)}
             record["val_iou"] = {c: m["iou"] for c, m in zip(settings["class_names"], per_class, strict=True)}
+            record["score"] = validation_score(per_class)
         record["seconds"] = time.monotonic() - clock
         history.append(record)
         stop = config.time_budget_s is not None and time.monotonic() - began > config.time_budget_s
@@ -258,12 +261,24 @@ def _loop(settings: dict[str, Any]) -> None:
         if rank == 0:
             state = {"network": network.state_dict(), "optimiser": optimiser.state_dict(), "history": history,
                      "epoch": epoch + 1, "fingerprint": settings["fingerprint"], "stopped": stop}  # fmt: skip
+            best = max((h["score"] for h in history[:-1] if h.get("score") is not None), default=None)
+            if best is None or record["score"] > best:  # the model kept: the best epoch on the held-out files
+                partial = checkpoint.with_name("best.partial")
+                torch.save({"network": network.state_dict(), "epoch": epoch + 1}, partial)
+                os.replace(partial, checkpoint.with_name("best.pt"))
             partial = checkpoint.with_suffix(".partial")
             torch.save(state, partial)
-            os.replace(partial, checkpoint)
+            os.replace(partial, checkpoint)  # last: a resume sees best.pt as of this epoch or later
         ray.train.report({k: v for k, v in record.items() if not isinstance(v, dict)})
         if _agree(stop, world, device):  # every worker stops together
             break
+
+
+def validation_score(per_class: list[dict[str, Any]]) -> float:
+    """What picks the model kept: the mean Dice of the classes after the first (the background), or of
+    every class when there are two or fewer with a Dice; an undefined Dice counts 0."""
+    dice = [float(m["dice"] or 0.0) for m in per_class]
+    return float(np.mean(dice[1:] if len(dice) > 1 else dice))
 
 
 def _agree(flag: bool, world: int, device: Any) -> bool:
@@ -470,8 +485,9 @@ def finish(config: TrainConfig, out: Path, settings: dict[str, Any], resumed: in
     from pipeline.jobs.model_check import run_check
 
     state = torch.load(out / "checkpoints" / "last.pt", map_location="cpu", weights_only=False)
+    best = torch.load(out / "checkpoints" / "best.pt", map_location="cpu", weights_only=False)
     network = build_network(config, len(settings["mean"]))
-    network.load_state_dict(state["network"])
+    network.load_state_dict(best["network"])
     network.eval()
     scripted = torch.jit.script(network)
     partial = out / "model.pt.partial"
@@ -485,10 +501,11 @@ def finish(config: TrainConfig, out: Path, settings: dict[str, Any], resumed: in
         rgb(colour)  # a colour raymask reads
         classes.append({"name": spec.name, "color": colour})
     stride = int(settings["stride"])
-    bands = [f"band {b}" for b in (config.bands or range(1, len(settings["mean"]) + 1))]
+    bands = config.band_names or [f"band {b}" for b in (config.bands or range(1, len(settings["mean"]) + 1))]
     card = {
         "name": config.name,
-        "description": f"trained by raymask train ({config.network.name}, {state['epoch']} epochs)",
+        "description": f"trained by raymask train ({config.network.name}, epoch {best['epoch']} of {state['epoch']}, "
+        "the best on the validation files)",
         "kind": "torchscript", "weights": "model.pt", "classes": classes, "bands": bands,
         "scale": config.scale, "normalize": {"mean": settings["mean"], "std": settings["std"]},
         "stride": stride, "dims": 2, "stitch": "exact" if config.network.norm == "batch" else "blend",
@@ -502,12 +519,13 @@ def finish(config: TrainConfig, out: Path, settings: dict[str, Any], resumed: in
     metrics = _validation_metrics(config, settings, network)
     report = {
         "model": str(out / "model.pt"), "card": str(out / CARD_NAME), "epochs": state["epoch"], "resumed_from": resumed,
+        "best_epoch": best["epoch"],
         "training": settings["training"], "validation": settings["validation"], "normalize": card["normalize"],
         "receptive_radius": written["receptive_radius"], "stride": stride, "history": state["history"],
         "classes": metrics,
     }  # fmt: skip
     (out / "metrics.json").write_text(json.dumps(report, indent=2))
-    loss_curve(state["history"], out / "loss.png")
+    loss_curve(state["history"], out / "loss.png", dice=config.loss.dice)
     return report
 
 
@@ -528,7 +546,9 @@ def _validation_metrics(config: TrainConfig, settings: dict[str, Any], network: 
     }
 
 
-def loss_curve(history: list[dict[str, Any]], path: Path, size: tuple[int, int] = (640, 360)) -> None:
+def loss_curve(
+    history: list[dict[str, Any]], path: Path, size: tuple[int, int] = (640, 360), *, dice: bool = False
+) -> None:
     """Training and validation loss per epoch as a PNG (drawn with Pillow; no plotting library)."""
     from PIL import Image, ImageDraw
 
@@ -536,7 +556,8 @@ def loss_curve(history: list[dict[str, Any]], path: Path, size: tuple[int, int] 
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
     left, right, top, bottom = 60, width - 20, 30, height - 40
-    series = {"training loss": [h["loss"] for h in history], "validation loss": [h.get("val_loss") for h in history]}
+    trained = "training loss (cross-entropy + Dice)" if dice else "training loss (cross-entropy)"
+    series = {trained: [h["loss"] for h in history], "validation cross-entropy": [h.get("val_loss") for h in history]}
     values = [v for s in series.values() for v in s if v is not None and np.isfinite(v)]
     high = max(values) if values else 1.0
     draw.rectangle([left, top, right, bottom], outline="black")
@@ -544,7 +565,7 @@ def loss_curve(history: list[dict[str, Any]], path: Path, size: tuple[int, int] 
         y = bottom - (bottom - top) * i / 4
         draw.text((5, y - 6), f"{high * i / 4:.3f}", fill="black")
     n = max(1, len(history) - 1)
-    colours = {"training loss": (0, 90, 200), "validation loss": (220, 60, 40)}
+    colours = dict(zip(series, [(0, 90, 200), (220, 60, 40)], strict=True))
     for k, (label, points) in enumerate(series.items()):
         xy = [(left + (right - left) * i / n, bottom - (bottom - top) * v / max(high, 1e-12))
               for i, v in enumerate(points) if v is not None]  # fmt: skip
@@ -552,6 +573,6 @@ def loss_curve(history: list[dict[str, Any]], path: Path, size: tuple[int, int] 
             draw.line(xy, fill=colours[label], width=2)
         for x, y in xy:
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=colours[label])
-        draw.text((left + 10 + 160 * k, 8), label, fill=colours[label])
+        draw.text((left + 10 + 260 * k, 8), label, fill=colours[label])
     draw.text((left, bottom + 10), f"epochs 1..{len(history)}", fill="black")
     image.save(path)

@@ -860,7 +860,7 @@ class TrainConfig(_Frozen):
             raise ValueError(
                 f"loss.class_weights has {len(self.loss.class_weights)} values for {len(self.classes)} classes"
             )
-        stride = 2 ** (len(self.network.channels) - 1)
+        stride = 16 if self.network.name == "basicunet" else 2 ** (len(self.network.channels) - 1)
         if self.patch % stride:
             raise ValueError(f"patch {self.patch} is not a multiple of the network's stride {stride}")
         return self

@@ -292,3 +292,25 @@ def test_the_shipped_training_configs_run_a_step(ray_session, tmp_path: Path) ->
         assert code == 0, text
         card = yaml.safe_load((out / "MODEL.yaml").read_text())
         assert card["measured"]["equivariant"] is True and card["stitch"] == "exact"
+
+
+@pytest.mark.filterwarnings("ignore:The TorchScript type system")  # DynUNet's, harmless
+@pytest.mark.parametrize(
+    ("name", "channels"),
+    [("unet", [8, 16, 32]), ("basicunet", [8, 8, 16, 32, 64, 8]), ("segresnet", [8, 16, 32]), ("dynunet", [8, 16, 32])],
+)
+def test_every_network_builds_scripts_and_keeps_the_image_size(name: str, channels: list[int]) -> None:
+    import torch
+
+    from pipeline.config import TrainConfig
+    from pipeline.jobs.train import build_network, stride_of
+
+    config = TrainConfig.model_validate({
+        "pairs": [{"image": "a.tif", "labels": "b.tif"}], "classes": ["a", "b", "c"],
+        "network": {"name": name, "channels": channels}, "patch": 64, "output": "x",
+    })  # fmt: skip
+    network = torch.jit.script(build_network(config, 2).eval())  # what the model folder holds
+    stride = stride_of(config)
+    with torch.inference_mode():
+        out = network(torch.zeros(1, 2, 2 * stride, 3 * stride))
+    assert tuple(out.shape) == (1, 3, 2 * stride, 3 * stride)

@@ -489,7 +489,11 @@ def finish(config: TrainConfig, out: Path, settings: dict[str, Any], resumed: in
     network = build_network(config, len(settings["mean"]))
     network.load_state_dict(best["network"])
     network.eval()
-    scripted = torch.jit.script(network)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The TorchScript type system")  # DynUNet's annotations: harmless
+        scripted = torch.jit.script(network)
     partial = out / "model.pt.partial"
     torch.jit.save(scripted, str(partial))
     os.replace(partial, out / "model.pt")

@@ -790,6 +790,11 @@ class TrainNetwork(_Frozen):
         description="batch: tiles stitch exactly at inference (a per-image norm, instance or group, does not).",
     )
 
+    @property
+    def stride(self) -> int:
+        """Total downsampling: BasicUNet's is fixed at 16, the others halve once per level after the first."""
+        return 16 if self.name == "basicunet" else 2 ** (len(self.channels) - 1)
+
 
 class TrainAugment(_Frozen):
     flips: bool = Field(default=True, description="Random flips along each axis.")
@@ -860,7 +865,7 @@ class TrainConfig(_Frozen):
             raise ValueError(
                 f"loss.class_weights has {len(self.loss.class_weights)} values for {len(self.classes)} classes"
             )
-        stride = 16 if self.network.name == "basicunet" else 2 ** (len(self.network.channels) - 1)
+        stride = self.network.stride
         if self.patch % stride:
             raise ValueError(f"patch {self.patch} is not a multiple of the network's stride {stride}")
         return self

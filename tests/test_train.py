@@ -283,14 +283,14 @@ def test_every_network_builds_scripts_and_keeps_the_image_size(name: str, channe
     import torch
 
     from pipeline.config import TrainConfig
-    from pipeline.jobs.train import build_network, stride_of
+    from pipeline.jobs.train import build_network
 
     config = TrainConfig.model_validate({
         "pairs": [{"image": "a.tif", "labels": "b.tif"}], "classes": ["a", "b", "c"],
         "network": {"name": name, "channels": channels}, "patch": 64, "output": "x",
     })  # fmt: skip
     network = torch.jit.script(build_network(config, 2).eval())  # what the model folder holds
-    stride = stride_of(config)
+    stride = config.network.stride
     with torch.inference_mode():
         out = network(torch.zeros(1, 2, 2 * stride, 3 * stride))
     assert tuple(out.shape) == (1, 3, 2 * stride, 3 * stride)

@@ -78,27 +78,18 @@ def evaluate_store(store_path: str, labels_path: str, label_values: list[float] 
             bar.update()
     if bar is not None:
         bar.close()
-    square = matrix[:classes, :classes].copy()
-    square_with_misses = matrix[:classes].copy()
-    rows = class_metrics(square)
-    for k, row in enumerate(rows):  # a labelled pixel with no prediction is a miss of its class
-        fn_extra = int(square_with_misses[k, classes])
-        tp = int(square[k, k])
-        fp = int(square[:, k].sum()) - tp
-        fn = int(square_with_misses[k].sum()) - tp
-        row.update({
-            "iou": tp / (tp + fp + fn) if tp + fp + fn else None,
-            "dice": 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else None,
-            "recall": tp / (tp + fn) if tp + fn else None,
-            "pixels": tp + fn,
-            "unpredicted": fn_extra,
-        })  # fmt: skip
-    total = int(square_with_misses.sum())
+    # The last column is "no prediction": a miss of the labelled class (its recall and IoU count it), never
+    # a false positive of another; the last row, a labelled "no prediction", is always empty.
+    rows = class_metrics(matrix)[:classes]
+    for k, row in enumerate(rows):
+        row["unpredicted"] = int(matrix[k, classes])
+    square = matrix[:classes, :classes]
+    total = int(matrix[:classes].sum())
     return {
         "store": str(store_path), "labels": str(labels_path), "classes": names,
         "per_class": dict(zip(names, rows, strict=True)),
         "confusion": square.tolist(),
-        "unpredicted": int(square_with_misses[:, classes].sum()),
+        "unpredicted": int(matrix[:classes, classes].sum()),
         "accuracy": float(np.trace(square) / total) if total else None,
         "pixels": total,
     }  # fmt: skip

@@ -137,12 +137,6 @@ def build_network(config: TrainConfig, bands: int) -> Any:
                         filters=list(spec.channels), norm_name=norm)  # fmt: skip
 
 
-def stride_of(config: TrainConfig) -> int:
-    if config.network.name == "basicunet":
-        return 16
-    return int(2 ** (len(config.network.channels) - 1))
-
-
 def predict(network: Any, image: np.ndarray, stride: int, device: Any = "cpu") -> tuple[np.ndarray, Any]:
     """Class ids (numpy) and logits (a tensor on ``device``) of a whole normalised (bands, h, w)
     image, padded to the stride."""
@@ -324,7 +318,7 @@ def run_training(config: TrainConfig, *, address: str | None = None, progress: b
             "training and validation need at least one file each"
         )
     classes = len(config.classes)
-    stride = stride_of(config)
+    stride = config.network.stride
     sums = squares = counts = None
     pixel_counts = np.zeros(classes, dtype=np.int64)
     by_name = {p.name: p for p in pairs}

@@ -772,15 +772,23 @@ def json_schema(*, batch: bool = False) -> dict[str, Any]:
 class TrainPair(_Frozen):
     """One labelled image: the image and its labels, on the same pixel grid."""
 
-    image: str = Field(description="A raster (GeoTIFF, or a PNG/JPEG frame).")
-    labels: str = Field(description="A one-band raster of class ids (or of label_values) on the image's grid.")
+    image: str = Field(description="A raster (GeoTIFF, or a PNG/JPEG frame), or a DICOM series (its folder).")
+    labels: str = Field(
+        description="A one-band raster of class ids (or of label_values) on the image's grid; for a DICOM series, "
+        "a NIfTI label image (.nii, .nii.gz) or a DICOM SEG on the series' voxels."
+    )
 
 
 class TrainNetwork(_Frozen):
     """The network, built from MONAI without downloading anything."""
 
-    name: Literal["unet", "basicunet", "segresnet", "dynunet"] = Field(
-        default="unet", description="MONAI's UNet, BasicUNet, SegResNet or DynUNet, 2-D."
+    name: Literal["unet", "basicunet", "segresnet", "dynunet", "deeplabv3"] = Field(
+        default="unet",
+        description="MONAI's UNet, BasicUNet, SegResNet or DynUNet, or deeplabv3 (atrous pyramid with image "
+        "pooling: global context, so tiles are blended, not exact).",
+    )
+    dims: Literal[2, 3] = Field(
+        default=2, description="2: images, or a volume slice by slice; 3: volumes (DICOM series) in 3-D patches."
     )
     channels: list[Annotated[int, Field(ge=1)]] = Field(
         default_factory=lambda: [16, 32, 64], min_length=2, description="Features per level (the depth is its length)."
@@ -794,6 +802,11 @@ class TrainNetwork(_Frozen):
     def stride(self) -> int:
         """Total downsampling: BasicUNet's is fixed at 16, the others halve once per level after the first."""
         return 16 if self.name == "basicunet" else 2 ** (len(self.channels) - 1)
+
+    @property
+    def exact(self) -> bool:
+        """Whether tiles stitch exactly: a per-image norm or DeepLab's image pooling sees the whole input."""
+        return self.norm == "batch" and self.name != "deeplabv3"
 
 
 class TrainAugment(_Frozen):
@@ -840,7 +853,11 @@ class TrainConfig(_Frozen):
         default=None, description="Per band; computed from the training files if not given."
     )
     network: TrainNetwork = Field(default_factory=TrainNetwork)
-    patch: int = Field(default=128, ge=16, description="Training patch size in pixels (a multiple of the stride).")
+    patch: Annotated[int, Field(ge=8)] | list[Annotated[int, Field(ge=1)]] = Field(
+        default=128,
+        description="Training patch size in pixels, each a multiple of the stride; 3-D: [slices, rows, columns] "
+        "(or one number for a cube).",
+    )
     batch: int = Field(default=8, ge=1, description="Patches per step on each worker.")
     epochs: int = Field(default=10, ge=1)
     steps: int = Field(default=50, ge=1, description="Steps per epoch.")
@@ -853,7 +870,20 @@ class TrainConfig(_Frozen):
     seed: int = 0
     workers: int = Field(default=1, ge=1, description="Ray Train workers (data-parallel).")
     gpu: bool = Field(default=False, description="One GPU per worker.")
-    output: str = Field(description="The model folder: model.pt, MODEL.yaml, metrics, the loss curve, checkpoints/.")
+    export: Literal["torchscript", "torch-export", "onnx"] = Field(
+        default="torchscript",
+        description="The model file raymask run loads: TorchScript model.pt, torch.export model.pt2, or ONNX "
+        "model.onnx (onnxruntime; the onnx extra).",
+    )
+    output: str = Field(description="The model folder: the model, MODEL.yaml, metrics, the loss curve, checkpoints/.")
+
+    @property
+    def patch_shape(self) -> tuple[int, ...]:
+        """The patch's spatial shape: (rows, columns), or (slices, rows, columns) for a 3-D network."""
+        dims = self.network.dims
+        if isinstance(self.patch, int):
+            return (self.patch,) * dims
+        return tuple(self.patch)
 
     @model_validator(mode="after")
     def _inputs(self) -> TrainConfig:
@@ -866,7 +896,9 @@ class TrainConfig(_Frozen):
                 f"loss.class_weights has {len(self.loss.class_weights)} values for {len(self.classes)} classes"
             )
         stride = self.network.stride
-        if self.patch % stride:
+        if isinstance(self.patch, list) and len(self.patch) != self.network.dims:
+            raise ValueError(f"patch has {len(self.patch)} sizes for a {self.network.dims}-D network")
+        if any(p % stride for p in self.patch_shape):
             raise ValueError(f"patch {self.patch} is not a multiple of the network's stride {stride}")
         return self
 

@@ -415,10 +415,12 @@ def _parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a segmentation network on labelled images with Ray Train: a model folder `raymask run` takes",
-        description="Train a MONAI network (UNet, BasicUNet, SegResNet, DynUNet; 2-D) on image + label pairs read "
-        "by raymask's own readers, on Ray Train workers (config: workers, gpu). The validation split is by file. "
-        "Every epoch writes OUTPUT/checkpoints/last.pt; run the same command again after a crash and it resumes. "
-        "OUTPUT ends with model.pt (TorchScript), MODEL.yaml (classes, bands, normalisation, stride, the measured "
+        description="Train a MONAI network (UNet, BasicUNet, SegResNet, DynUNet) or a DeepLabV3+-style one, 2-D or "
+        "3-D, on image + label pairs read by raymask's own readers (rasters and label rasters; frames and mask PNGs; "
+        "DICOM series and NIfTI or DICOM SEG labels), on Ray Train workers (config: workers, gpu). The validation "
+        "split is by file. Every epoch writes OUTPUT/checkpoints/last.pt; run the same command again after a crash "
+        "and it resumes. OUTPUT ends with the model (config export: model.pt TorchScript, model.pt2 torch.export or "
+        "model.onnx), MODEL.yaml (classes, bands, normalisation, stride, the measured "
         "receptive radius), metrics.json (per class IoU, Dice, precision, recall on the validation files) and "
         "loss.png. Then: raymask run JOB with model: {card: OUTPUT/MODEL.yaml}.",
     )
@@ -435,11 +437,14 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser(
         "evaluate",
         help="score a mask store against reference labels: per class IoU, Dice, precision, recall, confusion",
-        description="Compare a complete 2-D store with a one-band label raster on its grid, chunk by chunk "
-        "(memory: one chunk). Pixels the store left without a prediction count as misses.",
+        description="Compare a complete store with reference labels on its grid, chunk by chunk (memory: one "
+        "chunk): a one-band label raster for a 2-D store; a NIfTI label image or a DICOM SEG for a volume (checked "
+        "against the store's patient affine; segments match classes by label, else by number). Pixels the store "
+        "left without a prediction count as misses.",
     )
     evaluate.add_argument("store", help="a mask store (NAME.zarr)")
-    evaluate.add_argument("labels", help="the reference labels: class ids, or values mapped with --label-values")
+    evaluate.add_argument("labels", help="the reference labels (.tif/.png, .nii.gz, SEG .dcm): class ids, or values "
+                          "mapped with --label-values")  # fmt: skip
     evaluate.add_argument("--label-values", default=None, metavar="V0,V1,...",
                           help="the label file's value of each class, e.g. 0,255 for a mask")  # fmt: skip
     evaluate.add_argument("--json", action="store_true", help="the scores as JSON on stdout")

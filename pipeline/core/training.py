@@ -72,54 +72,61 @@ def class_weights(counts: np.ndarray) -> np.ndarray:
 
 
 def patch_origins(
-    shape: tuple[int, int], patch: int, stride: int, count: int, rng: np.random.Generator,
+    shape: tuple[int, ...], patch: int | tuple[int, ...], stride: int, count: int, rng: np.random.Generator,
     labels: np.ndarray | None = None, classes: int = 0,
-) -> list[tuple[int, int]]:  # fmt: skip
-    """``count`` top-left corners of ``patch``-sized windows inside an image of ``shape``, on multiples
-    of ``stride`` (where inference's tiles start, so the network sees the same phase). With ``labels``,
-    balanced toward rare classes: each patch first draws a class among those present (uniformly),
-    then a pixel of that class, and is placed around it."""
-    rows, cols = shape
-    if rows < patch or cols < patch:
-        raise ValueError(f"a {patch}-pixel patch does not fit in a {rows} x {cols} image")
-    last_row, last_col = (rows - patch) // stride, (cols - patch) // stride
+) -> list[tuple[int, ...]]:  # fmt: skip
+    """``count`` corners (the lowest index on each axis) of ``patch``-sized windows inside an image or
+    volume of ``shape``, on multiples of ``stride`` (where inference's tiles start, so the network
+    sees the same phase); an int ``patch`` is the same size on every axis. With ``labels``, balanced
+    toward rare classes: each patch first draws a class among those present (uniformly), then a
+    pixel of that class, and is placed around it."""
+    sizes = (patch,) * len(shape) if isinstance(patch, int) else tuple(int(p) for p in patch)
+    if len(sizes) != len(shape):
+        raise ValueError(f"a {len(sizes)}-D patch for a {len(shape)}-D image")
+    if any(n < p for n, p in zip(shape, sizes, strict=True)):
+        shown = " x ".join(map(str, sizes))
+        raise ValueError(f"a {shown} patch does not fit in a {' x '.join(map(str, shape))} image")
+    last = [(n - p) // stride for n, p in zip(shape, sizes, strict=True)]
+
+    def anywhere() -> tuple[int, ...]:
+        return tuple(int(rng.integers(m + 1)) * stride for m in last)
+
     if labels is None:
-        r = rng.integers(0, last_row + 1, count) * stride
-        c = rng.integers(0, last_col + 1, count) * stride
-        return [(int(a), int(b)) for a, b in zip(r, c, strict=True)]
+        return [anywhere() for _ in range(count)]
     present = [k for k in range(classes) if (labels == k).any()]
     out = []
     for _ in range(count):
-        k = present[int(rng.integers(len(present)))] if present else None
-        if k is None:
-            out.append((int(rng.integers(last_row + 1)) * stride, int(rng.integers(last_col + 1)) * stride))
+        if not present:
+            out.append(anywhere())
             continue
+        k = present[int(rng.integers(len(present)))]
         where = np.flatnonzero(labels == k)
-        pixel = int(where[int(rng.integers(len(where)))])
-        row, col = divmod(pixel, cols)
-        top = min(max(0, row - int(rng.integers(patch))), rows - patch) // stride * stride
-        left = min(max(0, col - int(rng.integers(patch))), cols - patch) // stride * stride
-        out.append((int(top), int(left)))
+        pixel = np.unravel_index(int(where[int(rng.integers(len(where)))]), shape)
+        corner = []
+        for at, n, p in zip(pixel, shape, sizes, strict=True):
+            corner.append(int(min(max(0, int(at) - int(rng.integers(p))), n - p) // stride * stride))
+        out.append(tuple(corner))
     return out
 
 
 def augment(
     image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *, flips: bool, rot90: bool, jitter: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """A random flip (each axis), quarter turn and per-band gain and offset (``jitter`` of the normalised
-    values' scale) applied to a (bands, h, w) image and its (h, w) labels alike."""
+    """A random flip (each spatial axis), quarter turn (in the plane of the last two axes: rows and
+    columns, whose spacing is the same) and per-band gain and offset (``jitter`` of the normalised
+    values' scale) applied to a (bands, ...) image and its labels alike."""
     if flips:
-        if rng.random() < 0.5:
-            image, labels = image[:, ::-1], labels[::-1]
-        if rng.random() < 0.5:
-            image, labels = image[:, :, ::-1], labels[:, ::-1]
+        for axis in range(labels.ndim):
+            if rng.random() < 0.5:
+                image, labels = np.flip(image, axis + 1), np.flip(labels, axis)
     if rot90:
         k = int(rng.integers(4))
-        image, labels = np.rot90(image, k, axes=(1, 2)), np.rot90(labels, k)
+        image, labels = np.rot90(image, k, axes=(-2, -1)), np.rot90(labels, k, axes=(-2, -1))
     if jitter > 0:
         bands = image.shape[0]
-        gain = 1 + rng.uniform(-jitter, jitter, (bands, 1, 1))
-        offset = rng.uniform(-jitter, jitter, (bands, 1, 1))
+        scale = (bands,) + (1,) * labels.ndim
+        gain = 1 + rng.uniform(-jitter, jitter, scale)
+        offset = rng.uniform(-jitter, jitter, scale)
         image = image * gain.astype(image.dtype) + offset.astype(image.dtype)
     return np.ascontiguousarray(image), np.ascontiguousarray(labels)
 

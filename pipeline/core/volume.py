@@ -129,3 +129,44 @@ def _slice_spacing(steps: np.ndarray, along: np.ndarray) -> float:
             f"along the normal, where the series steps {spacing:.3f} mm"
         )
     return spacing
+
+
+def axis_mapping(
+    target: np.ndarray, target_shape: Sequence[int], source: np.ndarray, source_shape: Sequence[int],
+    tolerance: float = 1e-3,
+) -> list[tuple[int, bool]] | None:  # fmt: skip
+    """How a labels array on another voxel grid lines up with a volume, if it is the same grid.
+
+    ``target`` and ``source`` are 4x4 affines from voxel indices to the same patient space (mm).
+    Returns, for each target axis, the source axis it runs along and whether it runs backwards, when
+    the two grids are the same voxels in another axis order or direction (a NIfTI's (i, j, k) against
+    a series' (z, y, x), a SEG stored bottom-up); None when they are not (other spacing, a shift, a
+    rotation, another extent). ``tolerance`` is in voxels.
+    """
+    mapping = np.linalg.solve(np.asarray(source, dtype=np.float64), np.asarray(target, dtype=np.float64))
+    axes: list[tuple[int, bool]] = []
+    for column in range(3):
+        vector = mapping[:3, column]
+        axis = int(np.argmax(np.abs(vector)))
+        sign = vector[axis]
+        unit = np.zeros(3)
+        unit[axis] = np.sign(sign)
+        if abs(abs(sign) - 1) > tolerance or np.abs(vector - unit).max() > tolerance:
+            return None
+        axes.append((axis, bool(sign < 0)))
+    if sorted(a for a, _ in axes) != [0, 1, 2]:
+        return None
+    for column, (axis, backwards) in enumerate(axes):
+        if int(target_shape[column]) != int(source_shape[axis]):
+            return None
+        expected = int(source_shape[axis]) - 1 if backwards else 0
+        if abs(mapping[axis, 3] - expected) > tolerance:
+            return None
+    return axes
+
+
+def remap_axes(array: np.ndarray, axes: Sequence[tuple[int, bool]]) -> np.ndarray:
+    """``array`` (on the source grid) in the target's axis order and direction (``axis_mapping``)."""
+    out = np.transpose(array, [axis for axis, _ in axes])
+    flips = tuple(k for k, (_, backwards) in enumerate(axes) if backwards)
+    return np.ascontiguousarray(np.flip(out, flips) if flips else out)

@@ -67,17 +67,63 @@ def resolve_pairs(config: TrainConfig) -> list[Pair]:
             stem = Path(image).stem
             pairs.append(Pair(image, config.labels.format(stem=stem, name=Path(image).name), Path(image).name))
     for pair in pairs:
-        for path in (pair.image, pair.labels):
-            if not Path(path).is_file():
-                raise SourceError(f"{path}: no such file")
+        if not Path(pair.image).exists():
+            raise SourceError(f"{pair.image}: no such file or folder")
+        if not Path(pair.labels).is_file():
+            raise SourceError(f"{pair.labels}: no such file")
     return pairs
+
+
+def is_series(path: str) -> bool:
+    """A DICOM series: a folder, or a file with DICOM's preamble (PNG, JPEG, GeoTIFF are rasters)."""
+    if Path(path).is_dir():
+        return True
+    with open(path, "rb") as handle:
+        return handle.read(132)[128:132] == b"DICM"
+
+
+def read_series(pair: Pair, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """A DICOM series as a (1, z, y, x) volume in HU (times ``scale``), slices ordered along the normal,
+    and its labels (NIfTI or SEG) on the same voxels as class ids."""
+    from pipeline.sources.dicom import decode_frames, discover
+    from pipeline.sources.labels import open_volume_labels
+
+    found, _ = discover([pair.image])
+    if len(found) != 1:
+        raise SourceError(f"{pair.image}: holds {len(found)} image series; give one series per pair")
+    series = found[0]
+    names = [c if isinstance(c, str) else c.name for c in config.classes]
+    labels = open_volume_labels(pair.labels, series.geometry, names, series=pair.image)
+    raw = labels.read((0, 0, 0), series.geometry.shape)
+    ids = label_classes(raw, config.label_values, len(config.classes))
+    unknown = unknown_ids(ids, len(config.classes))
+    if unknown:
+        shown = ", ".join(map(str, unknown[:5]))
+        raise SourceError(
+            f"{pair.labels}: label values {shown} are not class ids 0..{len(config.classes) - 1} "
+            "(declare the classes, or map values with label_values)"
+        )
+    volume = decode_frames(series.frames)[None] * np.float32(config.scale)
+    return volume.astype(np.float32), ids
+
+
+def as_samples(image: np.ndarray, ids: np.ndarray, dims: int, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """What the network trains and validates on: the image itself, or a volume's slices for a 2-D one."""
+    if ids.ndim == dims:
+        return [(image, ids)]
+    if ids.ndim == 3 and dims == 2:
+        return [(image[:, k], ids[k]) for k in range(ids.shape[0])]
+    raise ConfigError(f"{name}: a 2-D image; network.dims 3 trains on volumes (DICOM series)")
 
 
 def read_pair(pair: Pair, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
     """(bands, h, w) float32 raw values (times ``scale``) and (h, w) class ids, IGNORE where the image
     has no data or the label says nothing; one line naming the file for labels on another grid or ids
-    outside the classes."""
+    outside the classes. A DICOM series gives (1, z, y, x) and (z, y, x) (``read_series``)."""
     from pipeline.sources.geotiff import open_source
+
+    if is_series(pair.image):
+        return read_series(pair, config)
 
     source, info = open_source(SourceConfig(path=pair.image, bands=config.bands))
     labels, label_info = open_source(SourceConfig(path=pair.labels, bands=[1]))
@@ -115,37 +161,42 @@ def config_fingerprint(config: TrainConfig) -> str:
 
 
 def build_network(config: TrainConfig, bands: int) -> Any:
-    """The MONAI network named in the config, 2-D, ``bands`` in, one output per class."""
+    """The network named in the config, 2-D or 3-D, ``bands`` in, one output per class."""
     from monai.networks import nets
 
-    spec, classes = config.network, len(config.classes)
+    spec, classes, dims = config.network, len(config.classes), config.network.dims
     norm: Any = {"batch": "batch", "instance": "instance", "group": ("group", {"num_groups": 1})}[spec.norm]
     levels = len(spec.channels)
     if spec.name == "unet":
-        return nets.UNet(2, bands, classes, channels=tuple(spec.channels), strides=(2,) * (levels - 1),
+        return nets.UNet(dims, bands, classes, channels=tuple(spec.channels), strides=(2,) * (levels - 1),
                          num_res_units=1, norm=norm)  # fmt: skip
     if spec.name == "basicunet":
         if levels != 6:
             raise ConfigError("network.channels: BasicUNet takes 6 feature counts, e.g. [16, 16, 32, 64, 128, 16]")
-        return nets.BasicUNet(2, bands, classes, features=tuple(spec.channels), norm=norm)
+        return nets.BasicUNet(dims, bands, classes, features=tuple(spec.channels), norm=norm)
     if spec.name == "segresnet":
-        return nets.SegResNet(2, init_filters=spec.channels[0], in_channels=bands, out_channels=classes,
+        return nets.SegResNet(dims, init_filters=spec.channels[0], in_channels=bands, out_channels=classes,
                               blocks_down=(1,) * levels, blocks_up=(1,) * (levels - 1), norm=norm)  # fmt: skip
-    kernels = [[3, 3]] * levels
-    strides = [[1, 1]] + [[2, 2]] * (levels - 1)
-    return nets.DynUNet(2, bands, classes, kernel_size=kernels, strides=strides, upsample_kernel_size=strides[1:],
+    if spec.name == "deeplabv3":
+        from workers.models.deeplab import DeepLabV3
+
+        return DeepLabV3(dims, bands, classes, channels=tuple(spec.channels), norm=spec.norm)
+    kernels = [[3] * dims] * levels
+    strides = [[1] * dims] + [[2] * dims] * (levels - 1)
+    return nets.DynUNet(dims, bands, classes, kernel_size=kernels, strides=strides, upsample_kernel_size=strides[1:],
                         filters=list(spec.channels), norm_name=norm)  # fmt: skip
 
 
 def predict(network: Any, image: np.ndarray, stride: int, device: Any = "cpu") -> tuple[np.ndarray, Any]:
-    """Class ids (numpy) and logits (a tensor on ``device``) of a whole normalised (bands, h, w)
-    image, padded to the stride."""
+    """Class ids (numpy) and logits (a tensor on ``device``) of a whole normalised (bands, h, w) image
+    or (bands, d, h, w) volume, padded to the stride."""
     import torch
 
-    h, w = image.shape[1:]
-    padded = np.pad(image, ((0, 0), (0, -h % stride), (0, -w % stride)), mode="reflect")
+    spatial = image.shape[1:]
+    padded = np.pad(image, [(0, 0)] + [(0, -n % stride) for n in spatial], mode="reflect")
     with torch.inference_mode():
-        logits = network(torch.from_numpy(np.ascontiguousarray(padded[None])).to(device))[0][:, :h, :w]
+        logits = network(torch.from_numpy(np.ascontiguousarray(padded[None])).to(device))[0]
+        logits = logits[(slice(None), *(slice(0, n) for n in spatial))]
     return logits.argmax(0).cpu().numpy().astype(np.uint8), logits
 
 
@@ -166,14 +217,10 @@ def _loop(settings: dict[str, Any]) -> None:
     torch.manual_seed(config.seed + rank)
     if not config.gpu:
         torch.set_num_threads(max(1, int(settings["threads"])))
-    mean = np.asarray(settings["mean"], np.float32)[:, None, None]
-    std = np.asarray(settings["std"], np.float32)[:, None, None]
     pairs = {name: Pair(image, labels, name) for name, (image, labels) in settings["pairs"].items()}
-    data = [read_pair(pairs[n], config) for n in settings["training"]]
-    data = [((image - mean) / std, ids) for image, ids in data]
-    validation = [read_pair(pairs[n], config) for n in settings["validation"]] if rank == 0 else []
-    validation = [((image - mean) / std, ids) for image, ids in validation]
-    classes, stride = len(config.classes), int(settings["stride"])
+    data = _samples(pairs, settings["training"], config, settings)
+    validation = _samples(pairs, settings["validation"], config, settings) if rank == 0 else []
+    classes, stride, shape = len(config.classes), int(settings["stride"]), config.patch_shape
     device = ray.train.torch.get_device() if config.gpu else torch.device("cpu")
     network = build_network(config, len(settings["mean"])).to(device)
     optimiser = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
@@ -203,13 +250,9 @@ def _loop(settings: dict[str, Any]) -> None:
             xs, ys = [], []
             for _ in range(config.batch):
                 image, ids = data[int(rng.integers(len(data)))]
-                ((r, c),) = patch_origins(
-                    ids.shape, config.patch, stride, 1, rng, ids if config.balance else None, classes
-                )
-                x, y = (
-                    image[:, r : r + config.patch, c : c + config.patch],
-                    ids[r : r + config.patch, c : c + config.patch],
-                )
+                (corner,) = patch_origins(ids.shape, shape, stride, 1, rng, ids if config.balance else None, classes)
+                window = tuple(slice(a, a + p) for a, p in zip(corner, shape, strict=True))
+                x, y = image[(slice(None), *window)], ids[window]
                 x, y = augment(x, y, rng, flips=config.augment.flips, rot90=config.augment.rot90,
                                jitter=config.augment.intensity)  # fmt: skip
                 xs.append(x)
@@ -268,6 +311,24 @@ def _loop(settings: dict[str, Any]) -> None:
             break
 
 
+def _samples(
+    pairs: dict[str, Pair], names: list[str], config: TrainConfig, settings: dict[str, Any]
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The named files read, normalised and cut into what the network takes (``as_samples``)."""
+    out = []
+    for name in names:
+        image, ids = read_pair(pairs[name], config)
+        out.extend(as_samples(normalised(image, settings), ids, config.network.dims, pairs[name].image))
+    return out
+
+
+def normalised(image: np.ndarray, settings: dict[str, Any]) -> np.ndarray:
+    axes = (-1,) + (1,) * (image.ndim - 1)
+    mean = np.asarray(settings["mean"], np.float32).reshape(axes)
+    std = np.asarray(settings["std"], np.float32).reshape(axes)
+    return (image - mean) / std
+
+
 def validation_score(per_class: list[dict[str, Any]]) -> float:
     """What picks the model kept: the mean Dice of the classes after the first (the background), or of
     every class when there are two or fewer with a Dice; an undefined Dice counts 0."""
@@ -324,11 +385,14 @@ def run_training(config: TrainConfig, *, address: str | None = None, progress: b
     by_name = {p.name: p for p in pairs}
     for name in [*training, *validation]:
         image, ids = read_pair(by_name[name], config)  # every file checked before any training
+        samples = as_samples(image, ids, config.network.dims, by_name[name].image)
         if name in validation:
             continue
-        if min(ids.shape) < config.patch:
+        shape = samples[0][1].shape
+        if any(n < p for n, p in zip(shape, config.patch_shape, strict=True)):
             raise SourceError(
-                f"{by_name[name].image}: {ids.shape[0]} x {ids.shape[1]} is smaller than patch {config.patch}"
+                f"{by_name[name].image}: {' x '.join(map(str, shape))} is smaller than patch "
+                f"{' x '.join(map(str, config.patch_shape))}"
             )
         valid = ids != IGNORE
         flat = image[:, valid].astype(np.float64)
@@ -470,7 +534,7 @@ class _Progress:
 
 
 def finish(config: TrainConfig, out: Path, settings: dict[str, Any], resumed: int) -> dict[str, Any]:
-    """From the last checkpoint: the TorchScript model, its card (with the measured radius), the
+    """From the best checkpoint: the model file (``save_model``), its card (with the measured radius), the
     validation metrics per class, the loss curve, the config."""
     import torch
     import yaml
@@ -483,14 +547,7 @@ def finish(config: TrainConfig, out: Path, settings: dict[str, Any], resumed: in
     network = build_network(config, len(settings["mean"]))
     network.load_state_dict(best["network"])
     network.eval()
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", "The TorchScript type system")  # DynUNet's annotations: harmless
-        scripted = torch.jit.script(network)
-    partial = out / "model.pt.partial"
-    torch.jit.save(scripted, str(partial))
-    os.replace(partial, out / "model.pt")
+    weights = save_model(network, config.export, out, len(settings["mean"]), config.patch_shape)
     classes = []
     palette = ["#303030", "#ff3b30", "#34c759", "#007aff", "#ffcc00", "#af52de", "#5ac8fa", "#ff9500"]
     for i, c in enumerate(config.classes):
@@ -499,14 +556,16 @@ def finish(config: TrainConfig, out: Path, settings: dict[str, Any], resumed: in
         rgb(colour)  # a colour raymask reads
         classes.append({"name": spec.name, "color": colour})
     stride = int(settings["stride"])
-    bands = config.band_names or [f"band {b}" for b in (config.bands or range(1, len(settings["mean"]) + 1))]
+    volumes = any(is_series(image) for image, _ in settings["pairs"].values())
+    default = ["HU"] if volumes else [f"band {b}" for b in (config.bands or range(1, len(settings["mean"]) + 1))]
+    bands = config.band_names or default
     card = {
         "name": config.name,
         "description": f"trained by raymask train ({config.network.name}, epoch {best['epoch']} of {state['epoch']}, "
         "the best on the validation files)",
-        "kind": "torchscript", "weights": "model.pt", "classes": classes, "bands": bands,
+        "kind": config.export, "weights": weights.name, "classes": classes, "bands": bands,
         "scale": config.scale, "normalize": {"mean": settings["mean"], "std": settings["std"]},
-        "stride": stride, "dims": 2, "stitch": "exact" if config.network.norm == "batch" else "blend",
+        "stride": stride, "dims": config.network.dims, "stitch": "exact" if config.network.exact else "blend",
     }  # fmt: skip
     (out / CARD_NAME).write_text(yaml.safe_dump(card, sort_keys=False))
     run_check(str(out / CARD_NAME), write=True)
@@ -516,7 +575,7 @@ def finish(config: TrainConfig, out: Path, settings: dict[str, Any], resumed: in
     (out / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
     metrics = _validation_metrics(config, settings, network)
     report = {
-        "model": str(out / "model.pt"), "card": str(out / CARD_NAME), "epochs": state["epoch"], "resumed_from": resumed,
+        "model": str(weights), "card": str(out / CARD_NAME), "epochs": state["epoch"], "resumed_from": resumed,
         "best_epoch": best["epoch"],
         "training": settings["training"], "validation": settings["validation"], "normalize": card["normalize"],
         "receptive_radius": written["receptive_radius"], "stride": stride, "history": state["history"],
@@ -527,15 +586,52 @@ def finish(config: TrainConfig, out: Path, settings: dict[str, Any], resumed: in
     return report
 
 
+MODEL_FILES = {"torchscript": "model.pt", "torch-export": "model.pt2", "onnx": "model.onnx"}
+
+
+def save_model(network: Any, kind: str, out: Path, bands: int, patch: tuple[int, ...]) -> Path:
+    """The network as the file ``raymask run`` loads (TorchScript, torch.export or ONNX), batch and
+    spatial sizes left free, written beside its card atomically; files of the other kinds removed."""
+    import warnings
+
+    import torch
+
+    path = out / MODEL_FILES[kind]
+    partial = path.with_name(f"{path.stem}.partial{path.suffix}")  # the exporters look at the suffix
+    network = network.eval()
+    example = torch.zeros((2, bands, *patch))
+    axes = dict.fromkeys(range(example.ndim), torch.export.Dim.AUTO)
+    axes.pop(1)  # the bands are fixed
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "The TorchScript type system")  # DynUNet's annotations: harmless
+        if kind == "torchscript":
+            torch.jit.save(torch.jit.script(network), str(partial))
+        elif kind == "torch-export":
+            torch.export.save(torch.export.export(network, (example,), dynamic_shapes=(axes,)), str(partial))
+        else:
+            try:
+                import onnxscript  # noqa: F401  (the exporter needs it)
+            except ImportError as exc:
+                raise ConfigError("export: onnx needs the onnx extra (pip install 'raymask[onnx]')") from exc
+            warnings.simplefilter("ignore")  # the exporter's progress and deprecation notes
+            import logging
+
+            logging.getLogger("torch.onnx").setLevel(logging.ERROR)  # "torchvision is not installed" notes
+            torch.onnx.export(network, (example,), str(partial), dynamo=True, input_names=["x"],
+                              dynamic_shapes=(axes,), verbose=False, external_data=False)  # fmt: skip
+    os.replace(partial, path)
+    for other in MODEL_FILES.values():
+        if other != path.name:
+            (out / other).unlink(missing_ok=True)
+    return path
+
+
 def _validation_metrics(config: TrainConfig, settings: dict[str, Any], network: Any) -> dict[str, Any]:
     pairs = {name: Pair(image, labels, name) for name, (image, labels) in settings["pairs"].items()}
-    mean = np.asarray(settings["mean"], np.float32)[:, None, None]
-    std = np.asarray(settings["std"], np.float32)[:, None, None]
     classes = len(config.classes)
     matrix = np.zeros((classes, classes), dtype=np.int64)
-    for name in settings["validation"]:
-        image, ids = read_pair(pairs[name], config)
-        predicted, _ = predict(network, (image - mean) / std, int(settings["stride"]))
+    for image, ids in _samples(pairs, settings["validation"], config, settings):
+        predicted, _ = predict(network, image, int(settings["stride"]))
         matrix += confusion(predicted, ids, classes)
     rows = class_metrics(matrix)
     return {

@@ -277,9 +277,16 @@ def _wait_for_epoch(folder: Path, epoch: int, run: subprocess.Popen) -> None:
 @pytest.mark.filterwarnings("ignore:The TorchScript type system")  # DynUNet's, harmless
 @pytest.mark.parametrize(
     ("name", "channels"),
-    [("unet", [8, 16, 32]), ("basicunet", [8, 8, 16, 32, 64, 8]), ("segresnet", [8, 16, 32]), ("dynunet", [8, 16, 32])],
+    [
+        ("unet", [8, 16, 32]),
+        ("basicunet", [8, 8, 16, 32, 64, 8]),
+        ("segresnet", [8, 16, 32]),
+        ("dynunet", [8, 16, 32]),
+        ("deeplabv3", [8, 16, 32]),
+    ],
 )
-def test_every_network_builds_scripts_and_keeps_the_image_size(name: str, channels: list[int]) -> None:
+@pytest.mark.parametrize("dims", [2, 3])
+def test_every_network_builds_scripts_and_keeps_the_image_size(name: str, channels: list[int], dims: int) -> None:
     import torch
 
     from pipeline.config import TrainConfig
@@ -287,10 +294,13 @@ def test_every_network_builds_scripts_and_keeps_the_image_size(name: str, channe
 
     config = TrainConfig.model_validate({
         "pairs": [{"image": "a.tif", "labels": "b.tif"}], "classes": ["a", "b", "c"],
-        "network": {"name": name, "channels": channels}, "patch": 64, "output": "x",
+        "network": {"name": name, "channels": channels, "dims": dims}, "patch": 64 if dims == 2 else 16,
+        "output": "x",
     })  # fmt: skip
     network = torch.jit.script(build_network(config, 2).eval())  # what the model folder holds
     stride = config.network.stride
+    size = (2 * stride, 3 * stride) if dims == 2 else (stride, 2 * stride, stride)
     with torch.inference_mode():
-        out = network(torch.zeros(1, 2, 2 * stride, 3 * stride))
-    assert tuple(out.shape) == (1, 3, 2 * stride, 3 * stride)
+        out = network(torch.zeros(1, 2, *size))
+    assert tuple(out.shape) == (1, 3, *size)
+    assert config.network.exact is (name != "deeplabv3")

@@ -119,3 +119,30 @@ def test_class_weights_and_normalisation() -> None:
     values = np.array([[1.0, 2.0, 3.0, 4.0], [10.0, 10.0, 10.0, 10.0]])
     mean, std = normalisation(values.sum(1), (values**2).sum(1), np.array([4, 4]))
     assert np.allclose(mean, [2.5, 10]) and np.isclose(std[0], np.std(values[0])) and std[1] == 1.0
+
+
+@given(
+    shape=st.tuples(st.integers(8, 40), st.integers(16, 80), st.integers(16, 80)),
+    patch=st.tuples(st.sampled_from([4, 8]), st.sampled_from([8, 16]), st.sampled_from([8, 16])),
+    stride=st.sampled_from([1, 2, 4]), seed=st.integers(0, 1000), balanced=st.booleans(),
+)  # fmt: skip
+def test_volume_patches_lie_inside_on_the_stride_grid(
+    shape: tuple[int, int, int], patch: tuple[int, int, int], stride: int, seed: int, balanced: bool
+) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 3, shape).astype(np.uint8) if balanced else None
+    for corner in patch_origins(shape, patch, stride, 10, rng, labels, 3):
+        assert len(corner) == 3
+        for at, n, p in zip(corner, shape, patch, strict=True):
+            assert 0 <= at <= n - p and at % stride == 0
+
+
+@settings(max_examples=30)
+@given(seed=st.integers(0, 10**6))
+def test_volume_augmentation_moves_image_and_labels_together(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, (4, 6, 6)).astype(np.uint8)
+    image = labels[None].astype(np.float32)
+    out, moved = augment(image, labels, np.random.default_rng(seed + 1), flips=True, rot90=True, jitter=0.0)
+    assert out.shape == (1, 4, 6, 6) and np.array_equal(out[0], moved)
+    assert sorted(moved[0].ravel()) in [sorted(labels[0].ravel()), sorted(labels[-1].ravel())]  # slices stay slices

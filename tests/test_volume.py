@@ -11,12 +11,15 @@ import pydicom
 import pytest
 import torch
 import zarr
+from hypothesis import given
+from hypothesis import strategies as st
 from ome_zarr_models.v05.image import Image
 from ome_zarr_models.v05.image_label import ImageLabel
 from pydicom.uid import ExplicitVRLittleEndian
 from torch import nn
 
 from pipeline.cli import main
+from pipeline.core.volume import axis_mapping, remap_axes
 from tests.conftest import CT_SERIES, EDGE_CASES, write_config
 from tests.conftest import run_json as run
 
@@ -252,3 +255,35 @@ def test_a_3d_model_without_a_z_halo_is_not_called_exact(tmp_path: Path) -> None
     assert job.context_halo == 0 and job.exact is False
     job = prepare(load_config(config, ["tiling.halo=[12, 12, 12]"]))
     assert job.context_halo == 12 and job.exact is True
+
+
+@given(
+    order=st.permutations([0, 1, 2]), backwards=st.tuples(st.booleans(), st.booleans(), st.booleans()),
+    shape=st.tuples(st.integers(1, 6), st.integers(1, 6), st.integers(1, 6)), seed=st.integers(0, 1000),
+)  # fmt: skip
+def test_labels_in_any_axis_order_and_direction_map_back_onto_the_volume(
+    order: list[int], backwards: tuple[bool, bool, bool], shape: tuple[int, int, int], seed: int
+) -> None:
+    """A label array stored with its axes permuted and flipped (NIfTI's (i, j, k), a SEG bottom-up),
+    with the affine that says so, lines up voxel for voxel with the volume; one voxel's shift does not."""
+    rng = np.random.default_rng(seed)
+    volume = rng.integers(0, 9, shape)
+    rotation = np.linalg.qr(rng.normal(size=(3, 3)))[0]
+    target = np.eye(4)
+    target[:3, :3] = rotation * np.array([2.0, 0.7, 0.7])
+    target[:3, 3] = rng.normal(size=3) * 100
+    stored = np.transpose(volume, order)  # stored axis a = volume axis order[a]
+    stored_affine = np.eye(4)
+    for a, axis in enumerate(order):
+        step = target[:3, axis] * (-1 if backwards[a] else 1)
+        stored_affine[:3, a] = step
+        if backwards[a]:
+            stored = np.flip(stored, a)
+            stored_affine[:3, 3] += target[:3, axis] * (shape[axis] - 1)
+    stored_affine[:3, 3] += target[:3, 3]
+    axes = axis_mapping(target, shape, stored_affine, stored.shape)
+    assert axes is not None
+    assert np.array_equal(remap_axes(stored, axes), volume)
+    shifted = stored_affine.copy()
+    shifted[:3, 3] += stored_affine[:3, 0]
+    assert axis_mapping(target, shape, shifted, stored.shape) is None

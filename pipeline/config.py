@@ -868,6 +868,11 @@ class TrainConfig(_Frozen):
     loss: TrainLoss = Field(default_factory=TrainLoss)
     validation: TrainValidation = Field(default_factory=TrainValidation)
     seed: int = 0
+    in_memory_pixels: int = Field(
+        default=4096 * 4096, ge=0,
+        description="Rasters up to this many pixels are held whole by each worker; larger ones are read window by "
+        "window (each patch, each validation tile), so memory stays flat whatever the scene's size.",
+    )  # fmt: skip
     workers: int = Field(default=1, ge=1, description="Ray Train workers (data-parallel).")
     gpu: bool = Field(default=False, description="One GPU per worker.")
     export: Literal["torchscript", "torch-export", "onnx"] = Field(

@@ -15,6 +15,7 @@ from pipeline.core.training import (
     class_metrics,
     class_weights,
     confusion,
+    draw_block,
     label_classes,
     normalisation,
     patch_origins,
@@ -146,3 +147,15 @@ def test_volume_augmentation_moves_image_and_labels_together(seed: int) -> None:
     out, moved = augment(image, labels, np.random.default_rng(seed + 1), flips=True, rot90=True, jitter=0.0)
     assert out.shape == (1, 4, 6, 6) and np.array_equal(out[0], moved)
     assert sorted(moved[0].ravel()) in [sorted(labels[0].ravel()), sorted(labels[-1].ravel())]  # slices stay slices
+
+
+def test_blocks_are_drawn_per_class_in_proportion_to_their_pixels() -> None:
+    counts = np.array([[10, 0], [30, 0], [0, 5], [0, 0]])
+    rng = np.random.default_rng(0)
+    draws = [draw_block(counts, rng) for _ in range(4000)]
+    classes = np.array([k for k, _ in draws])  # type: ignore[misc]
+    blocks = np.array([b for _, b in draws])  # type: ignore[misc]
+    assert 0.45 < (classes == 1).mean() < 0.55  # each class present, uniformly
+    assert set(blocks[classes == 1]) == {2} and 3 not in set(blocks)
+    assert 0.70 < (blocks[classes == 0] == 1).mean() < 0.80  # 30 of the class's 40 pixels
+    assert draw_block(np.zeros((3, 2)), rng) is None

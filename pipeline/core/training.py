@@ -102,11 +102,34 @@ def patch_origins(
         k = present[int(rng.integers(len(present)))]
         where = np.flatnonzero(labels == k)
         pixel = np.unravel_index(int(where[int(rng.integers(len(where)))]), shape)
-        corner = []
-        for at, n, p in zip(pixel, shape, sizes, strict=True):
-            corner.append(int(min(max(0, int(at) - int(rng.integers(p))), n - p) // stride * stride))
-        out.append(tuple(corner))
+        out.append(corner_around(tuple(int(p) for p in pixel), shape, sizes, stride, rng))
     return out
+
+
+def corner_around(
+    pixel: tuple[int, ...], shape: tuple[int, ...], sizes: tuple[int, ...], stride: int, rng: np.random.Generator
+) -> tuple[int, ...]:
+    """The corner of a ``sizes`` window on the stride grid, inside ``shape``, that holds ``pixel``
+    at a random place (moved inward at the borders; the stride may move it by less than a stride)."""
+    corner = []
+    for at, n, p in zip(pixel, shape, sizes, strict=True):
+        corner.append(int(min(max(0, int(at) - int(rng.integers(p))), n - p) // stride * stride))
+    return tuple(corner)
+
+
+def draw_block(counts: np.ndarray, rng: np.random.Generator) -> tuple[int, int] | None:
+    """For balanced patches of an image read window by window: a class drawn uniformly among those
+    present, then a block drawn in proportion to its pixels of that class; ``counts`` is (blocks,
+    classes). Then a pixel of the class drawn uniformly in the block is a pixel drawn uniformly among
+    all of the class's pixels, as ``patch_origins`` draws from a whole image. None: no class."""
+    counts = np.asarray(counts, dtype=np.float64)
+    present = np.flatnonzero(counts.sum(0) > 0)
+    if not len(present):
+        return None
+    k = int(present[int(rng.integers(len(present)))])
+    column = counts[:, k]
+    block = int(rng.choice(len(column), p=column / column.sum()))
+    return k, block
 
 
 def augment(

@@ -116,42 +116,68 @@ def as_samples(image: np.ndarray, ids: np.ndarray, dims: int, name: str) -> list
     raise ConfigError(f"{name}: a 2-D image; network.dims 3 trains on volumes (DICOM series)")
 
 
-def read_pair(pair: Pair, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(bands, h, w) float32 raw values (times ``scale``) and (h, w) class ids, IGNORE where the image
-    has no data or the label says nothing; one line naming the file for labels on another grid or ids
-    outside the classes. A DICOM series gives (1, z, y, x) and (z, y, x) (``read_series``)."""
-    from pipeline.sources.geotiff import open_source
+class RasterPair:
+    """An image raster and its label raster, opened through raymask's reader and checked to be on one
+    grid; ``read(box)`` gives that window's values (times ``scale``, 0 where the image has no data) and
+    class ids (IGNORE where the image has no data or the label says nothing), ids checked against the
+    classes. Large files are trained on window by window through this, never read whole."""
 
+    def __init__(self, pair: Pair, config: TrainConfig) -> None:
+        from pipeline.sources.geotiff import open_source
+
+        self.pair, self.config = pair, config
+        self.source, info = open_source(SourceConfig(path=pair.image, bands=config.bands))
+        self.labels, label_info = open_source(SourceConfig(path=pair.labels, bands=[1]))
+        if label_info.shape != info.shape:
+            raise SourceError(
+                f"{pair.labels}: not on the grid of {pair.image} (shape {label_info.shape[0]} x "
+                f"{label_info.shape[1]} vs {info.shape[0]} x {info.shape[1]})"
+            )
+        if label_info.georef.transform and info.georef.transform and label_info.georef != info.georef:
+            raise SourceError(
+                f"{pair.labels}: not on the grid of {pair.image} (transform {label_info.georef.transform} vs "
+                f"{info.georef.transform}, same CRS: {label_info.georef.crs_wkt == info.georef.crs_wkt})"
+            )
+        self.shape: tuple[int, int] = (int(info.shape[0]), int(info.shape[1]))
+        self.cache: dict[str, Any] = {}  # open datasets between reads (one thread reads a pair)
+
+    def read(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
+        config = self.config
+        import warnings
+
+        from pipeline.sources.geotiff import WORKER_QUIET
+
+        with warnings.catch_warnings():  # a cache's reads leave the filters to the caller (one thread here)
+            for category in WORKER_QUIET:
+                warnings.simplefilter("ignore", category)
+            values, valid = self.source.read(box, cache=self.cache)
+            raw_labels, labelled = self.labels.read(box, cache=self.cache)
+        ids = label_classes(raw_labels[0], config.label_values, len(config.classes))
+        unknown = unknown_ids(ids[labelled], len(config.classes))
+        if unknown:
+            shown = ", ".join(map(str, unknown[:5]))
+            raise SourceError(
+                f"{self.pair.labels}: label values {shown} are not class ids 0..{len(config.classes) - 1} "
+                "(declare the classes, or map values with label_values)"
+            )
+        ids[~(valid & labelled)] = IGNORE
+        image = values.astype(np.float32) * np.float32(config.scale)
+        image[:, ~valid] = 0
+        return image, ids
+
+    def blocks(self, side: int) -> list[Box]:
+        rows, cols = self.shape
+        return [Box((r, c), (min(r + side, rows), min(c + side, cols)))
+                for r in range(0, rows, side) for c in range(0, cols, side)]  # fmt: skip
+
+
+def read_pair(pair: Pair, config: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(bands, h, w) float32 raw values (times ``scale``) and (h, w) class ids (``RasterPair``), the
+    whole file; a DICOM series gives (1, z, y, x) and (z, y, x) (``read_series``)."""
     if is_series(pair.image):
         return read_series(pair, config)
-
-    source, info = open_source(SourceConfig(path=pair.image, bands=config.bands))
-    labels, label_info = open_source(SourceConfig(path=pair.labels, bands=[1]))
-    if label_info.shape != info.shape:
-        raise SourceError(
-            f"{pair.labels}: not on the grid of {pair.image} (shape {label_info.shape[0]} x {label_info.shape[1]} vs "
-            f"{info.shape[0]} x {info.shape[1]})"
-        )
-    if label_info.georef.transform and info.georef.transform and label_info.georef != info.georef:
-        raise SourceError(
-            f"{pair.labels}: not on the grid of {pair.image} (transform {label_info.georef.transform} vs "
-            f"{info.georef.transform}, same CRS: {label_info.georef.crs_wkt == info.georef.crs_wkt})"
-        )
-    whole = Box((0, 0), tuple(info.shape))
-    values, valid = source.read(whole)
-    raw_labels, labelled = labels.read(whole)
-    ids = label_classes(raw_labels[0], config.label_values, len(config.classes))
-    unknown = unknown_ids(ids[labelled], len(config.classes))
-    if unknown:
-        shown = ", ".join(map(str, unknown[:5]))
-        raise SourceError(
-            f"{pair.labels}: label values {shown} are not class ids 0..{len(config.classes) - 1} "
-            "(declare the classes, or map values with label_values)"
-        )
-    ids[~(valid & labelled)] = IGNORE
-    image = values.astype(np.float32) * np.float32(config.scale)
-    image[:, ~valid] = 0
-    return image, ids
+    raster = RasterPair(pair, config)
+    return raster.read(Box((0, 0), raster.shape))
 
 
 def config_fingerprint(config: TrainConfig) -> str:
@@ -229,7 +255,10 @@ def _loop(settings: dict[str, Any]) -> None:
         if settings["class_weights"]
         else None
     )
-    ce = torch.nn.CrossEntropyLoss(weight=weights, ignore_index=IGNORE)
+
+    def ce(logits: Any, target: Any) -> Any:
+        return cross_entropy(logits, target, weights)
+
     history: list[dict[str, Any]] = []
     start = 0
     checkpoint = out / "checkpoints" / "last.pt"
@@ -249,10 +278,15 @@ def _loop(settings: dict[str, Any]) -> None:
         for _ in range(config.steps):
             xs, ys = [], []
             for _ in range(config.batch):
-                image, ids = data[int(rng.integers(len(data)))]
-                (corner,) = patch_origins(ids.shape, shape, stride, 1, rng, ids if config.balance else None, classes)
-                window = tuple(slice(a, a + p) for a, p in zip(corner, shape, strict=True))
-                x, y = image[(slice(None), *window)], ids[window]
+                sample = data[int(rng.integers(len(data)))]
+                if isinstance(sample, WindowedSample):
+                    x, y = sample.patch(shape, stride, rng, config.balance, classes)
+                else:
+                    image, ids = sample
+                    balance = ids if config.balance else None
+                    (corner,) = patch_origins(ids.shape, shape, stride, 1, rng, balance, classes)
+                    window = tuple(slice(a, a + p) for a, p in zip(corner, shape, strict=True))
+                    x, y = image[(slice(None), *window)], ids[window]
                 x, y = augment(x, y, rng, flips=config.augment.flips, rot90=config.augment.rot90,
                                jitter=config.augment.intensity)  # fmt: skip
                 xs.append(x)
@@ -276,16 +310,9 @@ def _loop(settings: dict[str, Any]) -> None:
         record: dict[str, Any] = {"epoch": epoch + 1, "loss": float(np.mean(losses))}
         if rank == 0:
             network.eval()
-            matrix = np.zeros((classes, classes), dtype=np.int64)
-            val_losses = []
-            for image, ids in validation:
-                predicted, logits = predict(network, image, stride, device)
-                matrix += confusion(predicted, ids, classes)
-                truth = torch.from_numpy(ids[None].astype(np.int64)).to(device)
-                with torch.inference_mode():
-                    val_losses.append(float(ce(logits[None], truth)))
+            matrix, val_loss = score(network, validation, stride, classes, device, ce)
             per_class = class_metrics(matrix)
-            record["val_loss"] = float(np.mean(val_losses)) if val_losses else None
+            record["val_loss"] = val_loss
             record["val_dice"] = {c: m["dice"] for c, m in zip(settings["class_names"], per_class, strict=True)}
             record["val_iou"] = {c: m["iou"] for c, m in zip(settings["class_names"], per_class, strict=True)}
             record["score"] = validation_score(per_class)
@@ -311,12 +338,14 @@ def _loop(settings: dict[str, Any]) -> None:
             break
 
 
-def _samples(
-    pairs: dict[str, Pair], names: list[str], config: TrainConfig, settings: dict[str, Any]
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The named files read, normalised and cut into what the network takes (``as_samples``)."""
-    out = []
+def _samples(pairs: dict[str, Pair], names: list[str], config: TrainConfig, settings: dict[str, Any]) -> list[Any]:
+    """The named files read, normalised and cut into what the network takes (``as_samples``); files
+    larger than ``in_memory_pixels`` as ``WindowedSample``, read window by window."""
+    out: list[Any] = []
     for name in names:
+        if name in settings.get("windowed", {}):
+            out.append(WindowedSample(RasterPair(pairs[name], config), settings["windowed"][name], settings))
+            continue
         image, ids = read_pair(pairs[name], config)
         out.extend(as_samples(normalised(image, settings), ids, config.network.dims, pairs[name].image))
     return out
@@ -347,6 +376,21 @@ def _agree(flag: bool, world: int, device: Any) -> bool:
     return bool(value.item())
 
 
+def cross_entropy(logits: Any, target: Any, weights: Any = None) -> Any:
+    """Pixel-wise cross-entropy over the labelled pixels (IGNORE left out), weighted per class as
+    torch's mean is; 0 (still part of the graph) for a batch without a labelled pixel, where torch's
+    mean would be NaN (a patch wholly in a nodata collar) and stop the run."""
+    import torch
+
+    per_pixel = torch.nn.functional.cross_entropy(logits, target, weight=weights, ignore_index=IGNORE, reduction="none")
+    valid = target != IGNORE
+    if weights is None:
+        total = valid.sum().to(per_pixel.dtype)
+    else:
+        total = (weights[target.clamp(max=len(weights) - 1)] * valid).sum()
+    return per_pixel.sum() / total.clamp(min=1e-12)
+
+
 def _soft_dice(logits: Any, target: Any, classes: int) -> Any:
     import torch
 
@@ -357,6 +401,123 @@ def _soft_dice(logits: Any, target: Any, classes: int) -> Any:
     inter = (probs * onehot).sum((0, 2, 3))
     total = probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
     return 1 - ((2 * inter + 1) / (total + 1)).mean()
+
+
+# ---------------------------------------------------------------------------------------------------
+# Files too large to hold: read window by window
+
+BLOCK = 512  # the side of the blocks the driver scans and balanced sampling draws from
+TILE = 1024  # the core of a validation tile on a windowed file
+TILE_HALO = 64  # its context on each side (rounded up to the stride)
+
+
+class Scan:
+    """Running per-band sums over the valid pixels of the training files (for the normalisation) and
+    class pixel counts, fed whole images or blocks."""
+
+    def __init__(self, classes: int) -> None:
+        self.n = classes
+        self.sums: np.ndarray | None = None
+        self.squares: np.ndarray | None = None
+        self.counts = 0
+        self.classes = np.zeros(classes, dtype=np.int64)
+
+    def add(self, image: np.ndarray, ids: np.ndarray, *, training: bool) -> list[int]:
+        valid = ids != IGNORE
+        found = np.bincount(ids[valid].ravel(), minlength=self.n)[: self.n]
+        if training:
+            flat = image[:, valid].astype(np.float64)
+            self.sums = flat.sum(1) + (0 if self.sums is None else self.sums)
+            self.squares = (flat**2).sum(1) + (0 if self.squares is None else self.squares)
+            self.counts += int(valid.sum())
+            self.classes += found
+        return [int(v) for v in found]
+
+
+class WindowedSample:
+    """A raster larger than ``in_memory_pixels``: each patch is one window read (the corner drawn as
+    for a whole image, so the same seed gives the same patches either way); balanced patches draw a
+    class, then a block in proportion to its pixels of the class (``draw_block``), then a pixel of it."""
+
+    def __init__(self, raster: RasterPair, counts: list[list[int]], settings: dict[str, Any]) -> None:
+        self.raster, self.settings = raster, settings
+        self.counts = np.asarray(counts, dtype=np.int64)
+        self.boxes = raster.blocks(BLOCK)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.raster.shape
+
+    def read(self, box: Box) -> tuple[np.ndarray, np.ndarray]:
+        image, ids = self.raster.read(box)
+        return normalised(image, self.settings), ids
+
+    def patch(
+        self, sizes: tuple[int, ...], stride: int, rng: np.random.Generator, balance: bool, classes: int
+    ) -> tuple[np.ndarray, np.ndarray]:
+        from pipeline.core.training import corner_around, draw_block
+
+        drawn = draw_block(self.counts, rng) if balance else None
+        if drawn is None:
+            (corner,) = patch_origins(self.shape, sizes, stride, 1, rng)
+        else:
+            k, index = drawn
+            box = self.boxes[index]
+            _, ids = self.raster.read(box)
+            where = np.flatnonzero(ids == k)
+            row, col = np.unravel_index(int(where[int(rng.integers(len(where)))]), ids.shape)
+            pixel = (int(row) + box.start[0], int(col) + box.start[1])
+            corner = corner_around(pixel, self.shape, sizes, stride, rng)
+        return self.read(Box(corner, tuple(a + p for a, p in zip(corner, sizes, strict=True))))
+
+    def tiles(self, stride: int) -> list[tuple[Box, Box]]:
+        """(read box, core box) of each validation tile: cores on the stride grid, context clipped to the image."""
+        halo = -(-TILE_HALO // stride) * stride
+        rows, cols = self.shape
+        out = []
+        for core in self.raster.blocks(TILE):
+            start = tuple(max(0, a - halo) for a in core.start)
+            stop = (min(rows, core.stop[0] + halo), min(cols, core.stop[1] + halo))
+            out.append((Box(start, stop), core))
+        return out
+
+
+def score(
+    network: Any, samples: list[Any], stride: int, classes: int, device: Any = "cpu", loss: Any = None
+) -> tuple[np.ndarray, float | None]:
+    """The confusion matrix of ``network`` on validation samples (whole images, volumes, or windowed
+    rasters tile by tile, each tile's context cut off) and the mean of ``loss`` over them."""
+    import torch
+
+    matrix = np.zeros((classes, classes), dtype=np.int64)
+    losses: list[float] = []
+    weights: list[int] = []
+
+    def add(predicted: np.ndarray, logits: Any, ids: np.ndarray) -> None:
+        nonlocal matrix
+        matrix += confusion(predicted, ids, classes)
+        labelled = int((ids != IGNORE).sum())
+        if loss is not None and labelled:
+            truth = torch.from_numpy(ids[None].astype(np.int64)).to(device)
+            with torch.inference_mode():
+                losses.append(float(loss(logits[None], truth)))
+            weights.append(labelled)
+
+    for sample in samples:
+        if isinstance(sample, WindowedSample):
+            for read, core in sample.tiles(stride):
+                image, ids = sample.read(read)
+                predicted, logits = predict(network, image, stride, device)
+                inside = tuple(
+                    slice(c0 - r0, c1 - r0) for c0, c1, r0 in zip(core.start, core.stop, read.start, strict=True)
+                )
+                add(predicted[inside], logits[(slice(None), *inside)], ids[inside])
+        else:
+            image, ids = sample
+            predicted, logits = predict(network, image, stride, device)
+            add(predicted, logits, ids)
+    mean = float(np.average(losses, weights=weights)) if losses else None
+    return matrix, mean
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -380,26 +541,32 @@ def run_training(config: TrainConfig, *, address: str | None = None, progress: b
         )
     classes = len(config.classes)
     stride = config.network.stride
-    sums = squares = counts = None
-    pixel_counts = np.zeros(classes, dtype=np.int64)
     by_name = {p.name: p for p in pairs}
-    for name in [*training, *validation]:
-        image, ids = read_pair(by_name[name], config)  # every file checked before any training
-        samples = as_samples(image, ids, config.network.dims, by_name[name].image)
-        if name in validation:
-            continue
-        shape = samples[0][1].shape
-        if any(n < p for n, p in zip(shape, config.patch_shape, strict=True)):
+    scan = Scan(classes)
+    windowed: dict[str, list[list[int]]] = {}
+    for name in [*training, *validation]:  # every file checked before any training
+        pair = by_name[name]
+        raster = None if is_series(pair.image) else RasterPair(pair, config)
+        if raster is not None and config.network.dims == 3:
+            raise ConfigError(f"{pair.image}: a 2-D image; network.dims 3 trains on volumes (DICOM series)")
+        if raster is not None and raster.shape[0] * raster.shape[1] > config.in_memory_pixels:
+            shape: tuple[int, ...] = raster.shape
+            block_counts = []
+            for box in raster.blocks(BLOCK):  # one block in memory at a time
+                image, ids = raster.read(box)
+                block_counts.append(scan.add(image, ids, training=name in training))
+            windowed[name] = block_counts
+        else:
+            image, ids = read_pair(pair, config)
+            samples = as_samples(image, ids, config.network.dims, pair.image)
+            shape = samples[0][1].shape
+            scan.add(image, ids, training=name in training)
+        if name in training and any(n < p for n, p in zip(shape, config.patch_shape, strict=True)):
             raise SourceError(
-                f"{by_name[name].image}: {' x '.join(map(str, shape))} is smaller than patch "
+                f"{pair.image}: {' x '.join(map(str, shape))} is smaller than patch "
                 f"{' x '.join(map(str, config.patch_shape))}"
             )
-        valid = ids != IGNORE
-        flat = image[:, valid].astype(np.float64)
-        sums = flat.sum(1) + (0 if sums is None else sums)
-        squares = (flat**2).sum(1) + (0 if squares is None else squares)
-        counts = valid.sum() + (0 if counts is None else counts)
-        pixel_counts += np.bincount(ids[valid].ravel(), minlength=classes)[:classes]
+    sums, squares, counts, pixel_counts = scan.sums, scan.squares, scan.counts, scan.classes
     if config.normalize is not None:
         mean, std = list(config.normalize.mean), list(config.normalize.std)
     else:
@@ -420,6 +587,7 @@ def run_training(config: TrainConfig, *, address: str | None = None, progress: b
         "mean": mean, "std": std, "stride": stride, "class_weights": weights, "fingerprint": fingerprint,
         "class_names": class_names, "threads": max(1, (os.cpu_count() or 1) // config.workers),
         "pairs": {p.name: (p.image, p.labels) for p in pairs},  # absolute: workers start elsewhere
+        "windowed": windowed,  # files read window by window: their class pixels per block
         "token": os.urandom(8).hex(),
     }  # fmt: skip
     from pipeline.jobs.cluster import connect
@@ -629,10 +797,8 @@ def save_model(network: Any, kind: str, out: Path, bands: int, patch: tuple[int,
 def _validation_metrics(config: TrainConfig, settings: dict[str, Any], network: Any) -> dict[str, Any]:
     pairs = {name: Pair(image, labels, name) for name, (image, labels) in settings["pairs"].items()}
     classes = len(config.classes)
-    matrix = np.zeros((classes, classes), dtype=np.int64)
-    for image, ids in _samples(pairs, settings["validation"], config, settings):
-        predicted, _ = predict(network, image, int(settings["stride"]))
-        matrix += confusion(predicted, ids, classes)
+    samples = _samples(pairs, settings["validation"], config, settings)
+    matrix, _ = score(network, samples, int(settings["stride"]), classes)
     rows = class_metrics(matrix)
     return {
         "per_class": dict(zip(settings["class_names"], rows, strict=True)),

@@ -41,7 +41,7 @@ def labels_of(path: str, values: list[float] | None) -> np.ndarray:
     return np.abs(raw[..., None] - np.asarray(values, np.float32)).argmin(-1).astype(np.int64)
 
 
-def train_peer(config_path: Path, card_path: Path) -> dict:
+def train_peer(config_path: Path, card_path: Path, seed: int | None = None) -> dict:
     import glob
 
     from monai.data import DataLoader, Dataset
@@ -60,8 +60,9 @@ def train_peer(config_path: Path, card_path: Path) -> dict:
 
     config = yaml.safe_load(config_path.read_text())
     card = yaml.safe_load(card_path.read_text())
-    torch.manual_seed(config.get("seed", 0))
-    np.random.seed(config.get("seed", 0))
+    seed = config.get("seed", 0) if seed is None else seed
+    torch.manual_seed(seed)
+    np.random.seed(seed)
     torch.set_num_threads(2)
     if config.get("pairs"):
         pairs = [(ROOT / p["image"], ROOT / p["labels"]) for p in config["pairs"]]
@@ -83,7 +84,7 @@ def train_peer(config_path: Path, card_path: Path) -> dict:
     patch, classes = config["patch"], len(config["classes"])
     per_step = config.get("batch", 8) * config.get("workers", 1)
     jitter = config.get("augment", {}).get("intensity", 0.1)
-    transforms = Compose([
+    transforms: Compose = Compose([
         RandCropByPosNegLabeld(["image", "label"], "label", (patch, patch), pos=1, neg=1, num_samples=per_step),
         RandFlipd(["image", "label"], prob=0.5, spatial_axis=0),
         RandFlipd(["image", "label"], prob=0.5, spatial_axis=1),
@@ -91,6 +92,7 @@ def train_peer(config_path: Path, card_path: Path) -> dict:
         RandScaleIntensityd("image", factors=jitter, prob=1.0),
         RandShiftIntensityd("image", offsets=jitter, prob=1.0),
     ])  # fmt: skip
+    transforms.set_random_state(seed)
     loader = DataLoader(Dataset(training, transforms), batch_size=1, shuffle=True, num_workers=0)
     channels = tuple(config.get("network", {}).get("channels", [16, 32, 64]))
     network = UNet(2, len(card["normalize"]["mean"]), classes, channels=channels, strides=(2,) * (len(channels) - 1),
@@ -133,8 +135,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("config", type=Path)
     parser.add_argument("--card", type=Path, required=True, help="the raymask-trained card: its normalisation")
+    parser.add_argument("--seed", type=int, default=None, help="instead of the config's seed")
     args = parser.parse_args()
-    print(json.dumps(train_peer(args.config, args.card)))
+    print(json.dumps(train_peer(args.config, args.card, args.seed)))
 
 
 if __name__ == "__main__":

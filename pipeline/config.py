@@ -760,8 +760,11 @@ def _allowed_keys(root: type[BaseModel], loc: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def json_schema(*, batch: bool = False) -> dict[str, Any]:
-    """The JSON schema of job configs (``raymask run``), or of batch configs (``raymask batch``)."""
+def json_schema(*, batch: bool = False, train: bool = False) -> dict[str, Any]:
+    """The JSON schema of job configs (``raymask run``), of batch configs (``raymask batch``) or of
+    training configs (``raymask train``)."""
+    if train:
+        return TrainConfig.model_json_schema()
     return (BatchConfig if batch else JobConfig).model_json_schema()
 
 
@@ -810,12 +813,16 @@ class TrainNetwork(_Frozen):
 
 
 class TrainAugment(_Frozen):
+    """Random changes to each training patch (image and labels alike)."""
+
     flips: bool = Field(default=True, description="Random flips along each axis.")
     rot90: bool = Field(default=True, description="Random quarter turns.")
     intensity: float = Field(default=0.1, ge=0, le=1, description="Per-band gain and offset jitter, +- this.")
 
 
 class TrainLoss(_Frozen):
+    """Pixel-wise cross-entropy over the labelled pixels (nodata and unlabelled ignored), and more."""
+
     dice: bool = Field(default=False, description="Add a soft Dice loss to the pixel-wise cross-entropy.")
     class_weights: Literal["none", "balanced"] | list[Annotated[float, Field(ge=0)]] = Field(
         default="none", description="Cross-entropy weights: none, balanced (inverse pixel frequency), or one per class."
@@ -852,22 +859,26 @@ class TrainConfig(_Frozen):
     normalize: Normalize | None = Field(
         default=None, description="Per band; computed from the training files if not given."
     )
-    network: TrainNetwork = Field(default_factory=TrainNetwork)
+    network: TrainNetwork = Field(
+        default_factory=TrainNetwork, description="The network to train: name, dims, channels, norm."
+    )
     patch: Annotated[int, Field(ge=8)] | list[Annotated[int, Field(ge=1)]] = Field(
         default=128,
         description="Training patch size in pixels, each a multiple of the stride; 3-D: [slices, rows, columns] "
         "(or one number for a cube).",
     )
     batch: int = Field(default=8, ge=1, description="Patches per step on each worker.")
-    epochs: int = Field(default=10, ge=1)
+    epochs: int = Field(default=10, ge=1, description="Passes of `steps` steps, each ending with a validation.")
     steps: int = Field(default=50, ge=1, description="Steps per epoch.")
     time_budget_s: float | None = Field(default=None, gt=0, description="Stop after the epoch that passes this.")
-    learning_rate: float = Field(default=3e-3, gt=0)
-    augment: TrainAugment = Field(default_factory=TrainAugment)
+    learning_rate: float = Field(default=3e-3, gt=0, description="Adam's learning rate.")
+    augment: TrainAugment = Field(default_factory=TrainAugment, description="Flips, quarter turns, intensity jitter.")
     balance: bool = Field(default=False, description="Draw patches around pixels of each class in turn (rare classes).")
-    loss: TrainLoss = Field(default_factory=TrainLoss)
-    validation: TrainValidation = Field(default_factory=TrainValidation)
-    seed: int = 0
+    loss: TrainLoss = Field(default_factory=TrainLoss, description="Cross-entropy, optional Dice, class weights.")
+    validation: TrainValidation = Field(
+        default_factory=TrainValidation, description="The held-out files that score each epoch and pick the model."
+    )
+    seed: int = Field(default=0, description="Seeds the split, the patches, the augmentation and the weights.")
     in_memory_pixels: int = Field(
         default=4096 * 4096, ge=0,
         description="Rasters up to this many pixels are held whole by each worker; larger ones are read window by "

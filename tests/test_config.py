@@ -139,3 +139,13 @@ def test_a_batch_config_s_unknown_key_lists_the_batch_keys(tmp_path: Path) -> No
     config.write_text(body.replace("output: {root: out, path: x.zarr}", "output: {root: out}\ninput: x"))
     with pytest.raises(ConfigError, match=r"unknown key 'input' \(allowed: inputs, source, model"):
         load_batch_config(config)
+
+
+def test_every_key_of_training_configs_is_described(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.config import TrainConfig
+
+    assert _undescribed(TrainConfig) == []
+    assert main(["config-schema", "--train"]) == 0
+    schema = json.loads(capsys.readouterr().out)
+    assert set(schema["properties"]) == set(TrainConfig.model_fields)
+    assert all("description" in prop for prop in schema["properties"].values())

@@ -453,9 +453,11 @@ def _parser() -> argparse.ArgumentParser:
 
     schema = sub.add_parser(
         "config-schema",
-        help="print the JSON schema of job configs (--batch: of batch configs): every key, type, default, meaning",
+        help="print the JSON schema of job configs (--batch: batch configs, --train: training configs): every key, "
+        "type, default, meaning",
     )
     schema.add_argument("--batch", action="store_true", help="the schema of `raymask batch` configs")
+    schema.add_argument("--train", action="store_true", help="the schema of `raymask train` configs")
     schema.set_defaults(func=_cmd_schema)
     return parser
 
@@ -781,5 +783,5 @@ def _cmd_model_check(args: argparse.Namespace) -> int:
 def _cmd_schema(args: argparse.Namespace) -> int:
     from pipeline.config import json_schema
 
-    print(json.dumps(json_schema(batch=args.batch), indent=2))
+    print(json.dumps(json_schema(batch=args.batch, train=args.train), indent=2))
     return 0

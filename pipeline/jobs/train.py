@@ -1,18 +1,22 @@
 """``raymask train CONFIG``: labelled pairs to a model folder that ``raymask run`` takes directly.
 
-The driver reads and checks every pair through raymask's own raster reader (the same windows,
-nodata masks and band selection inference uses), splits them by file, works out the normalisation,
+The driver reads and checks every pair through raymask's own readers (the same windows, nodata
+masks and band selection inference uses; a DICOM series as ``raymask run`` reads it, with NIfTI or
+DICOM SEG labels checked against its voxel grid), splits them by file, works out the normalisation,
 and runs a Ray Train ``TorchTrainer`` (N data-parallel workers; a GPU each where asked). Each worker
 reads the training files itself and draws patches on the stride grid (balanced toward rare classes
-on request), augmented; rank 0 validates on the held-out files after every epoch and writes the
-checkpoint (``checkpoints/last.pt``, atomically). A killed worker is restarted by Ray Train from that
-checkpoint; a killed driver resumes from it on the next ``raymask train`` of the same config.
+on request), augmented; rasters larger than ``in_memory_pixels`` are read window by window (each
+patch, each validation tile), never whole. Rank 0 validates on the held-out files after every epoch
+and writes the checkpoint (``checkpoints/last.pt``, atomically). A killed worker is restarted by Ray
+Train from that checkpoint; a killed driver resumes from it on the next ``raymask train`` of the
+same config.
 
 The model kept is the epoch with the best validation score (mean Dice of the classes but the first),
-as nnU-Net's and MONAI's recipes keep theirs. The model folder: ``model.pt`` (TorchScript),
-``MODEL.yaml`` (classes, colours, bands, normalisation, stride, the receptive radius ``raymask model
-check`` measured), ``train.yaml`` (the config), ``metrics.json`` (per epoch; per class IoU, Dice,
-precision, recall on the validation files), ``loss.png``.
+as nnU-Net's and MONAI's recipes keep theirs. The model folder: the model (``model.pt`` TorchScript,
+``model.pt2`` torch.export or ``model.onnx``; ``export`` in the config), ``MODEL.yaml`` (classes,
+colours, bands, normalisation, stride, dims, the receptive radius ``raymask model check`` measured),
+``train.yaml`` (the config), ``metrics.json`` (per epoch; per class IoU, Dice, precision, recall on
+the validation files), ``loss.png``.
 """
 
 from __future__ import annotations

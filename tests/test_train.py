@@ -170,7 +170,7 @@ def test_a_nan_loss_stops_training_with_the_epoch(ray_session, tmp_path: Path, c
 
 
 def test_evaluate_equals_a_direct_count(shipped_store, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
-    store_path, _ = shipped_store("aerial-vegetation.yaml")
+    store_path, _ = shipped_store("rgb-vegetation.yaml")  # a nodata collar: pixels the store does not predict
     store = MaskStore.open(store_path)
     mask = np.asarray(store.mask[:])
     classes = len(store.info.classes)
@@ -195,7 +195,14 @@ def test_evaluate_equals_a_direct_count(shipped_store, tmp_path: Path) -> None: 
         assert row["pixels"] == tp + fn
         if tp + fp + fn:
             assert np.isclose(row["iou"], tp / (tp + fp + fn)) and np.isclose(row["precision"], tp / max(tp + fp, 1))
-    assert np.isclose(scored["accuracy"], (truth == mask).mean())
+    labelled = truth < classes  # the collar's unflipped pixels stay 255 in the truth: ignored
+    assert scored["pixels"] == int(labelled.sum())
+    assert np.isclose(scored["accuracy"], float(((truth == mask) & labelled).sum() / labelled.sum()))
+    unpredicted = labelled & (mask == 255)
+    assert scored["unpredicted"] == int(unpredicted.sum()) > 0  # misses of their labelled class, in no column
+    for k, name in enumerate(c.name for c in store.info.classes):
+        assert scored["per_class"][name]["unpredicted"] == int((unpredicted & (truth == k)).sum())
+    assert np.array(scored["confusion"]).sum() == int((labelled & (mask != 255)).sum())
     small = tmp_path / "small.tif"
     with rasterio.open(small, "w", driver="GTiff", height=10, width=10, count=1, dtype="uint8", **profile) as dst:
         dst.write(np.zeros((1, 10, 10), np.uint8))
@@ -304,3 +311,28 @@ def test_every_network_builds_scripts_and_keeps_the_image_size(name: str, channe
         out = network(torch.zeros(1, 2, *size))
     assert tuple(out.shape) == (1, 3, *size)
     assert config.network.exact is (name != "deeplabv3")
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "torch-export", "onnx"])
+def test_the_trained_network_is_saved_as_each_kind_and_loads_as_a_job_loads_it(kind: str, tmp_path: Path) -> None:
+    import torch
+
+    from pipeline.config import TrainConfig
+    from pipeline.jobs.model_check import CONFIGS
+    from pipeline.jobs.train import build_network, save_model
+    from workers.models.network import _load
+
+    config = TrainConfig.model_validate({
+        "pairs": [{"image": "a.tif", "labels": "b.tif"}], "classes": ["a", "b", "c"],
+        "network": {"channels": [4, 8, 16]}, "patch": 32, "export": kind, "output": "x",
+    })  # fmt: skip
+    torch.manual_seed(0)
+    network = build_network(config, 2).eval()
+    (tmp_path / "model.pt").write_bytes(b"stale")  # a file of another kind from an earlier run goes
+    path = save_model(network, kind, tmp_path, 2, config.patch_shape)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+    loaded, _, bands = _load(CONFIGS[kind](kind=kind, path=str(path), classes=["a", "b", "c"], dims=2, stride=4),
+                             torch.device("cpu"))  # fmt: skip
+    x = torch.randn(3, 2, 48, 80)  # another batch and size than the export's example
+    with torch.inference_mode():
+        assert torch.allclose(loaded(x), network(x), atol=1e-4)

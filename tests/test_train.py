@@ -331,7 +331,7 @@ def test_the_trained_network_is_saved_as_each_kind_and_loads_as_a_job_loads_it(k
     (tmp_path / "model.pt").write_bytes(b"stale")  # a file of another kind from an earlier run goes
     path = save_model(network, kind, tmp_path, 2, config.patch_shape)
     assert sorted(p.name for p in tmp_path.iterdir()) == [path.name]
-    loaded, _, bands = _load(CONFIGS[kind](kind=kind, path=str(path), classes=["a", "b", "c"], dims=2, stride=4),
+    loaded, _, _ = _load(CONFIGS[kind](kind=kind, path=str(path), classes=["a", "b", "c"], dims=2, stride=4),
                              torch.device("cpu"))  # fmt: skip
     x = torch.randn(3, 2, 48, 80)  # another batch and size than the export's example
     with torch.inference_mode():

@@ -336,3 +336,27 @@ def test_the_trained_network_is_saved_as_each_kind_and_loads_as_a_job_loads_it(k
     x = torch.randn(3, 2, 48, 80)  # another batch and size than the export's example
     with torch.inference_mode():
         assert torch.allclose(loaded(x), network(x), atol=1e-4)
+
+
+def test_deeplab_with_a_time_budget_exports_and_runs_blended(ray_session, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """DeepLabV3+ (image pooling: global context) trained with balanced class weights and Dice, stopped by
+    its time budget after the first epoch, exported with torch.export; the card and the run say blend."""
+    config = polyp_config(
+        tmp_path, network={"name": "deeplabv3", "channels": [8, 16, 32]}, epochs=5, steps=1, time_budget_s=0.001,
+        loss={"dice": True, "class_weights": "balanced"}, export="torch-export", workers=1,
+    )  # fmt: skip
+    code, out = cli("train", str(config), "--json", "--no-progress")
+    assert code == 0, out
+    report = json.loads(out)
+    assert [h["epoch"] for h in report["history"]] == [1]  # the budget ran out in epoch 1
+    card = yaml.safe_load((tmp_path / "model" / "MODEL.yaml").read_text())
+    assert card["kind"] == "torch-export" and card["weights"] == "model.pt2" and card["stitch"] == "blend"
+    assert card["measured"]["receptive_radius"] is None  # one pixel changes every output: global
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "source": {"path": str(POLYP / "images" / HELD_OUT)}, "model": {"card": str(tmp_path / "model" / "MODEL.yaml")},
+        "tiling": {"chunk": 128, "halo": 32}, "output": {"path": str(tmp_path / "polyp.zarr")},
+    }))  # fmt: skip
+    code, out = cli("run", str(job), "--json", "--no-progress")
+    assert code == 0, out
+    assert str(json.loads(out)["stitch"]).startswith("blend")

@@ -199,3 +199,21 @@ def test_labels_on_another_voxel_grid_are_refused_in_one_line(ct_pairs: dict, tm
     assert_one_line_error(train(tmp_path / "shifted.nii.gz"), "shifted.nii.gz", "not on the voxel grid of")
     assert_one_line_error(train(folder / "lower-seg.dcm"), "lower-seg.dcm", "is on no slice of")  # the other half's
     assert not (tmp_path / "out" / "model.pt").exists()
+
+
+@pytest.mark.parametrize("suffix", [".dcm", ".nii.gz"])
+def test_a_volume_store_evaluated_against_its_own_export_scores_perfectly(
+    shipped_store, tmp_path: Path, suffix: str
+) -> None:  # type: ignore[no-untyped-def]
+    """raymask's own SEG (segments numbered from 1 in class order, matched back by label) and NIfTI
+    (RAS, axes reversed) of the CT store, read back onto the store's voxels: every voxel agrees."""
+    store_path, _ = shipped_store("ct-tissue.yaml")
+    out = tmp_path / f"ct{suffix}"
+    code, text = cli("export", str(store_path), str(out), "--json")
+    assert code == 0, text
+    code, text = cli("evaluate", str(store_path), str(out), "--json", "--no-progress")
+    assert code == 0, text
+    scored = json.loads(text)
+    mask = np.asarray(MaskStore.open(store_path).mask[:])
+    assert scored["pixels"] == mask.size and scored["accuracy"] == 1.0 and scored["unpredicted"] == 0
+    assert np.trace(np.array(scored["confusion"])) == mask.size

@@ -217,3 +217,23 @@ def test_a_volume_store_evaluated_against_its_own_export_scores_perfectly(
     mask = np.asarray(MaskStore.open(store_path).mask[:])
     assert scored["pixels"] == mask.size and scored["accuracy"] == 1.0 and scored["unpredicted"] == 0
     assert np.trace(np.array(scored["confusion"])) == mask.size
+
+
+def test_a_2d_network_trains_on_a_series_slice_by_slice(ray_session, ct_pairs: dict, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    folder = ct_pairs["folder"]
+    upper, _ = ct_pairs["upper"]
+    lower, lower_labels = ct_pairs["lower"]
+    config = tmp_path / "train.yaml"
+    config.write_text(yaml.safe_dump({
+        "pairs": [{"image": str(upper), "labels": str(folder / "upper-seg.dcm")},
+                  {"image": str(lower), "labels": str(folder / "lower.nii.gz")}],
+        "classes": CLASSES, "network": {"channels": [4, 8]}, "patch": 32, "batch": 2, "epochs": 1, "steps": 2,
+        "balance": True, "validation": {"files": ["lower"]}, "output": str(tmp_path / "model"),
+    }))  # fmt: skip
+    code, out = cli("train", str(config), "--json", "--no-progress")
+    assert code == 0, out
+    report = json.loads(out)
+    card = yaml.safe_load((tmp_path / "model" / "MODEL.yaml").read_text())
+    assert card["dims"] == 2 and card["bands"] == ["HU"]
+    matrix = np.array(report["classes"]["confusion"])
+    assert matrix.sum(1).tolist() == np.bincount(lower_labels.ravel(), minlength=3).tolist()  # every slice

@@ -86,7 +86,14 @@ def main() -> None:
         print(rows[-1], flush=True)
         mine, theirs = [ours["dice"]], [peer["dice"]]
         for seed in seeds[1:]:
-            other = raymask("train", config_path, "--set", f"seed={seed}", "--set", f"output={work / f'seed{seed}'}")
+            other = raymask(
+                "train",
+                config_path,
+                "--set",
+                f"seed={seed}",
+                "--set",
+                f"output={work / f'{Path(config_path).stem}-seed{seed}'}",
+            )
             mine.append(other["classes"]["per_class"][foreground]["dice"])
             theirs.append(train_peer(ROOT / config_path, out / "MODEL.yaml", seed)["dice"])
             print(f"  seed {seed}: raymask {mine[-1]:.4f}, MONAI {theirs[-1]:.4f}", flush=True)

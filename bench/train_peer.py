@@ -28,10 +28,15 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def load(path: str, bands: list[int] | None) -> np.ndarray:
-    import rasterio
+    import warnings
 
-    with rasterio.open(path) as src:
-        return src.read(bands).astype(np.float32) if bands else src.read().astype(np.float32)
+    import rasterio
+    from rasterio.errors import NotGeoreferencedWarning
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", NotGeoreferencedWarning)  # a JPEG frame
+        with rasterio.open(path) as src:
+            return src.read(bands).astype(np.float32) if bands else src.read().astype(np.float32)
 
 
 def labels_of(path: str, values: list[float] | None) -> np.ndarray:

@@ -817,7 +817,12 @@ class TrainAugment(_Frozen):
 
     flips: bool = Field(default=True, description="Random flips along each axis.")
     rot90: bool = Field(default=True, description="Random quarter turns.")
-    intensity: float = Field(default=0.1, ge=0, le=1, description="Per-band gain and offset jitter, +- this.")
+    intensity: float = Field(
+        default=0.1, ge=0, le=1, description="Gain and offset jitter (brightness, contrast), +- this, all bands alike."
+    )
+    intensity_per_band: bool = Field(
+        default=False, description="Jitter each band on its own instead (shifts colours or spectra)."
+    )
 
 
 class TrainLoss(_Frozen):

@@ -68,18 +68,24 @@ def test_balanced_patches_find_a_rare_class() -> None:
 
 
 @settings(max_examples=50)
-@given(seed=st.integers(0, 10**6), jitter=st.sampled_from([0.0, 0.2]))
-def test_augmentation_moves_image_and_labels_together(seed: int, jitter: float) -> None:
+@given(seed=st.integers(0, 10**6), jitter=st.sampled_from([0.0, 0.2]), per_band=st.booleans())
+def test_augmentation_moves_image_and_labels_together(seed: int, jitter: float, per_band: bool) -> None:
     rng = np.random.default_rng(seed)
     labels = rng.integers(0, 4, (12, 12)).astype(np.uint8)
+    labels[0, 0], labels[0, 1] = 0, 3  # two values at least: the fits below are defined
     image = np.stack([labels.astype(np.float32), labels.astype(np.float32) * 2])
-    out, moved = augment(image, labels, np.random.default_rng(seed + 1), flips=True, rot90=True, jitter=jitter)
+    out, moved = augment(image, labels, np.random.default_rng(seed + 1), flips=True, rot90=True, jitter=jitter,
+                         per_band=per_band)  # fmt: skip
     if jitter == 0:
         assert np.array_equal(out[0], moved) and np.array_equal(out[1], moved * 2.0)
-    else:  # a gain and an offset per band: still a linear function of the same labels
-        for band in out:
-            fitted = np.polyfit(moved.ravel().astype(float), band.ravel(), 1)
-            assert np.allclose(np.polyval(fitted, moved.astype(float)), band, atol=1e-4)
+        return
+    fits = []
+    for band in out:  # a gain and an offset: still a linear function of the same labels
+        fitted = np.polyfit(moved.ravel().astype(float), band.ravel(), 1)
+        assert np.allclose(np.polyval(fitted, moved.astype(float)), band, atol=1e-4)
+        fits.append(fitted)
+    if not per_band:  # one gain and offset for every band: the bands keep their ratio of gains (colour)
+        assert np.isclose(fits[1][0], 2 * fits[0][0], rtol=1e-4) and np.isclose(fits[1][1], fits[0][1], atol=1e-4)
 
 
 @given(

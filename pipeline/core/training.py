@@ -133,11 +133,14 @@ def draw_block(counts: np.ndarray, rng: np.random.Generator) -> tuple[int, int] 
 
 
 def augment(
-    image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *, flips: bool, rot90: bool, jitter: float
-) -> tuple[np.ndarray, np.ndarray]:
+    image: np.ndarray, labels: np.ndarray, rng: np.random.Generator, *, flips: bool, rot90: bool, jitter: float,
+    per_band: bool = False,
+) -> tuple[np.ndarray, np.ndarray]:  # fmt: skip
     """A random flip (each spatial axis), quarter turn (in the plane of the last two axes: rows and
-    columns, whose spacing is the same) and per-band gain and offset (``jitter`` of the normalised
-    values' scale) applied to a (bands, ...) image and its labels alike."""
+    columns, whose spacing is the same) and a gain and an offset (``jitter`` of the normalised values'
+    scale: brightness and contrast) applied to a (bands, ...) image and its labels alike. The gain and
+    offset are the same for every band unless ``per_band``: a different one per band shifts colours
+    (or spectra), which hurts where colour is the cue (a polyp against mucosa; NDVI-like ratios)."""
     if flips:
         for axis in range(labels.ndim):
             if rng.random() < 0.5:
@@ -147,7 +150,7 @@ def augment(
         image, labels = np.rot90(image, k, axes=(-2, -1)), np.rot90(labels, k, axes=(-2, -1))
     if jitter > 0:
         bands = image.shape[0]
-        scale = (bands,) + (1,) * labels.ndim
+        scale = (bands if per_band else 1,) + (1,) * labels.ndim
         gain = 1 + rng.uniform(-jitter, jitter, scale)
         offset = rng.uniform(-jitter, jitter, scale)
         image = image * gain.astype(image.dtype) + offset.astype(image.dtype)

@@ -292,7 +292,7 @@ def _loop(settings: dict[str, Any]) -> None:
                     window = tuple(slice(a, a + p) for a, p in zip(corner, shape, strict=True))
                     x, y = image[(slice(None), *window)], ids[window]
                 x, y = augment(x, y, rng, flips=config.augment.flips, rot90=config.augment.rot90,
-                               jitter=config.augment.intensity)  # fmt: skip
+                               jitter=config.augment.intensity, per_band=config.augment.intensity_per_band)  # fmt: skip
                 xs.append(x)
                 ys.append(y)
             x_t = torch.from_numpy(np.stack(xs)).to(device)

@@ -201,15 +201,18 @@ def test_labels_on_another_voxel_grid_are_refused_in_one_line(ct_pairs: dict, tm
     assert not (tmp_path / "out" / "model.pt").exists()
 
 
-@pytest.mark.parametrize("suffix", [".dcm", ".nii.gz"])
+@pytest.mark.parametrize(
+    ("suffix", "options"), [(".dcm", []), (".dcm", ["--seg-encoding", "labelmap"]), (".nii.gz", [])]
+)
 def test_a_volume_store_evaluated_against_its_own_export_scores_perfectly(
-    shipped_store, tmp_path: Path, suffix: str
+    shipped_store, tmp_path: Path, suffix: str, options: list[str]
 ) -> None:  # type: ignore[no-untyped-def]
-    """raymask's own SEG (segments numbered from 1 in class order, matched back by label) and NIfTI
+    """raymask's own SEG (segments numbered from 1 in class order, matched back by label; BINARY and
+    LABELMAP encodings) and NIfTI
     (RAS, axes reversed) of the CT store, read back onto the store's voxels: every voxel agrees."""
     store_path, _ = shipped_store("ct-tissue.yaml")
     out = tmp_path / f"ct{suffix}"
-    code, text = cli("export", str(store_path), str(out), "--json")
+    code, text = cli("export", str(store_path), str(out), *options, "--json")
     assert code == 0, text
     code, text = cli("evaluate", str(store_path), str(out), "--json", "--no-progress")
     assert code == 0, text

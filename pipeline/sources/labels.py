@@ -7,7 +7,8 @@ same voxels, in any axis order or direction (``pipeline.core.volume.axis_mapping
 (another spacing, a shift, a resampled or cropped grid) is refused in one line naming the file. Values
 come out as class ids in the series' (z, y, x) order. A SEG's segments become classes by their label
 (SegmentLabel equal to a class name, case aside) or else by segment number; a voxel outside every
-segment is class 0; where segments overlap, the later one wins.
+segment is class 0; where segments overlap, the later one wins. BINARY, FRACTIONAL (above half the
+maximum) and LABELMAP (frames of segment numbers) encodings are read.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pipeline.errors import SourceError, one_line
 
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
-SEG_CLASS = "1.2.840.10008.5.1.4.1.1.66.4"
+SEG_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # Segmentation, Label Map Segmentation
 
 
 def is_nifti(path: str) -> bool:
@@ -105,7 +106,7 @@ def _seg(path: str, geometry: VolumeGeometry, class_names: Sequence[str], series
         header = pydicom.dcmread(path, stop_before_pixels=True)
     except Exception as exc:
         raise SourceError(f"{path}: neither NIfTI (.nii, .nii.gz) nor DICOM ({one_line(exc, 120)})") from exc
-    if str(getattr(header, "SOPClassUID", "")) != SEG_CLASS:
+    if str(getattr(header, "SOPClassUID", "")) not in SEG_CLASSES:
         raise SourceError(f"{path}: a DICOM file but not a segmentation (SEG); labels are a SEG or a NIfTI image")
     try:
         seg = hd.seg.segread(path)
@@ -120,7 +121,12 @@ def _seg(path: str, geometry: VolumeGeometry, class_names: Sequence[str], series
         number = int(item.SegmentNumber)
         classes[number] = wanted.get(str(item.SegmentLabel).lower(), number)
     shared = seg.SharedFunctionalGroupsSequence[0] if "SharedFunctionalGroupsSequence" in seg else None
-    fractional = str(getattr(seg, "SegmentationType", "BINARY")) == "FRACTIONAL"
+    kind = str(getattr(seg, "SegmentationType", "BINARY"))
+    fractional = kind == "FRACTIONAL"
+    labelmap = kind == "LABELMAP"  # each frame holds segment numbers (0: none), not one segment's mask
+    lookup = np.zeros(max([*classes, 0]) + 1, dtype=np.uint8)
+    for number, class_id in classes.items():
+        lookup[number] = class_id
     threshold = float(getattr(seg, "MaximumFractionalValue", 1)) / 2 if fractional else 0
     inverse = np.linalg.inv(geometry.affine())
     out = np.zeros(geometry.shape, dtype=np.uint8)
@@ -131,7 +137,7 @@ def _seg(path: str, geometry: VolumeGeometry, class_names: Sequence[str], series
             "resample the segmentation onto the series first"
         )
     for index, group in enumerate(seg.PerFrameFunctionalGroupsSequence):
-        number = int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+        number = 0 if labelmap else int(group.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         position = _frame_position(group, shared, path, index)
         orientation = _frame_orientation(group, shared)
         if orientation is not None and not _same_plane(orientation, geometry):
@@ -142,6 +148,14 @@ def _seg(path: str, geometry: VolumeGeometry, class_names: Sequence[str], series
                 f"{path}: frame {index + 1} at {_shown(position)} mm is on no slice of {series}; "
                 "resample the segmentation onto the series first"
             )
+        if labelmap:
+            values = frames[index]
+            if values.max(initial=0) >= len(lookup):
+                raise SourceError(
+                    f"{path}: frame {index + 1} holds segment {int(values.max())}, which is not described"
+                )
+            out[round(k)] = lookup[values]
+            continue
         inside = frames[index] > threshold
         out[round(k)][inside] = classes.get(number, number)
     return out

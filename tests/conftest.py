@@ -38,6 +38,7 @@ def ray_session() -> Iterator[None]:
     import ray
 
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")  # as raymask train sets for its own Ray
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)  # as connect() does
     yield
     ray.shutdown()

@@ -152,6 +152,9 @@ def test_bad_training_inputs_get_one_line_naming_the_file(tmp_path: Path) -> Non
     assert "d-labels.tif" in line and "3" in line and "class ids 0..1" in line
     line = one_line(run_cli(bad_config(tmp_path, [good])))
     assert "validation split is empty" in line
+    second = write_pair(tmp_path, "e", image, labels)
+    line = one_line(run_cli(bad_config(tmp_path, [good, second], network={"channels": [4, 8], "dims": 3})))
+    assert ("a.tif:" in line or "e.tif:" in line) and "network.dims 3 trains on volumes" in line
 
 
 def test_a_nan_loss_stops_training_with_the_epoch(ray_session, tmp_path: Path, capsys) -> None:  # type: ignore[no-untyped-def]

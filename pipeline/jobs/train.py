@@ -100,24 +100,28 @@ def read_series(pair: Pair, config: TrainConfig) -> tuple[np.ndarray, np.ndarray
     labels = open_volume_labels(pair.labels, series.geometry, names, series=pair.image)
     raw = labels.read((0, 0, 0), series.geometry.shape)
     ids = label_classes(raw, config.label_values, len(config.classes))
-    unknown = unknown_ids(ids, len(config.classes))
-    if unknown:
-        shown = ", ".join(map(str, unknown[:5]))
-        raise SourceError(
-            f"{pair.labels}: label values {shown} are not class ids 0..{len(config.classes) - 1} "
-            "(declare the classes, or map values with label_values)"
-        )
+    refuse_unknown(ids, pair.labels, len(config.classes))
     volume = decode_frames(series.frames)[None] * np.float32(config.scale)
     return volume.astype(np.float32), ids
 
 
-def as_samples(image: np.ndarray, ids: np.ndarray, dims: int, name: str) -> list[tuple[np.ndarray, np.ndarray]]:
-    """What the network trains and validates on: the image itself, or a volume's slices for a 2-D one."""
-    if ids.ndim == dims:
-        return [(image, ids)]
+def refuse_unknown(ids: np.ndarray, path: str, classes: int) -> None:
+    """One line naming the label file when it holds a value that is not a class id (nor IGNORE)."""
+    unknown = unknown_ids(ids, classes)
+    if unknown:
+        shown = ", ".join(map(str, unknown[:5]))
+        raise SourceError(
+            f"{path}: label values {shown} are not class ids 0..{classes - 1} "
+            "(declare the classes, or map values with label_values)"
+        )
+
+
+def as_samples(image: np.ndarray, ids: np.ndarray, dims: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """What the network trains and validates on: the image itself, or a volume's slices for a 2-D one
+    (a 2-D image for a 3-D network is refused by the driver before anything is read)."""
     if ids.ndim == 3 and dims == 2:
         return [(image[:, k], ids[k]) for k in range(ids.shape[0])]
-    raise ConfigError(f"{name}: a 2-D image; network.dims 3 trains on volumes (DICOM series)")
+    return [(image, ids)]
 
 
 class RasterPair:
@@ -157,13 +161,7 @@ class RasterPair:
             values, valid = self.source.read(box, cache=self.cache)
             raw_labels, labelled = self.labels.read(box, cache=self.cache)
         ids = label_classes(raw_labels[0], config.label_values, len(config.classes))
-        unknown = unknown_ids(ids[labelled], len(config.classes))
-        if unknown:
-            shown = ", ".join(map(str, unknown[:5]))
-            raise SourceError(
-                f"{self.pair.labels}: label values {shown} are not class ids 0..{len(config.classes) - 1} "
-                "(declare the classes, or map values with label_values)"
-            )
+        refuse_unknown(ids[labelled], self.pair.labels, len(config.classes))
         ids[~(valid & labelled)] = IGNORE
         image = values.astype(np.float32) * np.float32(config.scale)
         image[:, ~valid] = 0
@@ -332,7 +330,7 @@ def _loop(settings: dict[str, Any]) -> None:
             best = max((h["score"] for h in history[:-1] if h.get("score") is not None), default=None)
             if best is None or record["score"] > best:  # the model kept: the best epoch on the held-out files
                 partial = checkpoint.with_name("best.partial")
-                torch.save({"network": network.state_dict(), "epoch": epoch + 1}, partial)
+                torch.save({"network": network.state_dict(), "epoch": epoch + 1, "confusion": matrix.tolist()}, partial)
                 os.replace(partial, checkpoint.with_name("best.pt"))
             partial = checkpoint.with_suffix(".partial")
             torch.save(state, partial)
@@ -351,7 +349,7 @@ def _samples(pairs: dict[str, Pair], names: list[str], config: TrainConfig, sett
             out.append(WindowedSample(RasterPair(pairs[name], config), settings["windowed"][name], settings))
             continue
         image, ids = read_pair(pairs[name], config)
-        out.extend(as_samples(normalised(image, settings), ids, config.network.dims, pairs[name].image))
+        out.extend(as_samples(normalised(image, settings), ids, config.network.dims))
     return out
 
 
@@ -562,7 +560,7 @@ def run_training(config: TrainConfig, *, address: str | None = None, progress: b
             windowed[name] = block_counts
         else:
             image, ids = read_pair(pair, config)
-            samples = as_samples(image, ids, config.network.dims, pair.image)
+            samples = as_samples(image, ids, config.network.dims)
             shape = samples[0][1].shape
             scan.add(image, ids, training=name in training)
         if name in training and any(n < p for n, p in zip(shape, config.patch_shape, strict=True)):
@@ -710,7 +708,7 @@ class _Progress:
 
 def finish(config: TrainConfig, out: Path, settings: dict[str, Any], resumed: int) -> dict[str, Any]:
     """From the best checkpoint: the model file (``save_model``), its card (with the measured radius), the
-    validation metrics per class, the loss curve, the config."""
+    validation metrics per class of the kept epoch (as rank 0 scored it), the loss curve, the config."""
     import torch
     import yaml
 
@@ -748,7 +746,11 @@ def finish(config: TrainConfig, out: Path, settings: dict[str, Any], resumed: in
     written["receptive_radius"] = (written.get("measured") or {}).get("receptive_radius")
     (out / CARD_NAME).write_text(yaml.safe_dump(written, sort_keys=False))
     (out / "train.yaml").write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
-    metrics = _validation_metrics(config, settings, network)
+    matrix = np.asarray(best["confusion"], dtype=np.int64)  # the kept epoch's validation, as rank 0 scored it
+    metrics = {
+        "per_class": dict(zip(settings["class_names"], class_metrics(matrix), strict=True)),
+        "confusion": matrix.tolist(),
+    }
     report = {
         "model": str(weights), "card": str(out / CARD_NAME), "epochs": state["epoch"], "resumed_from": resumed,
         "best_epoch": best["epoch"],
@@ -799,18 +801,6 @@ def save_model(network: Any, kind: str, out: Path, bands: int, patch: tuple[int,
         if other != path.name:
             (out / other).unlink(missing_ok=True)
     return path
-
-
-def _validation_metrics(config: TrainConfig, settings: dict[str, Any], network: Any) -> dict[str, Any]:
-    pairs = {name: Pair(image, labels, name) for name, (image, labels) in settings["pairs"].items()}
-    classes = len(config.classes)
-    samples = _samples(pairs, settings["validation"], config, settings)
-    matrix, _ = score(network, samples, int(settings["stride"]), classes)
-    rows = class_metrics(matrix)
-    return {
-        "per_class": dict(zip(settings["class_names"], rows, strict=True)),
-        "confusion": matrix.tolist(),
-    }
 
 
 def loss_curve(
